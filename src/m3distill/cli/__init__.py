@@ -1,0 +1,63 @@
+"""The ``m3distill`` command: a thin shell over the Python API, one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from m3distill import __version__
+from m3distill.errors import M3DistillError
+
+# Subcommand modules in pipeline order; each defines register(subparsers) and sets `handler` on its parser.
+_SUBCOMMANDS = ("synth", "teacher", "train", "evaluate", "pipeline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m3distill",
+        description="Distil a large embedding teacher (BAAI/bge-m3 by default) into small, fast students for your "
+        "own documents, and measure how close they stay.",
+    )
+    parser.add_argument("--version", action="version", version=f"m3distill {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only, no progress bars")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    import importlib
+
+    for name in _SUBCOMMANDS:
+        importlib.import_module(f"m3distill.cli.{name}").register(subparsers)
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub", "datasets", "numexpr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse ``argv``, run the subcommand, turn user errors into one line and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.handler(args) or 0)
+    except M3DistillError as error:
+        print(f"m3distill {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"m3distill {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Pieces every subcommand shares: the --config flag and turning flags into config overrides."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from m3distill.config import M3DistillConfig, apply_overrides, load_config
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config file; flags given here override its values")
+
+
+def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> M3DistillConfig:
+    """The config file named by ``--config`` (or the defaults) with the given dotted-key overrides applied."""
+    return apply_overrides(load_config(getattr(args, "config", None)), overrides)

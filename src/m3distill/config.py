@@ -1,0 +1,226 @@
+"""The one configuration model, shared by the CLI and the Python API.
+
+A YAML file maps onto :class:`M3DistillConfig` section by section; CLI flags override single fields with
+:func:`apply_overrides`. Every field has a default, so an empty file is a valid config (bge-m3 -> 8/6/4 layers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from m3distill.errors import M3DistillError
+
+DEFAULT_TEACHER = "BAAI/bge-m3"
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos in a user's YAML: refuse them instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LLMConfig(_Section):
+    """An OpenAI-compatible chat-completions endpoint (vLLM, Ollama, llama.cpp server, OpenAI)."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="Endpoint base URL, ending in /v1 for most servers.")
+    model: str = Field("Qwen/Qwen2.5-7B-Instruct", description="Model name the endpoint serves.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="NAME of the environment variable holding the API key; the key itself is never stored.",
+    )
+    prompt_template: str | None = Field(None, description="Custom prompt; must contain {context} and {n}.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts, with exponential backoff.")
+    backoff_s: float = Field(1.0, ge=0, description="First backoff delay; doubles on each retry.")
+    temperature: float = Field(0.7, ge=0)
+    max_question_chars: int = Field(300, ge=10, description="Longer generated questions are dropped.")
+
+
+class SplitConfig(_Section):
+    """How contexts are split; each value is a fraction (< 1) or an absolute number of contexts (>= 1)."""
+
+    dev: float = Field(0.1, ge=0)
+    test: float = Field(0.1, ge=0)
+
+
+class SynthConfig(_Section):
+    """``m3distill synth``: corpus -> contexts -> questions -> splits."""
+
+    corpus: str | None = Field(None, description="File, folder, HF dataset id or saved dataset dir.")
+    general: str | None = Field(None, description="Optional general-text corpus mixed into training.")
+    text_column: str = Field("text", description="Text column for .jsonl/.csv/.parquet/HF inputs.")
+    id_column: str | None = Field(None, description="Document-id column; row numbers when unset.")
+    hf_split: str = Field("train", description="Split to read from a Hugging Face dataset.")
+    skip_bad_files: bool = Field(False, description="Turn undecodable files / missing columns into warnings.")
+    tokenizer: str | None = Field(None, description="Tokenizer for chunking; the teacher's when unset.")
+    max_tokens: int = Field(256, ge=8, description="Maximum tokens per context (teacher tokenizer, no specials).")
+    overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive contexts of a document.")
+    generator: Literal["pseudo", "llm"] = Field("pseudo", description="Question generator.")
+    questions_per_context: int = Field(2, ge=1)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    splits: SplitConfig = Field(default_factory=SplitConfig)
+    general_ratio: float = Field(
+        1.0, ge=0, description="General texts per domain training text (contexts + questions); 0 = none."
+    )
+    detect_language: bool = Field(True, description="Detect each context's language (py3langid).")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _overlap_below_max(self) -> SynthConfig:
+        if self.overlap_tokens >= self.max_tokens:
+            raise ValueError(f"overlap_tokens ({self.overlap_tokens}) must be smaller than max_tokens ({self.max_tokens})")
+        return self
+
+
+class TeacherConfig(_Section):
+    """The teacher model and ``m3distill teacher`` (the embedding cache)."""
+
+    model: str = Field(DEFAULT_TEACHER, description="sentence-transformers folder or hub id.")
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch).")
+    trust_remote_code: bool = False
+    max_seq_length: int | None = Field(None, ge=8, description="Override the model's max sequence length.")
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["float32", "float16"] = Field("float32", description="Storage dtype of cached embeddings.")
+    shard_size: int = Field(2048, ge=1, description="Texts per cache shard (the unit of resumption).")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1, mps; auto when unset.")
+
+
+LayerStrategy = Literal["uniform", "first", "last", "search"]
+
+
+class StudentsConfig(_Section):
+    """Which students to build: layer counts plus a strategy, or explicit layer lists."""
+
+    layers: list[int] = Field(default_factory=lambda: [8, 6, 4], description="Layer counts, one student each.")
+    strategy: LayerStrategy = "uniform"
+    explicit: list[list[int]] | None = Field(None, description="Explicit 0-based layer lists; overrides layers.")
+    search_candidates: int = Field(6, ge=1, description="Candidate plans scored per student with strategy=search.")
+    search_steps: int = Field(0, ge=0, description="Training steps per candidate before scoring (0 = none).")
+
+    @field_validator("layers")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(n < 1 for n in value):
+            raise ValueError("layers must be a non-empty list of positive layer counts, e.g. [8, 6, 4]")
+        return value
+
+
+class TrainingConfig(_Section):
+    """``m3distill train``: MSE distillation on the cached teacher embeddings."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (overrides epochs).")
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_seq_length: int | None = Field(None, ge=8, description="Student max sequence length; the teacher's when unset.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16/fp16 on GPU, fp32 on CPU.")
+    eval_steps: int | None = Field(None, ge=1, description="Dev evaluation every N steps; once per epoch when unset.")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps; with each evaluation when unset.")
+    save_total_limit: int = Field(2, ge=1)
+    max_dev_texts: int = Field(2000, ge=10, description="Dev texts used by the evaluators during training.")
+    seed: int = 42
+    device: str | None = None
+
+
+class SpeedConfig(_Section):
+    """Throughput measurement."""
+
+    n_texts: int = Field(512, ge=1, description="Texts encoded per repeat (drawn from the test split).")
+    batch_size: int = Field(32, ge=1)
+    repeats: int = Field(3, ge=1, description="Timed repeats; the median is reported.")
+    warmup_batches: int = Field(2, ge=0)
+
+
+class EvaluationConfig(_Section):
+    """``m3distill evaluate``: alignment, Qdrant top-k overlap, ground truth, speed."""
+
+    k: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50])
+    index: list[Literal["exact", "hnsw"]] = Field(default_factory=lambda: ["exact"])
+    qdrant_url: str | None = Field(None, description="Qdrant server/cluster URL; embedded qdrant-edge when unset.")
+    qdrant_api_key_env: str | None = Field(None, description="NAME of the env var holding the Qdrant API key.")
+    distractors: Literal["all", "test"] = Field(
+        "all", description="Index every context (test ones plus train/dev as distractors) or only test contexts."
+    )
+    negatives_per_question: int = Field(4, ge=0, description="Non-matching contexts per question in the cosine pairs.")
+    batch_size: int = Field(32, ge=1)
+    device: str | None = None
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    seed: int = 42
+
+    @field_validator("k")
+    @classmethod
+    def _k_positive(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("k must be a non-empty list of positive integers, e.g. [10, 20, 30, 40, 50]")
+        return sorted(set(value))
+
+
+class M3DistillConfig(_Section):
+    """A whole run: every stage's settings and the run directory they share."""
+
+    run_dir: str = Field("runs/m3distill", description="Directory all stages read from and write to.")
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    students: StudentsConfig = Field(default_factory=StudentsConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"invalid config {source}: {where}: {first['msg']}{more}"
+
+
+def load_config(path: str | Path | None = None) -> M3DistillConfig:
+    """Load a YAML config file; ``None`` gives the defaults.
+
+    Raises :class:`M3DistillError` naming the file and the first bad field.
+    """
+    if path is None:
+        return M3DistillConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise M3DistillError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise M3DistillError(f"config file {path} is not valid YAML: {error}".splitlines()[0]) from error
+    if not isinstance(data, dict):
+        raise M3DistillError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    try:
+        return M3DistillConfig.model_validate(data)
+    except ValidationError as error:
+        raise M3DistillError(_format_validation_error(error, str(path))) from error
+
+
+def apply_overrides(config: M3DistillConfig, overrides: dict[str, Any]) -> M3DistillConfig:
+    """Return a copy of ``config`` with dotted-key overrides applied, e.g. ``{"teacher.model": "x"}``.
+
+    ``None`` values are skipped so unset CLI flags leave the file's value alone.
+    """
+    data = config.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    try:
+        return M3DistillConfig.model_validate(data)
+    except ValidationError as error:
+        raise M3DistillError(_format_validation_error(error, "(from command-line flags)")) from error
+
+
+def config_to_yaml(config: M3DistillConfig) -> str:
+    """The config as YAML, the form ``load_config`` reads back."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,1 @@
+"""Students: layer plans and layer-reduced copies of the teacher."""

@@ -1,0 +1,66 @@
+"""The layer-selection rule: which of the teacher's layers a student keeps. Written here once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from m3distill.errors import M3DistillError
+
+FIXED_STRATEGIES = ("uniform", "first", "last")
+
+
+def plan_layers(n_teacher_layers: int, n_layers: int, strategy: str = "uniform") -> list[int]:
+    """0-based teacher layers a student of ``n_layers`` keeps.
+
+    Args:
+        n_teacher_layers: layers in the teacher (24 for bge-m3, 6 for all-MiniLM-L6-v2).
+        n_layers: layers the student keeps; at most ``n_teacher_layers``.
+        strategy: ``uniform`` (evenly spaced, first layer included: 24 -> 8 gives 0, 3, ..., 21),
+            ``first`` (the bottom ``n_layers``) or ``last`` (the top ``n_layers``). ``search`` is not a fixed
+            rule: see :mod:`m3distill.students.search`.
+    """
+    if n_teacher_layers < 1:
+        raise M3DistillError(f"the teacher has {n_teacher_layers} layers; nothing to keep")
+    if not 1 <= n_layers <= n_teacher_layers:
+        raise M3DistillError(
+            f"a student of {n_layers} layers cannot be cut from a {n_teacher_layers}-layer teacher "
+            f"(choose 1..{n_teacher_layers})"
+        )
+    if strategy == "uniform":
+        return [i * n_teacher_layers // n_layers for i in range(n_layers)]
+    if strategy == "first":
+        return list(range(n_layers))
+    if strategy == "last":
+        return list(range(n_teacher_layers - n_layers, n_teacher_layers))
+    raise M3DistillError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(FIXED_STRATEGIES)} or search")
+
+
+def validate_layers(layers: Sequence[int], n_teacher_layers: int) -> list[int]:
+    """Check an explicit layer list against the teacher and return it as a list.
+
+    Raises :class:`M3DistillError` for an empty list, duplicates, layers out of range, lists that are not
+    increasing, or more layers than the teacher has.
+    """
+    layers = [int(layer) for layer in layers]
+    if not layers:
+        raise M3DistillError("a layer list must keep at least one layer")
+    if len(layers) > n_teacher_layers:
+        raise M3DistillError(f"{len(layers)} layers requested but the teacher has only {n_teacher_layers}")
+    if len(set(layers)) != len(layers):
+        raise M3DistillError(f"layer list {layers} repeats a layer")
+    bad = [layer for layer in layers if not 0 <= layer < n_teacher_layers]
+    if bad:
+        raise M3DistillError(
+            f"layer(s) {bad} out of range: the teacher's layers are 0..{n_teacher_layers - 1} (0-based)"
+        )
+    if layers != sorted(layers):
+        raise M3DistillError(f"layer list {layers} must be in increasing order (the student keeps the teacher's order)")
+    return layers
+
+
+def parse_layer_list(text: str) -> list[int]:
+    """Parse ``"0,2,4"`` into ``[0, 2, 4]`` with a clear error for anything else."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise M3DistillError(f"cannot read layer list {text!r}: expected comma-separated integers like 0,2,4") from error

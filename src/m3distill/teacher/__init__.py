@@ -1,0 +1,1 @@
+"""The teacher: loading sentence-transformers models and caching the teacher's embeddings."""
