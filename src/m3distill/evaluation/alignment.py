@@ -1,0 +1,152 @@
+"""How closely a student's embeddings follow the teacher's on the test split.
+
+Two views, both computed on embeddings both models made of the *same* test texts:
+
+* Embedding error: mean squared error per element (and x100, the figure sentence-transformers' ``MSEEvaluator``
+  logs) and the mean cosine between the student's and the teacher's embedding of each text.
+* Similarity agreement: over (question, context) pairs, the Pearson and Spearman correlation between the cosine
+  similarity the student gives a pair and the one the teacher gives it (what ``EmbeddingSimilarityEvaluator``
+  computes when the teacher's cosines are the gold scores).
+
+Pairs are drawn by :func:`draw_similarity_pairs`: every test question with its own context (matching) plus
+``negatives_per_question`` other test contexts drawn uniformly at random without replacement (non-matching).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENT_PREFIX = "alignment"
+MSE = f"{ALIGNMENT_PREFIX}_mse"
+MSE_X100 = f"{ALIGNMENT_PREFIX}_mse_x100"
+MEAN_COSINE = f"{ALIGNMENT_PREFIX}_mean_cosine"
+PEARSON_COSINE = f"{ALIGNMENT_PREFIX}_pearson_cosine"
+SPEARMAN_COSINE = f"{ALIGNMENT_PREFIX}_spearman_cosine"
+
+PAIRS_DESCRIPTION = (
+    "Each test question is paired with its own context (a matching pair) and with {negatives} other test "
+    "contexts drawn uniformly at random without replacement (non-matching pairs; numpy default_rng seed {seed}). "
+    "Pearson and Spearman correlate the student's cosine similarity of each pair with the teacher's."
+)
+
+
+@dataclass(frozen=True)
+class SimilarityPairs:
+    """(question, context) pairs as row numbers into one array of test-text embeddings.
+
+    Attributes:
+        left: row of each pair's question.
+        right: row of each pair's context.
+        matching: True where the context is the question's own.
+    """
+
+    left: np.ndarray
+    right: np.ndarray
+    matching: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.left)
+
+
+def draw_similarity_pairs(
+    question_rows: Sequence[int],
+    own_context_rows: Sequence[int],
+    context_rows: Sequence[int],
+    negatives_per_question: int,
+    seed: int,
+) -> SimilarityPairs:
+    """Each question with its own context plus ``negatives_per_question`` random other contexts.
+
+    Args:
+        question_rows: row of each test question in the embedding array.
+        own_context_rows: row of each question's own context (same order as ``question_rows``).
+        context_rows: rows of all test contexts, the pool non-matching contexts are drawn from.
+        negatives_per_question: non-matching contexts per question; fewer when the pool is smaller.
+        seed: seed of the numpy generator, so the same dataset always gives the same pairs.
+    """
+    if len(question_rows) != len(own_context_rows):
+        raise ValueError("question_rows and own_context_rows must have the same length")
+    rng = np.random.default_rng(seed)
+    pool = np.asarray(context_rows, dtype=np.int64)
+    left, right, matching = [], [], []
+    for question, own in zip(question_rows, own_context_rows):
+        left.append(question)
+        right.append(own)
+        matching.append(True)
+        others = pool[pool != own]
+        n_negatives = min(negatives_per_question, len(others))
+        for context in rng.choice(others, size=n_negatives, replace=False) if n_negatives else ():
+            left.append(question)
+            right.append(int(context))
+            matching.append(False)
+    return SimilarityPairs(
+        left=np.asarray(left, dtype=np.int64),
+        right=np.asarray(right, dtype=np.int64),
+        matching=np.asarray(matching, dtype=bool),
+    )
+
+
+def pair_cosines(embeddings: np.ndarray, pairs: SimilarityPairs) -> np.ndarray:
+    """Cosine similarity of every pair, in float64."""
+    unit = _unit_rows(embeddings)
+    return np.einsum("ij,ij->i", unit[pairs.left], unit[pairs.right])
+
+
+def alignment_metrics(
+    student: np.ndarray, teacher: np.ndarray, pairs: SimilarityPairs, *, text_rows: np.ndarray | None = None
+) -> dict[str, float | None]:
+    """Alignment of a student with the teacher, as a flat dict of ``alignment_*`` metrics.
+
+    Args:
+        student: the student's embeddings, one row per text.
+        teacher: the teacher's embeddings of the same texts in the same order.
+        pairs: (question, context) pairs as rows of both arrays (see :func:`draw_similarity_pairs`).
+        text_rows: rows the embedding error is averaged over (the test texts); all rows when ``None``.
+
+    The MSE and mean cosine need embeddings of the same width; for a student of another width they are ``None``.
+    The correlations are ``None`` with fewer than two pairs or when a model gives every pair the same similarity.
+    """
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"student has {student.shape[0]} embeddings, teacher {teacher.shape[0]}: encode the same texts"
+        )
+    metrics: dict[str, float | None] = {MSE: None, MSE_X100: None, MEAN_COSINE: None}
+    if student.shape[1] == teacher.shape[1]:
+        rows = slice(None) if text_rows is None else text_rows
+        student_rows = student[rows].astype(np.float64)
+        teacher_rows = teacher[rows].astype(np.float64)
+        mse = float(np.mean((teacher_rows - student_rows) ** 2))
+        metrics[MSE] = mse
+        metrics[MSE_X100] = 100.0 * mse
+        metrics[MEAN_COSINE] = float(np.mean(np.sum(_unit_rows(student_rows) * _unit_rows(teacher_rows), axis=1)))
+    else:
+        logger.warning(
+            "student embeddings are %d wide, the teacher's %d: MSE and mean cosine are left out",
+            student.shape[1],
+            teacher.shape[1],
+        )
+    student_cosines = pair_cosines(student, pairs)
+    teacher_cosines = pair_cosines(teacher, pairs)
+    if len(pairs) < 2 or np.ptp(teacher_cosines) == 0 or np.ptp(student_cosines) == 0:
+        # A correlation with a constant is undefined; None (JSON null) instead of NaN keeps report.json valid JSON.
+        logger.warning("fewer than two pairs, or one model gives every pair the same cosine similarity: "
+                       "correlations are left out")
+        metrics[PEARSON_COSINE] = metrics[SPEARMAN_COSINE] = None
+    else:
+        metrics[PEARSON_COSINE] = float(pearsonr(teacher_cosines, student_cosines)[0])
+        metrics[SPEARMAN_COSINE] = float(spearmanr(teacher_cosines, student_cosines)[0])
+    return metrics
+
+
+def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    # A zero vector has no direction; treat its cosine with anything as 0 instead of NaN.
+    return embeddings / np.where(norms == 0, 1.0, norms)

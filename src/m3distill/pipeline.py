@@ -1,0 +1,201 @@
+"""The whole pipeline in one call: synth -> teacher cache -> students -> evaluation and report.
+
+Each stage reads and writes the run directory (m3distill.layout). A stage is skipped when its outputs are complete
+and were made from the same settings; a changed setting, or ``force``, redoes that stage and every later one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m3distill.atomic import write_json_atomic, write_text_atomic
+from m3distill.config import M3DistillConfig, config_to_yaml, load_config
+from m3distill.data.dataset import is_complete_dataset
+from m3distill.errors import M3DistillError
+from m3distill.layout import REPORT_JSON_FILE, RunLayout
+from m3distill.resources import bundled_config, sample_corpus_dir
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("synth", "teacher", "train", "evaluate")
+_STATE_FILE = "pipeline_state.json"
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline run did: the report directory and, per stage, "ran" or "skipped" with seconds taken."""
+
+    run_dir: Path
+    report_dir: Path
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _settings_hash(config: M3DistillConfig, stage: str) -> str:
+    """Hash of the settings a stage's outputs depend on (its own section and those of the stages before it)."""
+    sections = {
+        "synth": ["synth", "teacher.model"],
+        "teacher": ["synth", "teacher"],
+        "train": ["synth", "teacher", "students", "training"],
+        "evaluate": ["synth", "teacher", "students", "training", "evaluation"],
+    }[stage]
+    dumped = config.model_dump(mode="json")
+    picked: dict[str, Any] = {}
+    for dotted in sections:
+        node: Any = dumped
+        for part in dotted.split("."):
+            node = node[part]
+        picked[dotted] = node
+    # Where the run lives is not a setting: moving a run directory must not invalidate it.
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_state(layout: RunLayout) -> dict[str, str]:
+    path = layout.root / _STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+
+
+def _validate_force(force: Iterable[str]) -> set[str]:
+    force = set(force)
+    unknown = force - set(STAGES) - {"all"}
+    if unknown:
+        raise M3DistillError(f"unknown stage(s) {', '.join(sorted(unknown))} for --force; choose from {', '.join(STAGES)} or all")
+    if "all" in force:
+        return set(STAGES)
+    # Redoing a stage changes the inputs of every later one.
+    first = min(STAGES.index(stage) for stage in force) if force else len(STAGES)
+    return set(STAGES[first:])
+
+
+def _student_dirs(config: M3DistillConfig, layout: RunLayout) -> list[Path]:
+    from m3distill.training import completed_student_dirs
+
+    return completed_student_dirs(layout.students)
+
+
+def _stage_complete(stage: str, config: M3DistillConfig, layout: RunLayout) -> bool:
+    if stage == "synth":
+        return is_complete_dataset(layout.dataset)
+    if stage == "teacher":
+        from m3distill.teacher.cache import is_complete_cache
+
+        return is_complete_cache(layout.teacher_cache)
+    if stage == "train":
+        from m3distill.training import planned_students_complete
+
+        return planned_students_complete(config, layout.students)
+    return (layout.report / REPORT_JSON_FILE).is_file()
+
+
+def _remove_outputs(stage: str, layout: RunLayout) -> None:
+    target = {"synth": layout.dataset, "teacher": layout.teacher_cache, "train": layout.students, "evaluate": layout.report}[stage]
+    if target.exists():
+        logger.info("removing %s to redo stage %s", target, stage)
+        shutil.rmtree(target)
+
+
+def _run_stage(stage: str, config: M3DistillConfig, layout: RunLayout, show_progress: bool) -> None:
+    if stage == "synth":
+        from m3distill.data.synth import synthesize
+
+        if config.synth.corpus is None:
+            raise M3DistillError("no corpus configured: set synth.corpus in the config (a file, folder or dataset id)")
+        synthesize(config.synth, layout.dataset, tokenizer=config.synth.tokenizer or config.teacher.model,
+                   overwrite=True, show_progress=show_progress)
+    elif stage == "teacher":
+        from m3distill.teacher.cache import build_teacher_cache
+
+        build_teacher_cache(layout.dataset, config.teacher, layout.teacher_cache, show_progress=show_progress)
+    elif stage == "train":
+        from m3distill.training import train_students
+
+        train_students(layout.dataset, layout.teacher_cache, teacher=config.teacher, students=config.students,
+                       training=config.training, out_dir=layout.students, resume=True, show_progress=show_progress)
+    else:
+        from m3distill.evaluation.evaluate import evaluate_models
+
+        evaluate_models(layout.dataset, config.teacher, _student_dirs(config, layout), config.evaluation,
+                        layout.report, show_progress=show_progress)
+
+
+def run_pipeline(
+    config: M3DistillConfig,
+    *,
+    force: Iterable[str] = (),
+    show_progress: bool = True,
+    on_stage: Callable[[str, str], None] | None = None,
+) -> PipelineResult:
+    """Run every stage of ``config`` in its run directory, skipping stages whose outputs are complete and current.
+
+    Args:
+        config: the whole run's settings; ``config.run_dir`` is created if needed.
+        force: stages to redo even when complete (``synth``, ``teacher``, ``train``, ``evaluate`` or ``all``);
+            every later stage is redone too.
+        show_progress: show progress bars.
+        on_stage: called with (stage, "start" | "skip" | "done") so a CLI can print where it is.
+    """
+    forced = _validate_force(force)
+    layout = RunLayout(config.run_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(layout.config, config_to_yaml(config))
+    state = _load_state(layout)
+    result = PipelineResult(run_dir=layout.root, report_dir=layout.report)
+    redo_rest = False
+    for stage in STAGES:
+        current = _settings_hash(config, stage)
+        changed = state.get(stage) not in (None, current)
+        if changed:
+            logger.info("stage %s: settings changed since the last run; redoing it and the stages after it", stage)
+        redo = redo_rest or stage in forced or changed
+        if not redo and state.get(stage) == current and _stage_complete(stage, config, layout):
+            result.stages[stage] = {"status": "skipped", "seconds": 0.0}
+            if on_stage:
+                on_stage(stage, "skip")
+            continue
+        if redo:
+            _remove_outputs(stage, layout)
+            redo_rest = True
+        if on_stage:
+            on_stage(stage, "start")
+        started = time.perf_counter()
+        # A stage that was interrupted resumes inside its own code (cache shards, checkpoints, LLM cache).
+        _run_stage(stage, config, layout, show_progress)
+        state[stage] = current
+        write_json_atomic(layout.root / _STATE_FILE, state)
+        result.stages[stage] = {"status": "ran", "seconds": round(time.perf_counter() - started, 2)}
+        redo_rest = redo_rest or redo
+        if on_stage:
+            on_stage(stage, "done")
+    return result
+
+
+def demo_config(run_dir: str | Path = "m3distill-demo") -> M3DistillConfig:
+    """configs/demo.yaml with the corpus pointed at the bundled sample, wherever m3distill is installed."""
+    config = load_config(bundled_config("demo.yaml"))
+    sample = sample_corpus_dir()
+    data = config.model_dump()
+    data["run_dir"] = str(run_dir)
+    data["synth"]["corpus"] = str(sample / "domain")
+    data["synth"]["general"] = str(sample / "general")
+    return M3DistillConfig.model_validate(data)
+
+
+def run_config_file(path: str | Path, *, force: Iterable[str] = (), run_dir: str | None = None,
+                    show_progress: bool = True, on_stage: Callable[[str, str], None] | None = None) -> PipelineResult:
+    """Load a YAML config and run it; ``run_dir`` overrides the config's."""
+    config = load_config(path)
+    if run_dir is not None:
+        config = config.model_copy(update={"run_dir": run_dir})
+    return run_pipeline(config, force=force, show_progress=show_progress, on_stage=on_stage)

@@ -1,0 +1,193 @@
+"""report.md: the report's tables and a short guide to reading them, rendered from report.json alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from m3distill.evaluation import alignment, speed
+from m3distill.evaluation.retrieval import (
+    GROUND_TRUTH_CUTOFF,
+    hnsw_vs_exact_metric,
+    mrr_metric,
+    ndcg_metric,
+    overlap_metric,
+    recall_metric,
+)
+
+_INDEX_TITLES = {"exact": "exact search", "hnsw": "HNSW search"}
+_PHASE_ORDER = ("load", "encode", "retrieval", "speed")
+
+
+def render_markdown(report: dict[str, Any], plot_files: dict[str, str]) -> str:
+    """The whole report.md for ``report``; ``plot_files`` maps plot titles to file names beside it."""
+    retrieval = report["retrieval"]
+    ks = retrieval["k"]
+    indexes = retrieval["indexes"]
+    students = [model for model in report["models"] if model["role"] == "student"]
+    lines = [
+        "# m3distill evaluation report",
+        "",
+        _summary(report),
+        "",
+    ]
+    for index in indexes:
+        lines += [f"## Top-k overlap between models (P@k, Qdrant {_INDEX_TITLES[index]})", ""]
+        lines += _table(
+            ["model pair", *[f"P@{k}" for k in ks]],
+            [[f"{pair['a']} vs {pair['b']}", *[_fraction(pair["metrics"].get(overlap_metric(index, k))) for k in ks]]
+             for pair in report["pairs"]],
+        ) or ["(only one model: no pairs)"]
+        lines.append("")
+    if "exact" in indexes and "hnsw" in indexes:
+        lines += ["## HNSW recall against exact search (same model)", ""]
+        lines += _table(
+            ["model", *[f"recall@{k}" for k in ks]],
+            [[model["name"], *[_fraction(model["metrics"].get(hnsw_vs_exact_metric(k))) for k in ks]]
+             for model in report["models"]],
+        )
+        lines.append("")
+    for index in indexes:
+        lines += [f"## Ground truth: each question's own context ({_INDEX_TITLES[index]})", ""]
+        lines += _table(
+            ["model", *[f"Recall@{k}" for k in ks], f"MRR@{GROUND_TRUTH_CUTOFF}", f"nDCG@{GROUND_TRUTH_CUTOFF}"],
+            [[model["name"], *[_fraction(model["metrics"].get(recall_metric(index, k))) for k in ks],
+              _fraction(model["metrics"].get(mrr_metric(index))), _fraction(model["metrics"].get(ndcg_metric(index)))]
+             for model in report["models"]],
+        )
+        lines.append("")
+    lines += ["## Alignment with the teacher (test split)", ""]
+    lines += _table(
+        ["student", "MSE per element", "MSE x100 (MSEEvaluator)", "mean cosine", "Pearson (cosine sim.)",
+         "Spearman (cosine sim.)"],
+        [[model["name"], _small(model["metrics"].get(alignment.MSE)),
+          _fixed(model["metrics"].get(alignment.MSE_X100), 4), _fraction(model["metrics"].get(alignment.MEAN_COSINE)),
+          _fraction(model["metrics"].get(alignment.PEARSON_COSINE)),
+          _fraction(model["metrics"].get(alignment.SPEARMAN_COSINE))]
+         for model in students],
+    ) or ["(no students)"]
+    lines += ["", report["alignment_pairs"]["description"]
+              + f" {report['alignment_pairs']['n_matching']} matching and {report['alignment_pairs']['n_non_matching']}"
+              " non-matching pairs.", ""]
+    lines += ["## Speed and size", ""]
+    memory_measures = sorted(
+        {str(model["metrics"].get(speed.MEMORY_MEASURE)) for model in report["models"]}
+    )
+    lines += _table(
+        ["model", "layers", "parameters", "size on disk", "texts/s", "speed-up", "peak memory while encoding (+)"],
+        [[model["name"], _integer(model.get("layers")), _integer(model["metrics"].get(speed.PARAMETERS)),
+          _bytes(model["metrics"].get(speed.SIZE_ON_DISK)), _fixed(model["metrics"].get(speed.TEXTS_PER_S), 1),
+          _times(model["metrics"].get(speed.SPEEDUP)), _bytes(model["metrics"].get(speed.PEAK_MEMORY))]
+         for model in report["models"]],
+    )
+    policy = report["speed"]
+    lines += [
+        "",
+        f"Device: {report['device']['description']} (`{report['device']['name']}`). Every model encodes the same "
+        f"{policy['n_texts']} test texts in batches of {policy['batch_size']} (sorted by length), after "
+        f"{policy['warmup_batches']} warm-up batches; texts/s is the median of {policy['repeats']} runs. Peak memory "
+        f"is the increase over the loaded model while encoding, measured as {', '.join(memory_measures)}.",
+        "",
+    ]
+    if plot_files:
+        lines += ["## Plots", ""]
+        lines += [f"![{title}]({file})" for title, file in plot_files.items()]
+        lines.append("")
+    lines += _guide(report)
+    lines += _details(report)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _summary(report: dict[str, Any]) -> str:
+    dataset = report["dataset"]
+    retrieval = report["retrieval"]
+    teacher = next(model for model in report["models"] if model["role"] == "teacher")
+    n_students = len(report["models"]) - 1
+    distractors = ("all contexts: test ones plus train/dev ones as distractors" if retrieval["distractors"] == "all"
+                   else "test contexts only")
+    return (
+        f"Teacher `{teacher['source']}` and {n_students} student{'s' if n_students != 1 else ''} on the dataset "
+        f"`{dataset['path']}`: {retrieval['n_questions']} test questions searched against {retrieval['n_contexts']} "
+        f"indexed contexts ({distractors}) with {retrieval['backend']}. Evaluated {report['finished_at']} on "
+        f"{report['device']['description']} in {report['duration_s']:.0f} s."
+    )
+
+
+def _guide(report: dict[str, Any]) -> list[str]:
+    return [
+        "## How to read this",
+        "",
+        "- **P@k overlap** (model pair): the share of one model's top-k contexts that the other model also puts in "
+        "its top-k, averaged over test questions. 1.0 means both return the same k contexts; against the teacher it "
+        "says how well a student would stand in for it in an existing Qdrant collection's results.",
+        "- **Recall@k / MRR@10 / nDCG@10** (ground truth): each test question was generated from one context, "
+        "which counts as its only relevant context. Recall@k: share of questions whose context is in the top k; "
+        "MRR@10: mean of 1/rank of that context (0 beyond rank 10); nDCG@10: the same with a logarithmic discount. "
+        "Computed with ir-measures.",
+        "- **HNSW recall**: overlap of a model's approximate (HNSW) top-k with its own exact top-k.",
+        "- **MSE** (per element; x100 is the figure sentence-transformers' MSEEvaluator logs) and **mean cosine** "
+        "compare the student's and the teacher's embedding of the same test text. **Pearson/Spearman** correlate "
+        "the two models' cosine similarities of (question, context) pairs; 1.0 means the student ranks pairs "
+        "exactly as the teacher does.",
+        "- **Speed-up**: texts/s over the teacher's texts/s, same texts, device and batch policy.",
+        "",
+    ]
+
+
+def _details(report: dict[str, Any]) -> list[str]:
+    versions = ", ".join(f"{name} {version}" for name, version in sorted(report["versions"].items()) if version)
+    phases = sorted(
+        report["timings_s"], key=lambda phase: (_PHASE_ORDER.index(phase) if phase in _PHASE_ORDER else 99, phase)
+    )
+    timings = ", ".join(f"{phase} {report['timings_s'][phase]:.1f} s" for phase in phases)
+    models = "; ".join(f"{model['name']}: `{model['source']}`" for model in report["models"])
+    return [
+        "## Run details",
+        "",
+        f"- Models: {models}",
+        f"- k: {', '.join(map(str, report['retrieval']['k']))}; indexes: {', '.join(report['retrieval']['indexes'])}; "
+        f"HNSW m={report['retrieval']['hnsw']['m']}, ef_construct={report['retrieval']['hnsw']['ef_construct']}, "
+        f"ef={report['retrieval']['hnsw']['ef']}",
+        f"- Phases: {timings}",
+        f"- Versions: {versions}",
+        f"- Started {report['started_at']}, finished {report['finished_at']}; every number is in report.json.",
+        "",
+    ]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _small(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _integer(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "n/a"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

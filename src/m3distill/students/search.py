@@ -1,0 +1,232 @@
+"""Which layers each student keeps: fixed plans from the config, or a search scored against the teacher.
+
+:func:`resolve_layer_plans` turns the ``students`` config section into one :class:`LayerPlan` per student.
+Strategy ``search`` leaves the layers open; :func:`search_layer_plan` then builds every candidate from
+:func:`candidate_plans`, optionally trains it for a few steps with MSE on the cached teacher embeddings, scores it
+on dev texts (MSE and mean cosine to the teacher) and keeps the candidate with the lowest MSE.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+from m3distill.config import StudentsConfig
+from m3distill.errors import M3DistillError
+from m3distill.layout import student_name
+from m3distill.students.build import build_student
+from m3distill.students.layer_plan import plan_layers, validate_layers
+from m3distill.teacher.loading import num_layers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One student to build.
+
+    Attributes:
+        n_layers: how many teacher layers the student keeps.
+        strategy: ``uniform``, ``first``, ``last``, ``explicit`` or ``search``.
+        layers: the 0-based teacher layers kept, in order; ``None`` while a search has yet to choose them.
+    """
+
+    n_layers: int
+    strategy: str
+    layers: tuple[int, ...] | None
+
+    @property
+    def name(self) -> str:
+        """The student's folder name (see :func:`m3distill.layout.student_name`)."""
+        return student_name(self.layers if self.layers is not None else tuple(range(self.n_layers)))
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """A candidate plan's alignment with the teacher on dev texts: ``mse`` (lower is better), ``mean_cosine``."""
+
+    layers: tuple[int, ...]
+    mse: float
+    mean_cosine: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The chosen plan and every candidate's score, best first."""
+
+    best: tuple[int, ...]
+    candidates: tuple[CandidateScore, ...]
+    steps: int
+    n_dev_texts: int
+
+    def to_dict(self) -> dict:
+        """JSON-ready form for metadata and logs."""
+        return {
+            "best": list(self.best),
+            "steps": self.steps,
+            "n_dev_texts": self.n_dev_texts,
+            "candidates": [{**asdict(score), "layers": list(score.layers)} for score in self.candidates],
+        }
+
+
+def resolve_layer_plans(students: StudentsConfig, n_teacher_layers: int) -> list[LayerPlan]:
+    """One :class:`LayerPlan` per student asked for by ``students``, checked against the teacher.
+
+    Args:
+        students: the config section: ``explicit`` layer lists (they win), else ``layers`` counts with ``strategy``.
+        n_teacher_layers: the teacher's layer count.
+
+    Raises:
+        M3DistillError: a plan the teacher cannot serve, or two students that would share a folder name.
+    """
+    if students.explicit:
+        plans = [
+            LayerPlan(len(layers), "explicit", tuple(validate_layers(layers, n_teacher_layers)))
+            for layers in students.explicit
+        ]
+    elif students.strategy == "search":
+        for count in students.layers:
+            plan_layers(n_teacher_layers, count)  # the same range check as the fixed strategies
+        plans = [LayerPlan(count, "search", None) for count in students.layers]
+    else:
+        plans = [
+            LayerPlan(count, students.strategy, tuple(plan_layers(n_teacher_layers, count, students.strategy)))
+            for count in students.layers
+        ]
+    ensure_distinct_names(plans)
+    return plans
+
+
+def planned_student_names(students: StudentsConfig) -> list[str]:
+    """Folder names of the students ``students`` asks for, without loading the teacher (names need counts only)."""
+    if students.explicit:
+        return [student_name(layers) for layers in students.explicit]
+    return [student_name(tuple(range(count))) for count in students.layers]
+
+
+def ensure_distinct_names(plans: Sequence[LayerPlan]) -> None:
+    """Raise :class:`M3DistillError` when two plans would write the same student folder."""
+    names = [plan.name for plan in plans]
+    clashing = sorted({name for name in names if names.count(name) > 1})
+    if clashing:
+        raise M3DistillError(
+            f"two students would share the folder {clashing[0]}: students are named by their layer count, "
+            "so ask for each count once"
+        )
+
+
+def candidate_plans(n_teacher_layers: int, n_layers: int, n_candidates: int, *, seed: int = 0) -> list[list[int]]:
+    """Up to ``n_candidates`` distinct layer plans for a search, in a fixed order.
+
+    The order is: uniform, first, last, evenly spaced including both ends, uniform shifted up by 1, 2, ...; any
+    remaining places go to random plans drawn with ``seed``.
+    """
+    plan_layers(n_teacher_layers, n_layers)  # range check
+    found: dict[tuple[int, ...], None] = {}
+    uniform = plan_layers(n_teacher_layers, n_layers, "uniform")
+    ordered = [uniform, plan_layers(n_teacher_layers, n_layers, "first"), plan_layers(n_teacher_layers, n_layers, "last")]
+    if n_layers > 1:
+        ordered.append([round(i * (n_teacher_layers - 1) / (n_layers - 1)) for i in range(n_layers)])
+    ordered += [[layer + shift for layer in uniform] for shift in range(1, n_teacher_layers - uniform[-1])]
+    for plan in ordered:
+        found.setdefault(tuple(plan), None)
+    possible = math.comb(n_teacher_layers, n_layers)
+    rng = random.Random(seed)
+    while len(found) < min(n_candidates, possible):
+        found.setdefault(tuple(sorted(rng.sample(range(n_teacher_layers), n_layers))), None)
+    return [list(plan) for plan in itertools.islice(found, n_candidates)]
+
+
+def search_layer_plan(
+    teacher: SentenceTransformer,
+    n_layers: int,
+    *,
+    dev_texts: Sequence[str],
+    dev_embeddings: np.ndarray,
+    n_candidates: int = 6,
+    steps: int = 0,
+    train_texts: Sequence[str] = (),
+    train_embeddings: np.ndarray | None = None,
+    batch_size: int = 32,
+    learning_rate: float = 1e-4,
+    seed: int = 42,
+    max_seq_length: int | None = None,
+) -> SearchResult:
+    """Score candidate plans for an ``n_layers`` student and return the best one (lowest dev MSE).
+
+    Args:
+        teacher: the loaded teacher; candidates are built from its layers (it is not modified).
+        n_layers: layers the student keeps.
+        dev_texts: texts the candidates are scored on.
+        dev_embeddings: the teacher's embeddings of ``dev_texts`` (float32, one row per text).
+        n_candidates: how many plans to score (see :func:`candidate_plans`).
+        steps: MSE training steps on ``train_texts`` before scoring; 0 scores the untrained cuts.
+        train_texts: texts for those steps.
+        train_embeddings: the teacher's embeddings of ``train_texts``.
+        batch_size: batch size for training and encoding.
+        learning_rate: AdamW learning rate for the training steps.
+        seed: seed for candidate drawing and batch order.
+        max_seq_length: student max sequence length; the teacher's when ``None``.
+    """
+    if len(dev_texts) == 0 or len(dev_texts) != len(dev_embeddings):
+        raise ValueError(
+            f"need dev texts with one teacher embedding each, got {len(dev_texts)} texts and {len(dev_embeddings)} rows"
+        )
+    if steps and (train_embeddings is None or len(train_texts) != len(train_embeddings) or not train_texts):
+        raise ValueError("search steps > 0 need train_texts with one teacher embedding each")
+    plans = candidate_plans(num_layers(teacher), n_layers, n_candidates, seed=seed)
+    scores = []
+    for layers in plans:
+        student = build_student(teacher, layers)
+        if max_seq_length is not None:
+            student.max_seq_length = max_seq_length
+        if steps:
+            _train_steps(student, train_texts, train_embeddings, steps=steps, batch_size=batch_size,
+                         learning_rate=learning_rate, seed=seed)
+        predicted = student.encode(list(dev_texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        scores.append(CandidateScore(tuple(layers), *_alignment(predicted, dev_embeddings)))
+        logger.info("search %d layers: candidate %s dev mse %.6f, mean cosine %.4f",
+                    n_layers, layers, scores[-1].mse, scores[-1].mean_cosine)
+        del student
+    ranked = tuple(sorted(scores, key=lambda score: score.mse))
+    result = SearchResult(best=ranked[0].layers, candidates=ranked, steps=steps, n_dev_texts=len(dev_texts))
+    logger.info("search %d layers: picked %s of %d candidates", n_layers, list(result.best), len(ranked))
+    return result
+
+
+def _alignment(predicted: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    mse = float(np.mean((predicted - target) ** 2))
+    norms = np.linalg.norm(predicted, axis=1) * np.linalg.norm(target, axis=1)
+    cosine = float(np.mean(np.sum(predicted * target, axis=1) / np.maximum(norms, 1e-12)))
+    return mse, cosine
+
+
+def _train_steps(
+    student: SentenceTransformer, texts: Sequence[str], targets: np.ndarray, *, steps: int, batch_size: int,
+    learning_rate: float, seed: int,
+) -> None:
+    """A few plain AdamW steps of MSE distillation: enough to rank candidates, far cheaper than a Trainer."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate)
+    student.train()
+    for _ in range(steps):
+        rows = torch.randint(len(texts), (min(batch_size, len(texts)),), generator=generator).tolist()
+        features = student.preprocess([texts[row] for row in rows])
+        features = {
+            key: value.to(student.device) if isinstance(value, torch.Tensor) else value for key, value in features.items()
+        }
+        predicted = student(features)["sentence_embedding"]
+        target = torch.as_tensor(targets[rows], device=predicted.device, dtype=predicted.dtype)
+        loss = torch.nn.functional.mse_loss(predicted, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    student.eval()

@@ -1,0 +1,362 @@
+"""The teacher cache: every dataset text embedded once by the teacher, stored in memory-mapped shards.
+
+    CACHE_DIR/
+      teacher.json                  written first: the teacher's fingerprint and the storage dtype. Shards are only
+                                    ever added by the same teacher; another one is refused.
+      shards/shard-00000.dense.npy  (n, dim) float32 or float16 sentence embeddings, row i for key i
+      shards/shard-00000.keys.npy   (n,) S64 text keys (see :func:`text_key`); written last, so its presence
+                                    marks the shard complete
+      manifest.json                 written last: fingerprint, dim, dtype, count, shards, outputs
+
+Shards are the unit of resumption. The texts still missing from the cache are sorted by (length, key) and cut
+into shards of ``teacher.shard_size``, numbered after the shards already present; a run killed after k shards
+and rerun therefore plans exactly the shards the first run had not finished, with the same texts in the same
+batches, so the result equals an uninterrupted run. A dataset that gained texts gets new shards for those only.
+
+Room for bge-m3's other outputs (a later issue): each output is a set of per-shard files named
+``shard-NNNNN.<output>*.npy`` and listed under ``outputs`` in the manifest. Planned, all memory-mappable:
+
+    sparse:  shard-NNNNN.sparse_offsets.npy (n+1,) int64, .sparse_token_ids.npy (nnz,) int32,
+             .sparse_weights.npy (nnz,) float   -- text i owns entries offsets[i]:offsets[i+1]
+    colbert: shard-NNNNN.colbert_offsets.npy (n+1,) int64, .colbert_vectors.npy (tokens, dim) float
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
+
+from m3distill.atomic import atomic_path, write_json_atomic
+from m3distill.config import TeacherConfig
+from m3distill.data.dataset import load_synth_dataset
+from m3distill.errors import M3DistillError
+from m3distill.teacher.fingerprint import TeacherFingerprint, check_fingerprint, teacher_fingerprint
+from m3distill.teacher.loading import load_sentence_transformer
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+CACHE_MANIFEST_FILE = "manifest.json"
+CACHE_TEACHER_FILE = "teacher.json"
+SHARDS_DIRNAME = "shards"
+DENSE_OUTPUT = "dense"
+_KEY_DTYPE = "S64"
+_SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.keys\.npy$")
+
+
+def text_key(text: str) -> str:
+    """The cache key of a text: the hex SHA-256 of its UTF-8 bytes. The one definition used everywhere."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard just written: its number, file stem and how many texts it holds."""
+
+    index: int
+    name: str
+    count: int
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """What :func:`build_teacher_cache` did.
+
+    Attributes:
+        cache_dir: the cache folder.
+        n_texts: distinct texts in the dataset (all splits, all kinds).
+        n_computed: texts embedded by this run.
+        n_reused: dataset texts already in the cache.
+        n_shards: shards in the cache after this run.
+        dim: embedding dimension.
+        dtype: storage dtype of the embeddings.
+        seconds: wall time of the embedding step.
+    """
+
+    cache_dir: Path
+    n_texts: int
+    n_computed: int
+    n_reused: int
+    n_shards: int
+    dim: int
+    dtype: str
+    seconds: float
+
+    @property
+    def texts_per_second(self) -> float:
+        """Embedding throughput of this run (0 when nothing was computed)."""
+        return self.n_computed / self.seconds if self.n_computed and self.seconds > 0 else 0.0
+
+
+def is_complete_cache(cache_dir: str | Path) -> bool:
+    """True when ``cache_dir`` holds a finished teacher cache (its manifest exists)."""
+    return (Path(cache_dir) / CACHE_MANIFEST_FILE).is_file()
+
+
+def cache_fingerprint(cache_dir: str | Path) -> TeacherFingerprint:
+    """The fingerprint of the teacher that made the cache in ``cache_dir``, read from its manifest alone."""
+    return TeacherFingerprint.from_dict(TeacherCache.read_manifest(cache_dir)["fingerprint"])
+
+
+def build_teacher_cache(
+    dataset_dir: str | Path,
+    teacher: TeacherConfig,
+    out_dir: str | Path,
+    *,
+    model: SentenceTransformer | None = None,
+    show_progress: bool = True,
+    on_shard: Callable[[ShardInfo], None] | None = None,
+) -> CacheSummary:
+    """Embed every text of a dataset directory (contexts, questions, general; all splits) with the teacher.
+
+    Args:
+        dataset_dir: a dataset directory written by ``m3distill synth``.
+        teacher: the teacher settings: model, revision, max_seq_length, batch_size, dtype, shard_size, device.
+        out_dir: the cache folder; created, resumed or extended.
+        model: an already-loaded teacher to use instead of loading ``teacher.model`` (it is not modified; its
+            max_seq_length must equal ``teacher.max_seq_length`` when that is set).
+        show_progress: show a tqdm bar with texts/s.
+        on_shard: called after each shard is written (progress hooks; tests use it to simulate a kill).
+
+    Raises:
+        M3DistillError: the dataset is missing or incomplete, or ``out_dir`` holds a cache of another teacher or
+            another dtype.
+    """
+    out_dir = Path(out_dir)
+    dataset = load_synth_dataset(dataset_dir)
+    texts = dataset.texts()
+    if not texts:
+        raise M3DistillError(f"dataset {dataset_dir} holds no texts; rerun `m3distill synth` with a non-empty corpus")
+    model = _teacher_model(teacher, model)
+    fingerprint = teacher_fingerprint(model, teacher.model, revision=teacher.revision)
+    _claim_cache_dir(out_dir, fingerprint, teacher.dtype)
+
+    shard_keys = {name: _read_keys(out_dir, name) for name in _complete_shards(out_dir)}
+    cached_keys = {key for keys in shard_keys.values() for key in keys}
+    by_key = {key: text for text in texts if (key := text_key(text)) not in cached_keys}
+    # (length, key) order puts similar lengths in the same batches (little padding) and is the same on every rerun.
+    missing = sorted(by_key.items(), key=lambda item: (len(item[1]), item[0]))
+    n_reused = len(texts) - len(missing)
+    logger.info("teacher cache %s: %d texts, %d cached, %d to embed", out_dir, len(texts), n_reused, len(missing))
+
+    started = time.perf_counter()
+    shard_counts = {name: len(keys) for name, keys in shard_keys.items()}
+    first_index = max((_shard_index(name) for name in shard_counts), default=-1) + 1
+    with tqdm(total=len(missing), unit="text", desc="teacher cache", disable=not show_progress, smoothing=0.1) as bar:
+        for offset in range(0, len(missing), teacher.shard_size):
+            index = first_index + offset // teacher.shard_size
+            chunk = missing[offset : offset + teacher.shard_size]
+            info = _write_shard(out_dir, index, chunk, model, teacher, bar)
+            shard_counts[info.name] = info.count
+            if on_shard is not None:
+                on_shard(info)
+    seconds = time.perf_counter() - started
+
+    _write_manifest(out_dir, fingerprint, teacher.dtype, shard_counts)
+    summary = CacheSummary(
+        cache_dir=out_dir, n_texts=len(texts), n_computed=len(missing), n_reused=n_reused, n_shards=len(shard_counts),
+        dim=fingerprint.dim, dtype=teacher.dtype, seconds=seconds,
+    )
+    logger.info(
+        "teacher cache complete: %d texts in %d shards (%.1f texts/s)",
+        sum(shard_counts.values()), len(shard_counts), summary.texts_per_second,
+    )
+    return summary
+
+
+class TeacherCache:
+    """Read access to a finished teacher cache; open it with :meth:`TeacherCache.open`."""
+
+    def __init__(
+        self, root: Path, manifest: dict[str, Any], shards: dict[str, np.ndarray], index: dict[str, tuple[str, int]]
+    ):
+        self.root = root
+        self.manifest = manifest
+        self._shards = shards
+        self._index = index
+
+    @staticmethod
+    def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
+        """The manifest of the finished cache in ``cache_dir``.
+
+        Raises :class:`M3DistillError` when the folder is missing, incomplete or written by another version.
+        """
+        root = Path(cache_dir)
+        if not root.is_dir():
+            raise M3DistillError(f"teacher cache not found: {root} (create it with `m3distill teacher`)")
+        manifest_file = root / CACHE_MANIFEST_FILE
+        if not manifest_file.is_file():
+            raise M3DistillError(
+                f"{root} is not a complete teacher cache: {CACHE_MANIFEST_FILE} is missing "
+                "(an interrupted `m3distill teacher`? rerun it to finish)"
+            )
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        if manifest.get("format") != CACHE_FORMAT_VERSION:
+            raise M3DistillError(
+                f"{root} holds teacher cache format {manifest.get('format')!r}; this m3distill reads "
+                f"{CACHE_FORMAT_VERSION}: rebuild it with `m3distill teacher` into a new folder"
+            )
+        return manifest
+
+    @classmethod
+    def open(cls, cache_dir: str | Path) -> TeacherCache:
+        """Open the cache in ``cache_dir`` (memory-mapped; nothing is read into memory but the keys).
+
+        Raises :class:`M3DistillError` when the folder is missing, incomplete or written by another version.
+        """
+        root = Path(cache_dir)
+        manifest = cls.read_manifest(root)
+        shards: dict[str, np.ndarray] = {}
+        index: dict[str, tuple[str, int]] = {}
+        for entry in manifest["shards"]:
+            name = entry["name"]
+            try:
+                keys = _read_keys(root, name)
+                shards[name] = np.load(_shard_file(root, name, DENSE_OUTPUT), mmap_mode="r")
+            except FileNotFoundError as error:
+                raise M3DistillError(
+                    f"teacher cache {root} is damaged: {Path(error.filename).name} is missing; rerun `m3distill teacher`"
+                ) from error
+            for row, key in enumerate(keys):
+                index[key] = (name, row)
+        return cls(root, manifest, shards, index)
+
+    @property
+    def fingerprint(self) -> TeacherFingerprint:
+        """The teacher that made this cache."""
+        return TeacherFingerprint.from_dict(self.manifest["fingerprint"])
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self.manifest["dim"])
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype (``float32`` or ``float16``); :meth:`get` always returns float32."""
+        return str(self.manifest["dtype"])
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, text: object) -> bool:
+        return isinstance(text, str) and text_key(text) in self._index
+
+    def get(self, texts: Sequence[str]) -> np.ndarray:
+        """Teacher embeddings of ``texts`` as a float32 array of shape (len(texts), dim), in the given order.
+
+        Raises :class:`M3DistillError` saying how many texts are not in the cache.
+        """
+        keys = [text_key(text) for text in texts]
+        missing = [text for text, key in zip(texts, keys) if key not in self._index]
+        if missing:
+            raise M3DistillError(
+                f"{len(missing)} of {len(texts)} texts are not in the teacher cache {self.root} "
+                f"(first: {missing[0][:60]!r}); rerun `m3distill teacher` on this dataset"
+            )
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        by_shard: dict[str, tuple[list[int], list[int]]] = {}
+        for position, key in enumerate(keys):
+            name, row = self._index[key]
+            positions, rows = by_shard.setdefault(name, ([], []))
+            positions.append(position)
+            rows.append(row)
+        for name, (positions, rows) in by_shard.items():
+            out[positions] = self._shards[name][rows]
+        return out
+
+
+def _teacher_model(teacher: TeacherConfig, model: SentenceTransformer | None) -> SentenceTransformer:
+    if model is None:
+        return load_sentence_transformer(
+            teacher.model, revision=teacher.revision, trust_remote_code=teacher.trust_remote_code,
+            device=teacher.device, max_seq_length=teacher.max_seq_length,
+        )
+    if teacher.max_seq_length is not None and teacher.max_seq_length != model.max_seq_length:
+        raise ValueError(
+            f"the given model has max_seq_length {model.max_seq_length} but the config asks for {teacher.max_seq_length}"
+        )
+    return model
+
+
+def _claim_cache_dir(out_dir: Path, fingerprint: TeacherFingerprint, dtype: str) -> None:
+    """Record which teacher owns ``out_dir``, or refuse when another teacher (or dtype) already does."""
+    owner_file = out_dir / CACHE_TEACHER_FILE
+    if owner_file.is_file():
+        owner = json.loads(owner_file.read_text(encoding="utf-8"))
+        owner_fingerprint = TeacherFingerprint.from_dict(owner["fingerprint"])
+        check_fingerprint(fingerprint, owner_fingerprint, where=f"teacher cache {out_dir}")
+        if owner["dtype"] != dtype:
+            raise M3DistillError(
+                f"teacher cache {out_dir} stores {owner['dtype']} embeddings but {dtype} was asked for; "
+                "use another output folder or the same dtype"
+            )
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise M3DistillError(f"{out_dir} is not empty and is not a teacher cache; choose an empty or new folder")
+    write_json_atomic(owner_file, {"fingerprint": fingerprint.to_dict(), "dtype": dtype})
+
+
+def _shard_file(root: Path, name: str, output: str) -> Path:
+    return root / SHARDS_DIRNAME / f"{name}.{output}.npy"
+
+
+def _shard_index(name: str) -> int:
+    return int(name.split("-", 1)[1])
+
+
+def _complete_shards(root: Path) -> list[str]:
+    folder = root / SHARDS_DIRNAME
+    if not folder.is_dir():
+        return []
+    names = [file.name[: -len(".keys.npy")] for file in folder.iterdir() if _SHARD_PATTERN.match(file.name)]
+    return sorted((name for name in names if _shard_file(root, name, DENSE_OUTPUT).is_file()), key=_shard_index)
+
+
+def _read_keys(root: Path, name: str) -> list[str]:
+    return [key.decode("ascii") for key in np.load(_shard_file(root, name, "keys"))]
+
+
+def _write_shard(
+    root: Path, index: int, chunk: list[tuple[str, str]], model: SentenceTransformer, teacher: TeacherConfig, bar: tqdm
+) -> ShardInfo:
+    name = f"shard-{index:05d}"
+    texts = [text for _, text in chunk]
+    parts = []
+    for start in range(0, len(texts), teacher.batch_size):
+        batch = texts[start : start + teacher.batch_size]
+        parts.append(model.encode(batch, batch_size=len(batch), convert_to_numpy=True, show_progress_bar=False))
+        bar.update(len(batch))
+    dense = np.concatenate(parts).astype(teacher.dtype, copy=False)
+    with atomic_path(_shard_file(root, name, DENSE_OUTPUT)) as tmp:
+        np.save(tmp, dense)
+    # The keys go last: a shard with keys is complete.
+    with atomic_path(_shard_file(root, name, "keys")) as tmp:
+        np.save(tmp, np.array([key for key, _ in chunk], dtype=_KEY_DTYPE))
+    return ShardInfo(index=index, name=name, count=len(chunk))
+
+
+def _write_manifest(root: Path, fingerprint: TeacherFingerprint, dtype: str, shard_counts: dict[str, int]) -> None:
+    write_json_atomic(
+        root / CACHE_MANIFEST_FILE,
+        {
+            "format": CACHE_FORMAT_VERSION,
+            "fingerprint": fingerprint.to_dict(),
+            "dim": fingerprint.dim,
+            "dtype": dtype,
+            "count": sum(shard_counts.values()),
+            "outputs": {DENSE_OUTPUT: {"dtype": dtype, "shape": ["n", fingerprint.dim]}},
+            "shards": [{"name": name, "count": shard_counts[name]} for name in sorted(shard_counts, key=_shard_index)],
+        },
+    )

@@ -1,0 +1,511 @@
+"""MSE distillation: each student learns to reproduce the teacher's cached embeddings.
+
+    OUT_DIR/<student_name>/          one sentence-transformers folder per student (see m3distill.layout)
+      modules.json, model.safetensors, ...   loads with plain SentenceTransformer(path)
+      README.md                      model card: teacher, kept layers, parameters, data, settings, dev metrics
+      logs/                          TensorBoard events
+      m3distill_student.json         the same facts as the card; its presence marks the student complete
+
+While a student trains its folder holds ``run.json`` (the layers chosen, and the search scores), ``checkpoints/``
+(the Trainer's, every ``save_steps``) and ``logs/``. When training ends the finished folder replaces it in one
+rename, without the checkpoints unless ``training.keep_checkpoints``. Under ``torchrun`` every process trains
+(the Trainer's DDP) and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers.sentence_transformer.losses import MSELoss
+from transformers import PrinterCallback, TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from m3distill import __version__
+from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from m3distill.config import M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
+from m3distill.data.dataset import SynthDataset, load_synth_dataset
+from m3distill.errors import M3DistillError
+from m3distill.students.build import build_student
+from m3distill.students.layer_plan import validate_layers
+from m3distill.students.search import (
+    LayerPlan,
+    ensure_distinct_names,
+    planned_student_names,
+    resolve_layer_plans,
+    search_layer_plan,
+)
+from m3distill.teacher.cache import TeacherCache
+from m3distill.teacher.fingerprint import check_fingerprint, teacher_fingerprint
+from m3distill.teacher.loading import count_parameters, load_sentence_transformer, num_layers
+from m3distill.training.dev_set import DevSet, build_dev_set, dev_evaluator, dev_metrics
+from m3distill.training.model_card import student_model_card
+from m3distill.training.sampler import LengthGroupedBatchSampler
+
+logger = logging.getLogger(__name__)
+
+STUDENT_METADATA_FILE = "m3distill_student.json"
+RUN_FILE = "run.json"
+CHECKPOINTS_DIRNAME = "checkpoints"
+LOGS_DIRNAME = "logs"
+
+
+@dataclass(frozen=True)
+class StudentResult:
+    """One trained (or already finished) student.
+
+    Attributes:
+        name: folder name, e.g. ``student-3L``.
+        path: the student folder.
+        layers: teacher layers kept.
+        n_parameters: the student's parameter count.
+        dev_before: dev metrics of the untrained cut (see :func:`m3distill.training.dev_set.dev_metrics`).
+        dev_after: dev metrics of the trained student (best checkpoint).
+        global_step: optimizer steps trained in total.
+        seconds_per_step: mean wall time of one training step (forward, backward, optimizer) in this run.
+        train_seconds: wall time of ``Trainer.train`` in this run, evaluations and checkpoints included.
+        search: the layer search's scores (:meth:`SearchResult.to_dict`), when strategy was ``search``.
+        skipped: True when the folder was already complete and nothing was trained.
+    """
+
+    name: str
+    path: Path
+    layers: tuple[int, ...]
+    n_parameters: int
+    dev_before: dict[str, float]
+    dev_after: dict[str, float]
+    global_step: int
+    seconds_per_step: float
+    train_seconds: float
+    search: dict[str, Any] | None = None
+    skipped: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_metadata(cls, path: Path, metadata: dict[str, Any], *, skipped: bool) -> StudentResult:
+        """The result recorded in a finished student's metadata."""
+        settings = metadata["training"]
+        return cls(
+            name=metadata["name"], path=path, layers=tuple(metadata["layers"]),
+            n_parameters=metadata["parameters"]["student"],
+            dev_before=metadata["dev_before"], dev_after=metadata["dev_after"], global_step=settings["global_step"],
+            seconds_per_step=settings["seconds_per_step"], train_seconds=settings["train_seconds"],
+            search=metadata.get("search"), skipped=skipped, metadata=metadata,
+        )
+
+
+def is_trained_student(path: str | Path) -> bool:
+    """True when ``path`` holds a finished student (its metadata file exists)."""
+    return (Path(path) / STUDENT_METADATA_FILE).is_file()
+
+
+def read_student_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``m3distill_student.json`` of a finished student folder."""
+    file = Path(path) / STUDENT_METADATA_FILE
+    if not file.is_file():
+        raise M3DistillError(
+            f"{path} is not a finished m3distill student ({STUDENT_METADATA_FILE} is missing); run `m3distill train`"
+        )
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def completed_student_dirs(students_dir: str | Path) -> list[Path]:
+    """Finished student folders directly inside ``students_dir``, sorted by name."""
+    root = Path(students_dir)
+    if not root.is_dir():
+        return []
+    return sorted(path for path in root.iterdir() if path.is_dir() and is_trained_student(path))
+
+
+def planned_students_complete(config: M3DistillConfig, students_dir: str | Path) -> bool:
+    """True when every student that ``config.students`` asks for is finished in ``students_dir``."""
+    return all(is_trained_student(Path(students_dir) / name) for name in planned_student_names(config.students))
+
+
+def train_students(
+    dataset_dir: str | Path,
+    cache_dir: str | Path,
+    *,
+    teacher: TeacherConfig,
+    students: StudentsConfig | Sequence[LayerPlan | Sequence[int]],
+    training: TrainingConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    show_progress: bool = True,
+    teacher_model: SentenceTransformer | None = None,
+) -> list[StudentResult]:
+    """Train one student per layer plan with MSE against the cached teacher embeddings.
+
+    Each student is the teacher's embeddings plus the plan's layers (:func:`m3distill.students.build.build_student`),
+    trained with sentence-transformers' SentenceTransformerTrainer and MSELoss, evaluated on the dev split before
+    and during training, and saved with the best dev checkpoint.
+
+    Args:
+        dataset_dir: dataset directory from ``m3distill synth``; training uses its train split (contexts, questions,
+            general text), evaluation its dev split.
+        cache_dir: teacher cache from ``m3distill teacher`` holding every text of the dataset.
+        teacher: the teacher settings; the model must be the one that made the cache (fingerprints are compared).
+            Unset ``max_seq_length`` and ``revision`` are taken from the cache.
+        students: the ``students`` config section, or explicit plans (:class:`LayerPlan` or layer lists).
+        training: epochs, steps, learning rate, batch size, evaluation and checkpoint settings.
+        out_dir: folder receiving one sub-folder per student (see :func:`m3distill.layout.student_name`).
+        resume: continue each unfinished student from its latest checkpoint.
+        show_progress: show the Trainer's progress bars.
+        teacher_model: an already-loaded teacher to use instead of loading ``teacher.model`` (not modified).
+
+    Finished students (with a metadata file) are skipped and reported with ``skipped=True``.
+
+    Raises:
+        M3DistillError: missing or incomplete dataset or cache, a cache from another teacher, a plan the teacher
+            cannot serve, texts missing from the cache, or an unfinished student without ``resume``. All of
+            these are checked before any student trains.
+    """
+    out_dir = Path(out_dir)
+    dataset = load_synth_dataset(dataset_dir)
+    cache = TeacherCache.open(cache_dir)
+    if teacher_model is None:
+        # Unset settings are the ones the cache was made with, so the fingerprints can match.
+        teacher = teacher.model_copy(update={
+            "max_seq_length": teacher.max_seq_length or cache.fingerprint.max_seq_length,
+            "revision": teacher.revision or cache.fingerprint.revision,
+        })
+        teacher_model = load_sentence_transformer(
+            teacher.model, revision=teacher.revision, trust_remote_code=teacher.trust_remote_code,
+            device=_process_device(training.device or teacher.device), max_seq_length=teacher.max_seq_length,
+        )
+    fingerprint = teacher_fingerprint(teacher_model, teacher.model, revision=teacher.revision)
+    check_fingerprint(fingerprint, cache.fingerprint, where=f"teacher cache {cache_dir}")
+    n_teacher_layers = num_layers(teacher_model)
+    plans = _resolve_plans(students, n_teacher_layers)
+    search_settings = students if isinstance(students, StudentsConfig) else StudentsConfig()
+
+    train_texts = dataset.texts(["train"])
+    if not train_texts:
+        raise M3DistillError(
+            f"the dataset {dataset_dir} has no training texts; rerun `m3distill synth` with a train split"
+        )
+    train_embeddings = cache.get(train_texts)
+    dev = build_dev_set(dataset, cache, max_texts=training.max_dev_texts, seed=training.seed)
+    _schedule(training, len(train_texts))
+    _resolve_precision(training.precision, teacher_model.device)
+    for plan in plans:
+        _check_resumable(out_dir / plan.name, resume)
+
+    job = _TrainingJob(
+        dataset=dataset, cache=cache, teacher_model=teacher_model, fingerprint=fingerprint.to_dict(),
+        train_texts=train_texts, train_embeddings=train_embeddings, dev=dev, training=training,
+        search_settings=search_settings, show_progress=show_progress,
+    )
+    return [job.train(plan, out_dir / plan.name, resume=resume) for plan in plans]
+
+
+def _resolve_plans(
+    students: StudentsConfig | Sequence[LayerPlan | Sequence[int]], n_teacher_layers: int
+) -> list[LayerPlan]:
+    if isinstance(students, StudentsConfig):
+        return resolve_layer_plans(students, n_teacher_layers)
+    plans = []
+    for item in students:
+        if isinstance(item, LayerPlan):
+            if item.layers is not None:
+                validate_layers(item.layers, n_teacher_layers)
+            plans.append(item)
+        else:
+            layers = tuple(validate_layers(item, n_teacher_layers))
+            plans.append(LayerPlan(len(layers), "explicit", layers))
+    if not plans:
+        raise M3DistillError("no students asked for: give at least one layer count or layer list")
+    ensure_distinct_names(plans)
+    return plans
+
+
+def _check_resumable(student_dir: Path, resume: bool) -> None:
+    checkpoints = student_dir / CHECKPOINTS_DIRNAME
+    if is_trained_student(student_dir) or resume or not checkpoints.is_dir():
+        return
+    last = get_last_checkpoint(str(checkpoints))
+    if last is not None:
+        raise M3DistillError(
+            f"{student_dir} holds checkpoints of an unfinished run (latest {Path(last).name}); pass --resume to "
+            "continue it, or delete the folder to start over"
+        )
+
+
+@dataclass
+class _TrainingJob:
+    """What all students of one ``train_students`` call share."""
+
+    dataset: SynthDataset
+    cache: TeacherCache
+    teacher_model: SentenceTransformer
+    fingerprint: dict[str, Any]
+    train_texts: list[str]
+    train_embeddings: np.ndarray
+    dev: DevSet
+    training: TrainingConfig
+    search_settings: StudentsConfig
+    show_progress: bool
+
+    def train(self, plan: LayerPlan, student_dir: Path, *, resume: bool) -> StudentResult:
+        if is_trained_student(student_dir):
+            logger.info("%s is already trained; skipping it (delete the folder to retrain)", student_dir)
+            return StudentResult.from_metadata(student_dir, read_student_metadata(student_dir), skipped=True)
+        is_main = _rank() == 0
+        layers, search = self._layers(plan, student_dir, resume=resume, write=is_main)
+        student = build_student(self.teacher_model, layers)
+        student.max_seq_length = self.training.max_seq_length or self.fingerprint["max_seq_length"]
+        evaluator = dev_evaluator(self.dev, batch_size=self.training.batch_size)
+        dev_before = dev_metrics(evaluator(student))
+        logger.info("%s untrained: dev %s", plan.name, _format_metrics(dev_before))
+
+        checkpoints = student_dir / CHECKPOINTS_DIRNAME
+        last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+        if resume and last is None:
+            logger.info("%s: no checkpoint to resume from; training from the start", plan.name)
+        args, precision = self._arguments(checkpoints, student.device)
+        timer = _StepTimer()
+        callbacks: list[TrainerCallback] = [timer]
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(student_dir / LOGS_DIRNAME))))
+        trainer = SentenceTransformerTrainer(
+            model=student, args=args, train_dataset=_train_dataset(self.train_texts, self.train_embeddings),
+            loss=MSELoss(student), evaluator=evaluator, callbacks=callbacks,
+        )
+        if not self.show_progress:
+            trainer.remove_callback(PrinterCallback)
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=last)
+        train_seconds = time.perf_counter() - started
+        dev_after = _best_dev_metrics(trainer) or dev_metrics(evaluator(trainer.model))
+        logger.info("%s trained: dev %s", plan.name, _format_metrics(dev_after))
+
+        metadata = self._metadata(
+            plan, layers, search, trainer, precision=precision, n_parameters=count_parameters(student),
+            dev_before=dev_before, dev_after=dev_after, timer=timer, train_seconds=train_seconds,
+            resumed_from_step=int(Path(last).name.rsplit("-", 1)[-1]) if last else None,
+        )
+        if trainer.is_world_process_zero():
+            self._write_student(trainer.model, student_dir, metadata)
+        trainer.accelerator.wait_for_everyone()
+        return StudentResult.from_metadata(student_dir, metadata, skipped=False)
+
+    def _layers(self, plan: LayerPlan, student_dir: Path, *, resume: bool, write: bool) -> tuple[list[int], dict | None]:
+        """The plan's layers; for a search, the recorded choice when resuming, else a fresh search."""
+        run_file = student_dir / RUN_FILE
+        recorded = json.loads(run_file.read_text(encoding="utf-8")) if resume and run_file.is_file() else None
+        if recorded is not None and plan.layers is not None and tuple(recorded["layers"]) != plan.layers:
+            raise M3DistillError(
+                f"{student_dir} was started with layers {recorded['layers']}, not {list(plan.layers)}; "
+                "resume with the same plan or delete the folder"
+            )
+        if recorded is not None:
+            return list(recorded["layers"]), recorded.get("search")
+        search = None
+        if plan.layers is None:
+            dev_count = min(len(self.dev.texts), self.search_settings.search_dev_texts)
+            result = search_layer_plan(
+                self.teacher_model, plan.n_layers, dev_texts=self.dev.texts[:dev_count],
+                dev_embeddings=self.dev.embeddings[:dev_count], n_candidates=self.search_settings.search_candidates,
+                steps=self.search_settings.search_steps, train_texts=self.train_texts,
+                train_embeddings=self.train_embeddings,
+                batch_size=self.training.batch_size, learning_rate=self.training.learning_rate, seed=self.training.seed,
+                max_seq_length=self.training.max_seq_length,
+            )
+            search = result.to_dict()
+            layers = list(result.best)
+        else:
+            layers = list(plan.layers)
+        if write:
+            write_json_atomic(run_file, {"layers": layers, "strategy": plan.strategy, "search": search})
+        return layers, search
+
+    def _arguments(self, checkpoints: Path, device: torch.device) -> tuple[SentenceTransformerTrainingArguments, str]:
+        training = self.training
+        total_steps, eval_steps, save_steps = _schedule(training, len(self.train_texts))
+        precision = _resolve_precision(training.precision, device)
+        metric = "eval_dev_spearman_cosine" if training.best_metric == "spearman" else "eval_dev_negative_mse"
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(checkpoints),
+            num_train_epochs=training.epochs,
+            max_steps=training.max_steps or -1,
+            per_device_train_batch_size=training.batch_size,
+            per_device_eval_batch_size=training.batch_size,
+            learning_rate=training.learning_rate,
+            warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the total steps
+            weight_decay=training.weight_decay,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            use_cpu=device.type == "cpu",
+            eval_strategy="steps",
+            eval_steps=eval_steps,
+            save_strategy="steps",
+            save_steps=save_steps,
+            save_total_limit=training.save_total_limit,
+            load_best_model_at_end=True,
+            metric_for_best_model=metric,
+            greater_is_better=True,
+            logging_steps=max(1, total_steps // 20),
+            logging_first_step=True,
+            report_to="none",  # TensorBoard is added as a callback that writes into the student's logs/
+            dataloader_num_workers=0,
+            seed=training.seed,
+            disable_tqdm=not self.show_progress,
+            batch_sampler=LengthGroupedBatchSampler if training.group_by_length else "batch_sampler",
+        )
+        return args, precision
+
+    def _metadata(
+        self, plan: LayerPlan, layers: list[int], search: dict | None, trainer: SentenceTransformerTrainer, *,
+        precision: str, n_parameters: int, dev_before: dict, dev_after: dict, timer: _StepTimer, train_seconds: float,
+        resumed_from_step: int | None,
+    ) -> dict[str, Any]:
+        training = self.training
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        best = trainer.state.best_model_checkpoint
+        return {
+            "m3distill_version": __version__,
+            "name": plan.name,
+            "layers": layers,
+            "strategy": plan.strategy,
+            "search": search,
+            "teacher": self.fingerprint,
+            "parameters": {"student": n_parameters, "teacher": count_parameters(self.teacher_model)},
+            "data": {
+                "dataset": str(self.dataset.root),
+                "teacher_cache": str(self.cache.root),
+                "train_texts": len(self.train_texts),
+                "dev_texts": len(self.dev.texts),
+                "dev_pairs": len(self.dev.pairs),
+            },
+            "training": {
+                "epochs": training.epochs,
+                "max_steps": training.max_steps,
+                "global_step": trainer.state.global_step,
+                "batch_size": training.batch_size,
+                "learning_rate": training.learning_rate,
+                "warmup_ratio": training.warmup_ratio,
+                "weight_decay": training.weight_decay,
+                "max_seq_length": trainer.model.max_seq_length,
+                "precision": precision,
+                "seed": training.seed,
+                "world_size": trainer.args.world_size,
+                "best_metric": training.best_metric,
+                "best_step": int(best.rsplit("-", 1)[-1]) if best else None,
+                "train_loss_first": losses[0] if losses else None,
+                "train_loss_last": losses[-1] if losses else None,
+                "resumed_from_step": resumed_from_step,
+                "steps_this_run": timer.steps,
+                "seconds_per_step": timer.seconds_per_step,
+                "train_seconds": train_seconds,
+            },
+            "dev_before": dev_before,
+            "dev_after": dev_after,
+        }
+
+    def _write_student(self, model: SentenceTransformer, student_dir: Path, metadata: dict[str, Any]) -> None:
+        # The finished folder replaces the training folder in one rename: a student is either complete or absent.
+        with atomic_dir(student_dir, overwrite=True) as tmp:
+            model.save(str(tmp), create_model_card=False)
+            for kept in (LOGS_DIRNAME, CHECKPOINTS_DIRNAME if self.training.keep_checkpoints else None):
+                if kept and (student_dir / kept).is_dir():
+                    shutil.copytree(student_dir / kept, tmp / kept)
+            write_text_atomic(tmp / "README.md", student_model_card(metadata))
+            write_json_atomic(tmp / STUDENT_METADATA_FILE, metadata)  # last: marks the student complete
+        logger.info("wrote %s", student_dir)
+
+
+class _StepTimer(TrainerCallback):
+    """Wall time of the training steps alone (no evaluation, no checkpointing)."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.seconds = 0.0
+        self.steps = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._started
+        self.steps += 1
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else 0.0
+
+
+def _schedule(training: TrainingConfig, n_train_texts: int) -> tuple[int, int, int]:
+    """Total optimizer steps, evaluation interval and checkpoint interval (default: evaluate once per epoch)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = max(1, n_train_texts // (training.batch_size * world_size))
+    total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
+    eval_steps = training.eval_steps or training.save_steps or min(steps_per_epoch, total_steps)
+    save_steps = training.save_steps or eval_steps
+    if save_steps % eval_steps:
+        raise M3DistillError(
+            f"training.save_steps ({save_steps}) must be a multiple of training.eval_steps ({eval_steps}): "
+            "the best checkpoint is chosen among evaluated ones"
+        )
+    return total_steps, eval_steps, save_steps
+
+
+def _best_dev_metrics(trainer: SentenceTransformerTrainer) -> dict[str, float] | None:
+    """The dev metrics logged when the kept (best) checkpoint was evaluated: no need to evaluate it again."""
+    best = trainer.state.best_model_checkpoint
+    if not best:
+        return None
+    step = int(best.rsplit("-", 1)[-1])
+    for entry in trainer.state.log_history:
+        if entry.get("step") == step and "eval_dev_negative_mse" in entry:
+            return dev_metrics({key: value for key, value in entry.items() if key.startswith("eval_dev_")})
+    return None
+
+
+def _train_dataset(texts: list[str], embeddings: np.ndarray) -> Dataset:
+    """Texts with their teacher embeddings in the ``label`` column MSELoss reads."""
+    labels = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), type=pa.float32()), embeddings.shape[1])
+    return Dataset(pa.table({"text": pa.array(texts, type=pa.string()), "label": labels}))
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise M3DistillError(
+            f"training.precision fp16 needs a CUDA GPU, but training runs on {device.type}; use auto, fp32 or bf16"
+        )
+    return precision
+
+
+def _process_device(device: str | None) -> str | None:
+    # Under torchrun each process owns the GPU of its local rank; "cuda" alone would put every copy on GPU 0.
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device in (None, "cuda") and local_rank is not None and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return device
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:.4g}" for key, value in metrics.items())

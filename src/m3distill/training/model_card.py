@@ -1,0 +1,93 @@
+"""The README.md model card of a trained student, written from the same facts as its metadata file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_METRICS = (
+    ("mse", "MSE to the teacher (per dimension)", "{:.6f}"),
+    ("mse_x100", "MSE x100 (sentence-transformers scale)", "{:.4f}"),
+    ("mean_cosine", "mean cosine to the teacher", "{:.4f}"),
+    ("spearman_cosine", "Spearman of pair cosines vs the teacher's", "{:.4f}"),
+    ("pearson_cosine", "Pearson of pair cosines vs the teacher's", "{:.4f}"),
+)
+
+
+def student_model_card(metadata: dict[str, Any]) -> str:
+    """Markdown model card for a student; ``metadata`` is what goes into ``m3distill_student.json``."""
+    teacher = metadata["teacher"]
+    params = metadata["parameters"]
+    data = metadata["data"]
+    settings = metadata["training"]
+    layers = ", ".join(str(layer) for layer in metadata["layers"])
+    # A local teacher folder is named by its last part in prose; only hub ids go into base_model.
+    is_folder = Path(teacher["name"]).is_absolute() or teacher["name"].startswith(".")
+    short_name = Path(teacher["name"]).name if is_folder else teacher["name"]
+    lines = [
+        "---",
+        "library_name: sentence-transformers",
+        "pipeline_tag: sentence-similarity",
+        "tags: [sentence-transformers, feature-extraction, distillation, m3distill]",
+        *([] if is_folder else [f"base_model: {teacher['name']}"]),
+        "---",
+        "",
+        f"# {metadata['name']}: a {len(metadata['layers'])}-layer student of {short_name}",
+        "",
+        f"Distilled with m3distill {metadata['m3distill_version']}: the teacher's embeddings, its layers "
+        f"**{layers}** (0-based, strategy `{metadata['strategy']}`), its {teacher['pooling_mode']} pooling"
+        f"{' and L2 normalisation' if teacher['normalize'] else ''}, trained with MSE to reproduce the teacher's "
+        "embeddings. Load it with plain sentence-transformers:",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "model = SentenceTransformer('path/to/this/folder')",
+        "embeddings = model.encode(['a question', 'a passage'])",
+        "```",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| teacher | `{teacher['name']}` (revision {teacher['revision'] or 'n/a'}, files sha256 "
+        f"{(teacher['files_sha256'] or 'n/a')[:16]}) |",
+        f"| kept layers | {layers} of the teacher's |",
+        f"| parameters | {params['student']:,} (teacher {params['teacher']:,}, {params['student'] / params['teacher']:.1%}) |",
+        f"| embedding dimension | {teacher['dim']} |",
+        f"| max sequence length | {settings['max_seq_length']} |",
+        "",
+        "## Data",
+        "",
+        f"- training texts (train contexts, questions, general text): {data['train_texts']:,}",
+        f"- dev texts: {data['dev_texts']:,}; dev pairs (question with its context / a random context): {data['dev_pairs']:,}",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    for key in ("epochs", "max_steps", "global_step", "batch_size", "learning_rate", "warmup_ratio", "weight_decay",
+                "precision", "world_size", "best_metric", "best_step", "seconds_per_step", "train_seconds"):
+        value = settings.get(key)
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        lines.append(f"| {key} | {value if value is not None else '-'} |")
+    lines += ["", "## Dev metrics", "", "| metric | before training | after training |", "|---|---|---|"]
+    before, after = metadata["dev_before"], metadata["dev_after"]
+    for key, label, fmt in _METRICS:
+        lines.append(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
+    search = metadata.get("search")
+    if search:
+        lines += [
+            "",
+            "## Layer search",
+            "",
+            f"{len(search['candidates'])} candidate plans scored on {search['n_dev_texts']} dev texts after "
+            f"{search['steps']} training steps each (lowest MSE wins):",
+            "",
+            "| layers | dev MSE | mean cosine |",
+            "|---|---|---|",
+        ]
+        for candidate in search["candidates"]:
+            lines.append(f"| {candidate['layers']} | {candidate['mse']:.6f} | {candidate['mean_cosine']:.4f} |")
+    return "\n".join(lines) + "\n"

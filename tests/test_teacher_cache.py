@@ -1,0 +1,191 @@
+"""The teacher cache: equal to encoding directly, resumable shard by shard, bound to the teacher that made it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from m3distill.cli import main
+from m3distill.config import TeacherConfig
+from m3distill.data.dataset import TABLES, load_synth_dataset, write_table
+from m3distill.errors import M3DistillError
+from m3distill.layout import DATASET_MANIFEST_FILE
+from m3distill.teacher.cache import (
+    CACHE_MANIFEST_FILE,
+    TeacherCache,
+    build_teacher_cache,
+    cache_fingerprint,
+    is_complete_cache,
+    text_key,
+)
+from m3distill.teacher.fingerprint import hash_model_files, teacher_fingerprint
+from m3distill.teacher.loading import load_sentence_transformer
+
+
+def write_dataset_subset(source: Path, out_dir: Path, n_contexts: int, *, n_general: int = 5) -> Path:
+    """A copy of a dataset directory keeping its first ``n_contexts`` contexts of each split and their questions."""
+    dataset = load_synth_dataset(source)
+    contexts = dataset.contexts.groupby("split", sort=False).head(n_contexts)
+    tables = {
+        "contexts": contexts,
+        "questions": dataset.questions[dataset.questions["context_id"].isin(contexts["context_id"])],
+        "general": dataset.general.head(n_general),
+    }
+    out_dir.mkdir(parents=True)
+    for kind, (name, schema) in TABLES.items():
+        write_table(out_dir / name, tables[kind], schema)
+    shutil.copy(source / DATASET_MANIFEST_FILE, out_dir / DATASET_MANIFEST_FILE)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(small_dataset, tmp_path_factory) -> Path:
+    """About 50 texts: 8 contexts per split, their questions and 5 general texts."""
+    return write_dataset_subset(small_dataset, tmp_path_factory.mktemp("tiny") / "dataset", 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tiny_xlmr_path) -> TeacherConfig:
+    return TeacherConfig(model=str(tiny_xlmr_path), shard_size=10, batch_size=4, device="cpu")
+
+
+def test_text_key_is_the_sha256_of_the_utf8_text():
+    assert text_key("Grüße") == hashlib.sha256("Grüße".encode()).hexdigest()
+    assert text_key("a") != text_key("a ")
+
+
+def test_cache_equals_encoding_with_the_teacher(tiny_dataset, minilm_teacher, minilm_path, tmp_path):
+    teacher = TeacherConfig(model=str(minilm_path), shard_size=16, batch_size=8)
+    summary = build_teacher_cache(tiny_dataset, teacher, tmp_path / "cache", model=minilm_teacher, show_progress=False)
+    texts = load_synth_dataset(tiny_dataset).texts()
+    assert summary.n_texts == summary.n_computed == len(texts) and summary.n_reused == 0
+    assert summary.n_shards == -(-len(texts) // 16)
+
+    cache = TeacherCache.open(tmp_path / "cache")
+    reference = minilm_teacher.encode(texts, batch_size=8, convert_to_numpy=True)
+    shuffled = np.random.default_rng(0).permutation(len(texts))
+    got = cache.get([texts[i] for i in shuffled])
+    assert got.dtype == np.float32 and got.shape == (len(texts), 384)
+    np.testing.assert_allclose(got, reference[shuffled], atol=1e-5)
+    assert len(cache) == len(texts) and texts[0] in cache and "not in the dataset" not in cache
+    assert cache.dim == 384 and cache.fingerprint.normalize and cache.fingerprint.pooling_mode == "mean"
+    manifest = json.loads((tmp_path / "cache" / CACHE_MANIFEST_FILE).read_text())
+    assert manifest["count"] == len(texts) and set(manifest["outputs"]) == {"dense"}
+    assert is_complete_cache(tmp_path / "cache") and cache_fingerprint(tmp_path / "cache") == cache.fingerprint
+
+
+def test_missing_texts_are_counted_in_the_error(tiny_dataset, tiny_teacher, tmp_path):
+    build_teacher_cache(tiny_dataset, tiny_teacher, tmp_path / "cache", show_progress=False)
+    cache = TeacherCache.open(tmp_path / "cache")
+    known = load_synth_dataset(tiny_dataset).texts()[:3]
+    with pytest.raises(M3DistillError, match="2 of 5 texts are not in the teacher cache"):
+        cache.get(known + ["unknown one", "unknown two"])
+
+
+def test_float16_storage_is_close_to_float32(tiny_dataset, tiny_teacher, tmp_path):
+    build_teacher_cache(tiny_dataset, tiny_teacher, tmp_path / "f32", show_progress=False)
+    half = tiny_teacher.model_copy(update={"dtype": "float16"})
+    build_teacher_cache(tiny_dataset, half, tmp_path / "f16", show_progress=False)
+    texts = load_synth_dataset(tiny_dataset).texts()
+    full, reduced = TeacherCache.open(tmp_path / "f32"), TeacherCache.open(tmp_path / "f16")
+    assert reduced.dtype == "float16"
+    assert np.load(next((tmp_path / "f16" / "shards").glob("*.dense.npy"))).dtype == np.float16
+    assert reduced.get(texts).dtype == np.float32
+    np.testing.assert_allclose(reduced.get(texts), full.get(texts), atol=2e-3)
+    assert not np.array_equal(reduced.get(texts), full.get(texts))  # it really was rounded
+    with pytest.raises(M3DistillError, match="float32 embeddings but float16"):
+        build_teacher_cache(tiny_dataset, half, tmp_path / "f32", show_progress=False)
+
+
+def test_interrupted_cache_resumes_to_the_uninterrupted_result(tiny_dataset, tiny_teacher, tmp_path):
+    build_teacher_cache(tiny_dataset, tiny_teacher, tmp_path / "whole", show_progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(info):
+        if info.index == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        build_teacher_cache(tiny_dataset, tiny_teacher, tmp_path / "resumed", show_progress=False, on_shard=kill_after_two)
+    assert not is_complete_cache(tmp_path / "resumed")
+    with pytest.raises(M3DistillError, match="not a complete teacher cache"):
+        TeacherCache.open(tmp_path / "resumed")
+
+    embedded = []
+    summary = build_teacher_cache(tiny_dataset, tiny_teacher, tmp_path / "resumed", show_progress=False,
+                                  on_shard=lambda info: embedded.append(info.name))
+    texts = load_synth_dataset(tiny_dataset).texts()
+    assert summary.n_reused == 20 and summary.n_computed == len(texts) - 20
+    assert embedded[0] == "shard-00002"  # the finished shards were not recomputed
+    whole, resumed = TeacherCache.open(tmp_path / "whole"), TeacherCache.open(tmp_path / "resumed")
+    assert np.array_equal(whole.get(texts), resumed.get(texts))
+    for shard in (tmp_path / "whole" / "shards").iterdir():  # same texts in the same shards
+        if shard.name.endswith(".keys.npy"):
+            assert np.array_equal(np.load(shard), np.load(tmp_path / "resumed" / "shards" / shard.name))
+
+
+def test_grown_dataset_embeds_only_the_new_texts(tiny_dataset, small_dataset, tiny_teacher, tmp_path):
+    build_teacher_cache(tiny_dataset, tiny_teacher, tmp_path / "cache", show_progress=False)
+    bigger = write_dataset_subset(small_dataset, tmp_path / "bigger", 10)
+    old_texts, new_texts = load_synth_dataset(tiny_dataset).texts(), load_synth_dataset(bigger).texts()
+    summary = build_teacher_cache(bigger, tiny_teacher, tmp_path / "cache", show_progress=False)
+    assert summary.n_computed == len(set(new_texts) - set(old_texts)) > 0
+    assert len(TeacherCache.open(tmp_path / "cache").get(new_texts)) == len(new_texts)
+
+
+def test_cache_of_another_teacher_is_refused(tiny_dataset, tiny_teacher, minilm_teacher, minilm_path, tmp_path):
+    build_teacher_cache(tiny_dataset, tiny_teacher, tmp_path / "cache", show_progress=False)
+    with pytest.raises(M3DistillError, match="made by another teacher: files_sha256"):
+        build_teacher_cache(tiny_dataset, TeacherConfig(model=str(minilm_path)), tmp_path / "cache",
+                            model=minilm_teacher, show_progress=False)
+    shorter = tiny_teacher.model_copy(update={"max_seq_length": 32})
+    with pytest.raises(M3DistillError, match="max_seq_length is 128 there but 32"):
+        build_teacher_cache(tiny_dataset, shorter, tmp_path / "cache", show_progress=False)
+
+
+def test_fingerprint_follows_file_contents(tiny_xlmr_path, tmp_path):
+    copy = Path(shutil.copytree(tiny_xlmr_path, tmp_path / "copy"))
+    assert hash_model_files(copy) == hash_model_files(tiny_xlmr_path)  # the folder's place does not matter
+    (copy / "README.md").write_text("notes")
+    assert hash_model_files(copy) == hash_model_files(tiny_xlmr_path)  # nor its README
+    config = json.loads((copy / "config.json").read_text())
+    config["layer_norm_eps"] = 1e-6
+    (copy / "config.json").write_text(json.dumps(config))
+    assert hash_model_files(copy) != hash_model_files(tiny_xlmr_path)
+    model = load_sentence_transformer(tiny_xlmr_path, device="cpu")
+    fingerprint = teacher_fingerprint(model, tiny_xlmr_path)
+    assert (fingerprint.pooling_mode, fingerprint.normalize, fingerprint.dim) == ("cls", True, 64)
+
+
+def test_incomplete_dataset_is_refused_and_nothing_written(tmp_path, tiny_teacher):
+    (tmp_path / "dataset").mkdir()
+    with pytest.raises(M3DistillError, match="not a complete m3distill dataset"):
+        build_teacher_cache(tmp_path / "dataset", tiny_teacher, tmp_path / "cache", show_progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_teacher_cli_builds_the_cache_and_refuses_bad_inputs(tiny_dataset, tiny_xlmr_path, minilm_path, tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert main(["-q", "teacher", "--data", str(tiny_dataset), "--teacher", str(tiny_xlmr_path), "--out", str(out),
+                 "--dtype", "float16", "--shard-size", "16", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("m3distill teacher:") and "float16" in line and "\n" not in line
+    assert TeacherCache.open(out).dtype == "float16"
+
+    missing = ["-q", "teacher", "--data", str(tmp_path / "none"), "--teacher", str(tiny_xlmr_path), "--out", str(tmp_path / "x")]
+    assert main(missing) == 2
+    assert not (tmp_path / "x").exists()
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("m3distill teacher: error: dataset directory not found")
+    assert main(["-q", "teacher", "--data", str(tiny_dataset), "--teacher", str(minilm_path), "--out", str(out),
+                 "--dtype", "float16"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' loading bar may come first)
+    assert error.startswith("m3distill teacher: error:") and "made by another teacher: files_sha256" in error

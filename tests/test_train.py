@@ -1,0 +1,205 @@
+"""Distillation training: students get closer to the teacher, resume from checkpoints, and save plain folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
+
+from m3distill.cli import main
+from m3distill.config import StudentsConfig, TeacherConfig, TrainingConfig
+from m3distill.data.dataset import load_synth_dataset
+from m3distill.errors import M3DistillError
+from m3distill.students.build import build_student
+from m3distill.teacher.cache import TeacherCache, build_teacher_cache
+from m3distill.teacher.loading import count_parameters
+from m3distill.training import STUDENT_METADATA_FILE, is_trained_student, read_student_metadata, train_students
+from m3distill.training import distill
+from m3distill.training.dev_set import CachedMSEEvaluator, build_dev_set, dev_evaluator, dev_metrics
+
+
+@pytest.fixture(scope="module")
+def minilm_cache(small_dataset, minilm_teacher, minilm_path, tmp_path_factory) -> Path:
+    """The MiniLM teacher's cache of the small dataset (~460 texts)."""
+    out = tmp_path_factory.mktemp("minilm-cache") / "teacher_cache"
+    build_teacher_cache(small_dataset, TeacherConfig(model=str(minilm_path), batch_size=32), out,
+                        model=minilm_teacher, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(small_dataset, tiny_xlmr_path, tmp_path_factory) -> Path:
+    """The tiny XLM-R stand-in's cache of the small dataset: training on it takes milliseconds per step."""
+    out = tmp_path_factory.mktemp("tiny-cache") / "teacher_cache"
+    build_teacher_cache(small_dataset, TeacherConfig(model=str(tiny_xlmr_path), device="cpu"), out, show_progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_two_layer_student_gets_closer_to_the_teacher(small_dataset, minilm_cache, minilm_teacher, minilm_path, tmp_path):
+    students = StudentsConfig(layers=[2], strategy="search", search_candidates=3)
+    training = TrainingConfig(max_steps=100, batch_size=16, max_seq_length=64, learning_rate=2e-4, eval_steps=50)
+    [result] = train_students(small_dataset, minilm_cache, teacher=TeacherConfig(model=str(minilm_path)),
+                              students=students, training=training, out_dir=tmp_path, teacher_model=minilm_teacher,
+                              show_progress=False)
+    before, after = result.dev_before, result.dev_after
+    assert after["mse"] < before["mse"]
+    assert after["spearman_cosine"] > before["spearman_cosine"]
+    assert after["mean_cosine"] > before["mean_cosine"]
+    assert result.global_step == 100 and result.name == "student-2L" and result.path == tmp_path / "student-2L"
+
+    # The search scored every candidate, best first, and the student keeps the best.
+    search = result.search
+    scores = [candidate["mse"] for candidate in search["candidates"]]
+    assert len(scores) == 3 and scores == sorted(scores) and list(result.layers) == search["best"]
+
+    # The folder is a plain sentence-transformers model that gives the evaluated embeddings.
+    folder = result.path
+    reloaded = SentenceTransformer(str(folder), device="cpu")
+    assert reloaded.max_seq_length == 64
+    dev = build_dev_set(load_synth_dataset(small_dataset), TeacherCache.open(minilm_cache), max_texts=training.max_dev_texts,
+                        seed=training.seed)
+    again = dev_metrics(dev_evaluator(dev, batch_size=16)(reloaded))
+    assert again == pytest.approx(after, abs=1e-6)
+
+    metadata = read_student_metadata(folder)
+    cut = build_student(minilm_teacher, result.layers)
+    assert metadata["parameters"]["student"] == count_parameters(reloaded) == count_parameters(cut)
+    assert metadata["parameters"]["teacher"] == count_parameters(minilm_teacher)
+    assert metadata["data"]["train_texts"] == len(load_synth_dataset(small_dataset).texts(["train"]))
+    assert metadata["training"]["train_loss_last"] < metadata["training"]["train_loss_first"]
+    card = (folder / "README.md").read_text()
+    assert "before training" in card and f"{after['spearman_cosine']:.4f}" in card and "Layer search" in card
+    assert not (folder / "checkpoints").exists() and not (folder / "run.json").exists()
+    assert list((folder / "logs").glob("events.out.tfevents.*"))
+
+    # Loading needs nothing from m3distill.
+    script = (
+        "import sys, numpy as np; from sentence_transformers import SentenceTransformer; "
+        f"model = SentenceTransformer({str(folder)!r}, device='cpu'); "
+        f"np.save({str(tmp_path / 'plain.npy')!r}, model.encode({dev.texts[:8]!r})); "
+        "assert not [name for name in sys.modules if name.startswith('m3distill')]"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    np.testing.assert_allclose(np.load(tmp_path / "plain.npy"), reloaded.encode(dev.texts[:8]), atol=1e-6)
+
+    # A finished student is skipped on the next call.
+    [again_result] = train_students(small_dataset, minilm_cache, teacher=TeacherConfig(model=str(minilm_path)),
+                                    students=students, training=training, out_dir=tmp_path, teacher_model=minilm_teacher)
+    assert again_result.skipped and again_result.dev_after == after
+
+
+def test_cached_mse_evaluator_equals_sentence_transformers_mse_evaluator(small_dataset, minilm_cache, minilm_teacher):
+    texts = load_synth_dataset(small_dataset).texts(["dev"])[:24]
+    student = build_student(minilm_teacher, [0, 5])
+    reference = MSEEvaluator(texts, texts, teacher_model=minilm_teacher, write_csv=False, name="dev")(student)
+    cached = CachedMSEEvaluator(texts, TeacherCache.open(minilm_cache).get(texts), name="dev")(student)
+    assert cached["dev_negative_mse"] == pytest.approx(reference["dev_negative_mse"], abs=1e-6)
+    student_embeddings, teacher_embeddings = student.encode(texts), minilm_teacher.encode(texts)
+    cosines = np.sum(student_embeddings * teacher_embeddings, axis=1)  # both are unit length
+    assert cached["dev_mean_cosine"] == pytest.approx(float(cosines.mean()), abs=1e-5)
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(
+    small_dataset, tiny_cache, tiny_xlmr_path, tmp_path, monkeypatch
+):
+    teacher = TeacherConfig(model=str(tiny_xlmr_path), device="cpu")
+    training = TrainingConfig(max_steps=4, save_steps=2, batch_size=8, learning_rate=1e-3, max_dev_texts=40)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(distill._TrainingJob, "_write_student", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train_students(small_dataset, tiny_cache, teacher=teacher, students=[[0, 2]], training=training,
+                           out_dir=tmp_path, show_progress=False)
+    student_dir = tmp_path / "student-2L"
+    assert not is_trained_student(student_dir)
+    assert sorted(p.name for p in (student_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    # Without --resume an unfinished student is a clear error, before anything is touched.
+    with pytest.raises(M3DistillError, match="pass --resume"):
+        train_students(small_dataset, tiny_cache, teacher=teacher, students=[[0, 2]], training=training,
+                       out_dir=tmp_path, show_progress=False)
+    # Resuming with other layers would mix two students.
+    with pytest.raises(M3DistillError, match="started with layers"):
+        train_students(small_dataset, tiny_cache, teacher=teacher, students=[[1, 3]], training=training,
+                       out_dir=tmp_path, resume=True, show_progress=False)
+
+    longer = training.model_copy(update={"max_steps": 6})
+    [result] = train_students(small_dataset, tiny_cache, teacher=teacher, students=[[0, 2]], training=longer,
+                              out_dir=tmp_path, resume=True, show_progress=False)
+    settings = result.metadata["training"]
+    assert settings["resumed_from_step"] == 4 and settings["steps_this_run"] == 2 and result.global_step == 6
+    assert is_trained_student(student_dir) and not (student_dir / "checkpoints").exists()
+
+
+def test_cache_of_another_teacher_is_refused_for_training(
+    small_dataset, tiny_cache, minilm_teacher, minilm_path, tmp_path
+):
+    with pytest.raises(M3DistillError, match="made by another teacher"):
+        train_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(minilm_path)), students=[[0, 1]],
+                       training=TrainingConfig(max_steps=1), out_dir=tmp_path, teacher_model=minilm_teacher)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--layers", "3,9"], "cannot be cut from a 4-layer teacher"),
+        (["--plan", "0,4"], "out of range"),
+        (["--plan", "0,1", "--plan", "2,3"], "share the folder student-2L"),
+        (["--layers", "2", "--data", "{tmp}/missing"], "dataset directory not found"),
+        (["--layers", "2", "--cache", "{tmp}/missing"], "teacher cache not found"),
+        (["--layers", "2", "--teacher", "{tmp}/missing"], "model folder not found"),
+    ],
+)
+def test_train_cli_bad_inputs_are_one_line_errors(arguments, message, small_dataset, tiny_cache, tmp_path, capsys):
+    arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
+    base = ["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(tmp_path / "students"),
+            "--max-steps", "1"]
+    assert main(base + arguments) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' loading bar may come first)
+    assert error.startswith("m3distill train: error:") and message in error
+    assert not (tmp_path / "students").exists()
+
+
+def test_train_cli_trains_each_layer_count(small_dataset, tiny_cache, tmp_path, capsys):
+    out = tmp_path / "students"
+    assert main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out),
+                 "--layers", "2,1", "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("m3distill train:") and "student-2L (layers 0,2" in line and "student-1L (layers 0," in line
+    assert sorted(p.name for p in out.iterdir()) == ["student-1L", "student-2L"]
+    metadata = json.loads((out / "student-1L" / STUDENT_METADATA_FILE).read_text())
+    assert metadata["layers"] == [0] and metadata["training"]["learning_rate"] == 1e-3
+    assert metadata["teacher"]["name"] == json.loads((tiny_cache / "manifest.json").read_text())["fingerprint"]["name"]
+
+
+def test_length_grouped_batches_cover_every_text_once_with_less_padding():
+    from datasets import Dataset
+
+    from m3distill.training.sampler import LengthGroupedBatchSampler
+
+    rng = np.random.default_rng(0)
+    texts = ["x" * int(length) for length in rng.integers(5, 400, size=1000)]
+    sampler = LengthGroupedBatchSampler(Dataset.from_dict({"text": texts}), batch_size=16, drop_last=False, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 63
+    assert sorted(i for batch in batches for i in batch) == list(range(1000))
+    assert batches == list(sampler)  # the same order again: a resumed run replays it
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+    def padding(groups):  # characters of padding to each batch's longest text
+        return sum(max(len(texts[i]) for i in group) * len(group) - sum(len(texts[i]) for i in group) for group in groups)
+
+    shuffled = rng.permutation(1000).tolist()
+    assert padding(batches) < padding([shuffled[i : i + 16] for i in range(0, 1000, 16)]) / 5
