@@ -127,7 +127,26 @@ def _run_stage(stage: str, config: M3DistillConfig, layout: RunLayout, show_prog
         from m3distill.evaluation.evaluate import evaluate_models
 
         evaluate_models(layout.dataset, config.teacher, _student_dirs(config, layout), config.evaluation,
-                        layout.report, show_progress=show_progress)
+                        layout.report, show_progress=show_progress,
+                        teacher_embeddings=lambda texts: _cached_teacher_embeddings(layout, texts))
+
+
+def _cached_teacher_embeddings(layout: RunLayout, texts: list[str]):
+    """The teacher stage's float32 embeddings of ``texts``, or None so that the evaluation encodes them itself.
+
+    The run's settings hashes guarantee the cache was made by this run's teacher; float16 caches are not used
+    because the evaluation must see exactly what the teacher computes.
+    """
+    from m3distill.teacher.cache import TeacherCache
+
+    try:
+        cache = TeacherCache.open(layout.teacher_cache)
+        if cache.dtype != "float32":
+            return None
+        return cache.get(texts)
+    except M3DistillError as error:
+        logger.info("evaluating without the teacher cache: %s", error)
+        return None
 
 
 def run_pipeline(

@@ -33,10 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Our own progress lines at INFO; other libraries only speak up for warnings unless -v asks for everything.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("m3distill").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub", "datasets", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # transformers' per-model "Loading weights" bar takes a second; it only buries the stage progress.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
 

@@ -78,7 +78,9 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     """
     from transformers import AutoTokenizer
 
-    name = str(name_or_path)
+    from m3distill.teacher.loading import resolve_model_name
+
+    name = resolve_model_name(name_or_path)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -8,8 +8,9 @@ runs encodes all texts, tokenisation included; texts/s is ``n_texts`` over the m
 Memory is the extra memory encoding needs on top of the loaded model, labelled with how it was measured:
 ``cuda_max_allocated_increase`` (``torch.cuda.max_memory_allocated`` during encoding minus the allocation before)
 on a GPU, ``cpu_rss_sampled_increase`` (peak resident set size sampled every few milliseconds with psutil, minus
-the size before) on a CPU, or ``cpu_maxrss_increase`` (the process's ``ru_maxrss`` high-water mark growth; 0 when an
-earlier peak was higher) when psutil is missing. Weights are reported separately (``speed_weights_bytes``).
+the size before, once freed memory is handed back to the OS with glibc's ``malloc_trim``) on a CPU, or
+``cpu_maxrss_increase`` (the process's ``ru_maxrss`` high-water mark growth; 0 when an earlier peak was higher)
+when psutil is missing. Weights are reported separately (``speed_weights_bytes``).
 """
 
 from __future__ import annotations
@@ -150,6 +151,26 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _return_freed_memory() -> None:
+    """Hand memory freed by earlier models back to the OS, so this model's encoding shows up as RSS growth.
+
+    Without it glibc keeps the previous model's freed activations in its arenas, the next model reuses them,
+    and its increase reads as almost nothing.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not libc_name:
+        return
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+        pass
+
+
 @contextmanager
 def _peak_memory(device: torch.device) -> Iterator[dict]:
     result: dict = {"bytes": 0, "measure": ""}
@@ -176,6 +197,7 @@ def _peak_memory(device: torch.device) -> Iterator[dict]:
         result.update(bytes=int((after - before) * scale), measure="cpu_maxrss_increase")
         return
     process = psutil.Process()
+    _return_freed_memory()
     before = process.memory_info().rss
     peak = [before]
     stop = threading.Event()

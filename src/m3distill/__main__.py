@@ -1,0 +1,5 @@
+"""``python -m m3distill``: the same as the ``m3distill`` command."""
+
+from m3distill.cli import main
+
+raise SystemExit(main())
