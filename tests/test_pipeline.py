@@ -140,3 +140,17 @@ def test_bge_m3_config_reproduces_the_seed_setup():
     assert config.teacher.model == "BAAI/bge-m3"
     assert config.students.layers == [8, 6, 4] and config.students.strategy == "uniform"
     assert config.evaluation.k == [10, 20, 30, 40, 50]
+
+
+def test_a_run_directory_in_use_is_refused(sample_dir, tmp_path):
+    from m3distill.config import M3DistillConfig
+    from m3distill.errors import M3DistillError
+    from m3distill.pipeline import _run_dir_lock
+
+    config = M3DistillConfig.model_validate(_tiny_config_data(sample_dir, tmp_path / "run"))
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    with _run_dir_lock(layout):
+        with pytest.raises(M3DistillError, match="is in use by m3distill process"):
+            run_pipeline(config, show_progress=False)
+    assert not layout.dataset.exists()

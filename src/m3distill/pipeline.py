@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,16 @@ from m3distill.errors import M3DistillError
 from m3distill.layout import REPORT_JSON_FILE, RunLayout
 from m3distill.resources import bundled_config, sample_corpus_dir
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("synth", "teacher", "train", "evaluate")
 _STATE_FILE = "pipeline_state.json"
+_LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -164,10 +172,45 @@ def run_pipeline(
             every later stage is redone too.
         show_progress: show progress bars.
         on_stage: called with (stage, "start" | "skip" | "done") so a CLI can print where it is.
+
+    Raises :class:`M3DistillError` when another process is running a pipeline in the same run directory.
     """
     forced = _validate_force(force)
     layout = RunLayout(config.run_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
+    with _run_dir_lock(layout):
+        return _run_stages(config, layout, forced, show_progress, on_stage)
+
+
+@contextmanager
+def _run_dir_lock(layout: RunLayout) -> Iterator[None]:
+    """Hold the run directory for this process: two runs in one directory would delete each other's outputs."""
+    if fcntl is None:
+        yield
+        return
+    path = layout.root / _LOCK_FILE
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise M3DistillError(
+                f"run directory {layout.root} is in use by {holder}; wait for it to finish or use another run directory"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"m3distill process {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_stages(config: M3DistillConfig, layout: RunLayout, forced: set[str], show_progress: bool,
+                on_stage: Callable[[str, str], None] | None) -> PipelineResult:
     write_text_atomic(layout.config, config_to_yaml(config))
     state = _load_state(layout)
     result = PipelineResult(run_dir=layout.root, report_dir=layout.report)

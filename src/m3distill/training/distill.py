@@ -276,6 +276,8 @@ class _TrainingJob:
         last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
         if resume and last is None:
             logger.info("%s: no checkpoint to resume from; training from the start", plan.name)
+        elif last is not None:
+            logger.info("%s: resuming from %s", plan.name, Path(last).name)
         args, precision = self._arguments(checkpoints, student.device)
         timer = _StepTimer()
         callbacks: list[TrainerCallback] = [timer]
