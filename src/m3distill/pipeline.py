@@ -87,12 +87,6 @@ def _validate_force(force: Iterable[str]) -> set[str]:
     return set(STAGES[first:])
 
 
-def _student_dirs(config: M3DistillConfig, layout: RunLayout) -> list[Path]:
-    from m3distill.training import completed_student_dirs
-
-    return completed_student_dirs(layout.students)
-
-
 def _stage_complete(stage: str, config: M3DistillConfig, layout: RunLayout) -> bool:
     if stage == "synth":
         return is_complete_dataset(layout.dataset)
@@ -133,8 +127,9 @@ def _run_stage(stage: str, config: M3DistillConfig, layout: RunLayout, show_prog
                        training=config.training, out_dir=layout.students, resume=True, show_progress=show_progress)
     else:
         from m3distill.evaluation.evaluate import evaluate_models
+        from m3distill.training import completed_student_dirs
 
-        evaluate_models(layout.dataset, config.teacher, _student_dirs(config, layout), config.evaluation,
+        evaluate_models(layout.dataset, config.teacher, completed_student_dirs(layout.students), config.evaluation,
                         layout.report, show_progress=show_progress,
                         teacher_embeddings=lambda texts: _cached_teacher_embeddings(layout, texts))
 

@@ -93,10 +93,25 @@ def draw_similarity_pairs(
     )
 
 
+def row_cosines(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``left`` with the same row of ``right``, in float64 (0 for a zero row)."""
+    return np.einsum("ij,ij->i", _unit_rows(left), _unit_rows(right))
+
+
+def embedding_error(student: np.ndarray, teacher: np.ndarray) -> tuple[float, float]:
+    """(MSE per element, mean cosine) between a student's and the teacher's embeddings of the same texts.
+
+    The one definition of both numbers: the test-split report, the dev evaluation during training and the layer
+    search all use it.
+    """
+    student = np.asarray(student, dtype=np.float64)
+    teacher = np.asarray(teacher, dtype=np.float64)
+    return float(np.mean((teacher - student) ** 2)), float(np.mean(row_cosines(student, teacher)))
+
+
 def pair_cosines(embeddings: np.ndarray, pairs: SimilarityPairs) -> np.ndarray:
     """Cosine similarity of every pair, in float64."""
-    unit = _unit_rows(embeddings)
-    return np.einsum("ij,ij->i", unit[pairs.left], unit[pairs.right])
+    return row_cosines(embeddings[pairs.left], embeddings[pairs.right])
 
 
 def alignment_metrics(
@@ -120,12 +135,10 @@ def alignment_metrics(
     metrics: dict[str, float | None] = {MSE: None, MSE_X100: None, MEAN_COSINE: None}
     if student.shape[1] == teacher.shape[1]:
         rows = slice(None) if text_rows is None else text_rows
-        student_rows = student[rows].astype(np.float64)
-        teacher_rows = teacher[rows].astype(np.float64)
-        mse = float(np.mean((teacher_rows - student_rows) ** 2))
+        mse, mean_cosine = embedding_error(student[rows], teacher[rows])
         metrics[MSE] = mse
         metrics[MSE_X100] = 100.0 * mse
-        metrics[MEAN_COSINE] = float(np.mean(np.sum(_unit_rows(student_rows) * _unit_rows(teacher_rows), axis=1)))
+        metrics[MEAN_COSINE] = mean_cosine
     else:
         logger.warning(
             "student embeddings are %d wide, the teacher's %d: MSE and mean cosine are left out",

@@ -28,7 +28,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from m3distill.config import SpeedConfig
-from m3distill.teacher.loading import count_parameters, resolve_model_name
+from m3distill.teacher.loading import count_parameters, local_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def size_on_disk(name_or_path: str | Path) -> int | None:
     Counts ``*.safetensors`` (or, in folders without them, ``*.bin``/``*.pt``/``*.pth``), recursively, skipping
     training checkpoints and exported ONNX/OpenVINO copies.
     """
-    folder = _model_folder(name_or_path)
+    folder = local_model_folder(name_or_path)
     if folder is None:
         return None
     total = 0
@@ -132,18 +132,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _model_folder(name_or_path: str | Path) -> Path | None:
-    path = Path(resolve_model_name(name_or_path)).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(name_or_path), local_files_only=True))
-    except Exception:  # not cached, or not a hub id: the size is simply unknown
-        return None
 
 
 def _synchronize(device: torch.device) -> None:

@@ -21,6 +21,7 @@ from sentence_transformers import SentenceTransformer
 
 from m3distill.config import StudentsConfig
 from m3distill.errors import M3DistillError
+from m3distill.evaluation.alignment import embedding_error
 from m3distill.layout import student_name
 from m3distill.students.build import build_student
 from m3distill.students.layer_plan import plan_layers, validate_layers
@@ -192,7 +193,7 @@ def search_layer_plan(
             _train_steps(student, train_texts, train_embeddings, steps=steps, batch_size=batch_size,
                          learning_rate=learning_rate, seed=seed)
         predicted = student.encode(list(dev_texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
-        scores.append(CandidateScore(tuple(layers), *_alignment(predicted, dev_embeddings)))
+        scores.append(CandidateScore(tuple(layers), *embedding_error(predicted, dev_embeddings)))
         logger.info("search %d layers: candidate %s dev mse %.6f, mean cosine %.4f",
                     n_layers, layers, scores[-1].mse, scores[-1].mean_cosine)
         del student
@@ -200,13 +201,6 @@ def search_layer_plan(
     result = SearchResult(best=ranked[0].layers, candidates=ranked, steps=steps, n_dev_texts=len(dev_texts))
     logger.info("search %d layers: picked %s of %d candidates", n_layers, list(result.best), len(ranked))
     return result
-
-
-def _alignment(predicted: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-    mse = float(np.mean((predicted - target) ** 2))
-    norms = np.linalg.norm(predicted, axis=1) * np.linalg.norm(target, axis=1)
-    cosine = float(np.mean(np.sum(predicted * target, axis=1) / np.maximum(norms, 1e-12)))
-    return mse, cosine
 
 
 def _train_steps(

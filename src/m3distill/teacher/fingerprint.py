@@ -18,7 +18,7 @@ from typing import Any
 from sentence_transformers import SentenceTransformer
 
 from m3distill.errors import M3DistillError
-from m3distill.teacher.loading import resolve_model_name
+from m3distill.teacher.loading import local_model_folder, resolve_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -163,18 +163,11 @@ def _model_file_list(folder: Path) -> list[str]:
 
 def _model_files(name_or_path: str | Path, revision: str | None) -> tuple[Path | None, str | None]:
     """The local folder holding the model's files and the revision they came from."""
-    path = Path(resolve_model_name(name_or_path)).expanduser()
-    if path.is_dir():
-        return path.resolve(), revision
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = Path(snapshot_download(str(name_or_path), revision=revision, local_files_only=True))
-    except Exception as error:  # any failure only means we fall back to the revision alone
-        logger.debug("no local snapshot of %s (%s); fingerprinting by name and revision", name_or_path, error)
-        return None, revision
+    folder = local_model_folder(name_or_path, revision)
+    if folder is None or Path(resolve_model_name(name_or_path)).expanduser().is_dir():
+        return folder, revision
     # Hub snapshots live in folders named by their commit hash.
-    return snapshot, snapshot.name
+    return folder, folder.name
 
 
 def _pooling_and_normalize(model: SentenceTransformer) -> tuple[str, bool]:

@@ -50,6 +50,25 @@ def resolve_model_name(name_or_path: str | Path) -> str:
     return name
 
 
+def local_model_folder(name_or_path: str | Path, revision: str | None = None) -> Path | None:
+    """The folder on this machine holding a model's files, or ``None`` when they are not here.
+
+    A folder is itself, a packaged model its package's copy (see :func:`resolve_model_name`), and a hub id its
+    snapshot in the local Hugging Face cache (a hub snapshot folder is named by its commit hash). Nothing is
+    downloaded.
+    """
+    path = Path(resolve_model_name(name_or_path)).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), revision=revision, local_files_only=True))
+    except Exception as error:  # not cached, not a hub id, or an unreadable cache: all mean "not here"
+        logger.debug("no local copy of %s (%s)", name_or_path, error)
+        return None
+
+
 def load_sentence_transformer(
     name_or_path: str | Path,
     *,

@@ -28,6 +28,7 @@ from sentence_transformers.sentence_transformer.evaluation import (
 
 from m3distill.data.dataset import SynthDataset
 from m3distill.errors import M3DistillError
+from m3distill.evaluation.alignment import row_cosines
 from m3distill.teacher.cache import TeacherCache
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,9 @@ class CachedMSEEvaluator(MSEEvaluator):
         self, model: SentenceTransformer, output_path: str | None = None, epoch: int = -1, steps: int = -1
     ) -> dict[str, float]:
         metrics = super().__call__(model, output_path, epoch, steps)
-        student, teacher = self._last_student_embeddings, self._teacher_embeddings
-        norms = np.maximum(np.linalg.norm(student, axis=1) * np.linalg.norm(teacher, axis=1), 1e-12)
-        metrics[f"{self.name}_mean_cosine"] = float(np.mean(np.sum(student * teacher, axis=1) / norms))
+        metrics[f"{self.name}_mean_cosine"] = float(
+            np.mean(row_cosines(self._last_student_embeddings, self._teacher_embeddings))
+        )
         return metrics
 
 
@@ -140,9 +141,7 @@ def build_dev_set(dataset: SynthDataset, cache: TeacherCache, *, max_texts: int 
             pairs.append((text, context_text[other]))
     if len(pairs) < 2:
         raise M3DistillError(f"the dev split of {dataset.root} is too small to form text pairs; give it more contexts")
-    left, right = cache.get([a for a, _ in pairs]), cache.get([b for _, b in pairs])
-    norms = np.maximum(np.linalg.norm(left, axis=1) * np.linalg.norm(right, axis=1), 1e-12)
-    gold = (np.sum(left * right, axis=1) / norms).tolist()
+    gold = row_cosines(cache.get([a for a, _ in pairs]), cache.get([b for _, b in pairs])).tolist()
     logger.info("dev set: %d texts, %d pairs", len(texts), len(pairs))
     return DevSet(texts=texts, embeddings=embeddings, pairs=pairs, gold=gold)
 
