@@ -54,6 +54,7 @@ def _subset(source: Path, out_dir: Path, n_texts: int) -> Path:
         "contexts": contexts,
         "questions": dataset.questions[dataset.questions["context_id"].isin(contexts["context_id"])],
         "general": dataset.general.head(0),
+        "crops": dataset.crops.head(0),
     }
     out_dir.mkdir(parents=True)
     for kind, (name, schema) in TABLES.items():

@@ -65,6 +65,13 @@ def test_atomic_dir_leaves_nothing_when_interrupted(tmp_path):
         (6, 2, "first", [0, 1]),
         (6, 2, "last", [4, 5]),
         (6, 6, "uniform", [0, 1, 2, 3, 4, 5]),
+        (24, 8, "spread", [0, 3, 7, 10, 13, 16, 20, 23]),
+        (24, 6, "spread", [0, 5, 9, 14, 18, 23]),
+        (24, 4, "spread", [0, 8, 15, 23]),
+        (6, 3, "spread", [0, 2, 5]),
+        (6, 2, "spread", [0, 5]),
+        (6, 1, "spread", [5]),
+        (6, 6, "spread", [0, 1, 2, 3, 4, 5]),
     ],
 )
 def test_layer_plans(teacher, student, strategy, expected):

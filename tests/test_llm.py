@@ -40,7 +40,9 @@ def good_answer(prompt: str) -> str:
     return f"1. Which subject does passage {marker} explain?\n2. What problem does passage {marker} solve?"
 
 
-# A reply is (HTTP status, answer text, seconds to wait first); the server numbers requests from 0.
+# A reply is (HTTP status, answer text, seconds to wait first); the server numbers requests from 0. An answer text
+# starting with RAW is sent as the whole response body instead of inside a chat completion.
+RAW = "RAW:"
 Reply = tuple[int, str, float]
 
 
@@ -68,6 +70,8 @@ class ChatServer:
                 time.sleep(delay)
                 if content.startswith("<html>"):  # a web page, as a wrong base URL gives
                     payload = None
+                elif content.startswith(RAW):  # a body of the test's own making (e.g. JSON of the wrong shape)
+                    payload, content = None, content[len(RAW):]
                 elif status == 200:
                     payload = {
                         "id": f"chatcmpl-{number}", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -297,3 +301,51 @@ def test_copied_questions_are_recognised_but_rewordings_are_not():
     assert not is_copied("Which command changes the office phone number of a user?", context)
     assert is_copied("これは日本語の文です", "前置き。これは日本語の文です。")
     assert not is_copied("日本語で書かれた質問は何ですか", "前置き。これは日本語の文です。")
+
+
+_WRONG_SHAPES = [
+    # A completions-API body (no message), a completion without choices, and a message without content.
+    json.dumps({"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "1. A question?"}]}),
+    json.dumps({"id": "x", "object": "chat.completion", "choices": []}),
+    json.dumps({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant"}}]}),
+]
+
+
+@pytest.mark.parametrize("body", _WRONG_SHAPES, ids=["completions-body", "no-choices", "no-content"])
+def test_a_200_of_the_wrong_shape_is_an_error_after_retries_and_is_never_cached(tmp_path, corpus, server, minilm_path,
+                                                                               body):
+    server.respond = lambda number, prompt: (200, RAW + body, 0.0)
+    out = tmp_path / "dataset"
+    with pytest.raises(M3DistillError, match="answered 3 times without a question"):
+        _run(_config(corpus, server, concurrency=1, max_retries=2), out, minilm_path)
+    assert not out.exists()
+    assert len(server.requests) == 3
+
+    # Against a working server the rerun asks for every context: nothing empty was cached.
+    server.respond = lambda number, prompt: (200, good_answer(prompt), 0.0)
+    summary = _run(_config(corpus, server), out, minilm_path)
+    assert summary.generator_stats["cache_hits"] == 0 and sum(summary.questions.values()) == 12
+
+
+def test_an_empty_answer_is_retried_and_an_empty_cached_answer_is_asked_again(tmp_path, corpus, server, minilm_path):
+    from m3distill.data.questions.cache import AnswerCache, default_cache_path
+
+    server.respond = lambda number, prompt: (200, "", 0.0) if number < 2 else (200, good_answer(prompt), 0.0)
+    out = tmp_path / "dataset"
+    summary = _run(_config(corpus, server, concurrency=1), out, minilm_path)
+    assert summary.generator_stats["retries"] == 2 and sum(summary.questions.values()) == 12
+
+    # An empty answer cached by an older m3distill counts as not asked yet.
+    with AnswerCache(default_cache_path(out)) as cache:
+        key = cache._connection.execute("SELECT key FROM answers LIMIT 1").fetchone()[0]
+        cache.put(key, "")
+    again = _run(_config(corpus, server), out, minilm_path, overwrite=True)
+    assert again.generator_stats["cache_hits"] == 5 and again.generator_stats["requests"] == 1
+    assert sum(again.questions.values()) == 12
+
+
+def test_mostly_identical_questions_warn_loudly(tmp_path, corpus, server, minilm_path, caplog):
+    server.respond = lambda number, prompt: (200, "1. What is this page about?\n2. How is it configured?", 0.0)
+    with caplog.at_level(logging.WARNING, logger="m3distill"):
+        _run(_config(corpus, server), tmp_path / "dataset", minilm_path)
+    assert any("most are identical" in message for message in caplog.messages)

@@ -135,10 +135,10 @@ def test_demo_config_points_at_the_bundled_sample_and_packaged_teacher(tmp_path)
     assert Path(resolve_model_name(config.teacher.model)).is_dir()
 
 
-def test_bge_m3_config_reproduces_the_seed_setup():
+def test_bge_m3_config_distils_8_6_4_layer_students_of_bge_m3():
     config = load_config(REPO_ROOT / "configs" / "bge-m3.yaml")
     assert config.teacher.model == "BAAI/bge-m3"
-    assert config.students.layers == [8, 6, 4] and config.students.strategy == "uniform"
+    assert config.students.layers == [8, 6, 4] and config.students.strategy == "spread"
     assert config.evaluation.k == [10, 20, 30, 40, 50]
 
 

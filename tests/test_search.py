@@ -11,6 +11,7 @@ from m3distill.config import StudentsConfig
 from m3distill.data.dataset import load_synth_dataset
 from m3distill.errors import M3DistillError
 from m3distill.students.build import build_student
+from m3distill.students.layer_plan import plan_layers
 from m3distill.students.search import (
     LayerPlan,
     candidate_plans,
@@ -23,9 +24,12 @@ from m3distill.teacher.loading import load_sentence_transformer
 
 def test_plans_follow_the_strategy_or_the_explicit_lists():
     assert resolve_layer_plans(StudentsConfig(layers=[8, 6, 4]), 24) == [
+        LayerPlan(8, "spread", (0, 3, 7, 10, 13, 16, 20, 23)),
+        LayerPlan(6, "spread", (0, 5, 9, 14, 18, 23)),
+        LayerPlan(4, "spread", (0, 8, 15, 23)),
+    ]
+    assert resolve_layer_plans(StudentsConfig(layers=[8], strategy="uniform"), 24) == [
         LayerPlan(8, "uniform", (0, 3, 6, 9, 12, 15, 18, 21)),
-        LayerPlan(6, "uniform", (0, 4, 8, 12, 16, 20)),
-        LayerPlan(4, "uniform", (0, 6, 12, 18)),
     ]
     assert resolve_layer_plans(StudentsConfig(layers=[2], strategy="last"), 6) == [LayerPlan(2, "last", (4, 5))]
     explicit = StudentsConfig(layers=[3], explicit=[[0, 5], [1, 2, 3]])
@@ -58,7 +62,8 @@ def test_candidates_are_distinct_valid_plans_led_by_the_fixed_strategies(teacher
     assert len(plans) == min(6, math.comb(teacher, student))
     assert len({tuple(plan) for plan in plans}) == len(plans)
     assert all(len(plan) == student and plan == sorted(plan) and 0 <= plan[0] and plan[-1] < teacher for plan in plans)
-    assert plans[0] == [i * teacher // student for i in range(student)]  # uniform first
+    assert plans[0] == plan_layers(teacher, student, "spread")  # the default strategy first
+    assert [i * teacher // student for i in range(student)] in plans  # then uniform
 
 
 def test_search_keeps_the_candidate_closest_to_the_teacher(small_dataset, tiny_xlmr_path):

@@ -127,6 +127,46 @@ def test_sample_dataset_mixes_general_text_by_ratio(sample_run):
     assert report["used"] == len(dataset.general) == min(report["wanted"], report["available"])
 
 
+def test_crops_are_sentences_and_spans_of_training_contexts_only(sample_run):
+    from m3distill.data.chunking import sentence_spans
+
+    summary, dataset = sample_run
+    crops, contexts = dataset.crops, dataset.contexts.set_index("context_id")
+    assert len(crops) > len(contexts[contexts["split"] == "train"])
+    assert set(crops["split"]) == {"train"} and set(crops["kind"]) == {"sentence", "span"}
+    assert (contexts.loc[crops["context_id"], "split"] == "train").all()
+    assert crops["crop_id"].is_unique and not crops["text"].duplicated().any()
+    # Every crop lies inside its own context and is shorter; none repeats a context or a question.
+    for text, kind, context_id in zip(crops["text"], crops["kind"], crops["context_id"]):
+        own = contexts.loc[context_id, "text"]
+        if kind == "sentence":
+            assert text in {own[start:end] for start, end in sentence_spans(own)}
+        else:
+            assert " ".join(text.split()) in " ".join(own.split()) or text in own
+        assert len(text) < len(own)
+    assert not set(crops["text"]) & (set(contexts["text"]) | set(dataset.questions["text"]))
+    assert dataset.manifest["counts"]["crops"] == crops["kind"].value_counts().to_dict()
+    assert summary.crops == len(crops)
+    # Training reads them; dev and test texts never include them.
+    assert set(crops["text"]) <= set(dataset.texts(["train"]))
+    assert not set(crops["text"]) & set(dataset.texts(["dev", "test"]))
+
+
+def test_crops_can_be_switched_off(tmp_path, small_corpus, minilm_path):
+    corpus, _ = small_corpus
+    synthesize(_config(corpus, crop_sentences=False, crop_spans=0), tmp_path / "d", tokenizer=minilm_path,
+               show_progress=False)
+    assert load_synth_dataset(tmp_path / "d").crops.empty
+
+
+def test_a_dataset_without_crops_still_loads(tmp_path, small_corpus, minilm_path):
+    corpus, _ = small_corpus
+    synthesize(_config(corpus), tmp_path / "d", tokenizer=minilm_path, show_progress=False)
+    (tmp_path / "d" / "crops.parquet").unlink()  # as m3distill 0.1 wrote it
+    dataset = load_synth_dataset(tmp_path / "d")
+    assert dataset.crops.empty and dataset.texts(["train"])
+
+
 def test_sample_dataset_loads_with_datasets_parquet(sample_run):
     import datasets
 
@@ -143,7 +183,7 @@ def test_same_seed_gives_byte_identical_files_and_a_rerun_is_up_to_date(tmp_path
     synthesize(config, tmp_path / "b" / "dataset", tokenizer=minilm_path, show_progress=False)
 
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 4
+    assert len(files) == 5  # contexts, questions, crops, general, manifest
     for file in files:
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
 

@@ -38,7 +38,8 @@ def write_dataset_subset(source: Path, out_dir: Path, n_contexts: int, *, n_gene
     }
     out_dir.mkdir(parents=True)
     for kind, (name, schema) in TABLES.items():
-        write_table(out_dir / name, tables[kind], schema)
+        if kind in tables:  # optional tables (crops) are left out of the subset
+            write_table(out_dir / name, tables[kind], schema)
     shutil.copy(source / DATASET_MANIFEST_FILE, out_dir / DATASET_MANIFEST_FILE)
     return out_dir
 
@@ -188,3 +189,29 @@ def test_teacher_cli_builds_the_cache_and_refuses_bad_inputs(tiny_dataset, tiny_
                  "--dtype", "float16"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' loading bar may come first)
     assert error.startswith("m3distill teacher: error:") and "made by another teacher: files_sha256" in error
+
+
+@pytest.mark.parametrize("damaged", ["dense", "keys"])
+def test_a_truncated_shard_is_one_clear_error_and_the_next_run_redoes_it(tiny_teacher, tmp_path, damaged, capsys):
+    from conftest import write_small_dataset
+
+    small_dataset = write_small_dataset(tmp_path / "dataset", per_language=1)
+    cache_dir = tmp_path / "cache"
+    build_teacher_cache(small_dataset, tiny_teacher, cache_dir, show_progress=False)
+    texts = load_synth_dataset(small_dataset).texts()
+    expected = TeacherCache.open(cache_dir).get(texts)
+    shard = cache_dir / "shards" / f"shard-00001.{damaged}.npy"
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size - 100)  # a disk that filled up, a copy cut short
+
+    with pytest.raises(M3DistillError, match=r"damaged: shard shard-00001 .*rerun `m3distill teacher`"):
+        TeacherCache.open(cache_dir)
+    # Through a command that reads the cache: one line, exit 2.
+    code = main(["-q", "train", "--data", str(small_dataset), "--cache", str(cache_dir), "--out",
+                 str(tmp_path / "students"), "--layers", "1", "--max-steps", "1"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and error.startswith("m3distill train: error: teacher cache") and "shard-00001" in error
+
+    summary = build_teacher_cache(small_dataset, tiny_teacher, cache_dir, show_progress=False)
+    assert summary.n_computed == 10  # the damaged shard's texts, and no others
+    np.testing.assert_allclose(TeacherCache.open(cache_dir).get(texts), expected, atol=1e-6)

@@ -54,10 +54,11 @@ def test_two_layer_student_gets_closer_to_the_teacher(small_dataset, minilm_cach
     assert after["mean_cosine"] > before["mean_cosine"]
     assert result.global_step == 100 and result.name == "student-2L" and result.path == tmp_path / "student-2L"
 
-    # The search scored every candidate, best first, and the student keeps the best.
+    # The search scored every candidate by dev top-10 agreement (ties by MSE), best first; the student keeps the best.
     search = result.search
-    scores = [candidate["mse"] for candidate in search["candidates"]]
+    scores = [(-candidate["top_k"], candidate["mse"]) for candidate in search["candidates"]]
     assert len(scores) == 3 and scores == sorted(scores) and list(result.layers) == search["best"]
+    assert all(0 <= candidate["top_k"] <= 1 for candidate in search["candidates"])
 
     # The folder is a plain sentence-transformers model that gives the evaluated embeddings.
     folder = result.path
@@ -176,10 +177,10 @@ def test_train_cli_trains_each_layer_count(small_dataset, tiny_cache, tmp_path, 
     assert main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out),
                  "--layers", "2,1", "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("m3distill train:") and "student-2L (layers 0,2" in line and "student-1L (layers 0," in line
+    assert line.startswith("m3distill train:") and "student-2L (layers 0,3" in line and "student-1L (layers 3," in line
     assert sorted(p.name for p in out.iterdir()) == ["student-1L", "student-2L"]
     metadata = json.loads((out / "student-1L" / STUDENT_METADATA_FILE).read_text())
-    assert metadata["layers"] == [0] and metadata["training"]["learning_rate"] == 1e-3
+    assert metadata["layers"] == [3] and metadata["training"]["learning_rate"] == 1e-3  # spread: the last layer
     assert metadata["teacher"]["name"] == json.loads((tiny_cache / "manifest.json").read_text())["fingerprint"]["name"]
 
 

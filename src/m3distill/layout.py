@@ -23,6 +23,7 @@ CONFIG_FILENAME = "config.yaml"
 CONTEXTS_FILE = "contexts.parquet"
 QUESTIONS_FILE = "questions.parquet"
 GENERAL_FILE = "general.parquet"
+CROPS_FILE = "crops.parquet"
 DATASET_MANIFEST_FILE = "manifest.json"
 
 # Files inside a report directory.
@@ -30,6 +31,14 @@ REPORT_JSON_FILE = "report.json"
 REPORT_MD_FILE = "report.md"
 
 SPLITS = ("train", "dev", "test")
+
+
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """True when ``path`` is ``folder`` or lies somewhere below it (symlinks and ``..`` resolved first).
+
+    Used to refuse inputs that lie inside an output m3distill replaces: replacing the output would delete them.
+    """
+    return Path(path).expanduser().resolve().is_relative_to(Path(folder).expanduser().resolve())
 
 
 def student_name(layers: list[int] | tuple[int, ...]) -> str:

@@ -2,6 +2,10 @@
 
 Each stage reads and writes the run directory (m3distill.layout). A stage is skipped when its outputs are complete
 and were made from the same settings; a changed setting, or ``force``, redoes that stage and every later one.
+
+Nothing of the user's is removed: inputs are checked before any output is touched, synth and evaluate replace
+their output only once the new one is complete, and the outputs that must be cleared before a redo (teacher cache,
+students) are removed only where they carry m3distill's own marker.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from m3distill.atomic import write_json_atomic, write_text_atomic
 from m3distill.config import M3DistillConfig, config_to_yaml, load_config
 from m3distill.data.dataset import is_complete_dataset
 from m3distill.errors import M3DistillError
-from m3distill.layout import REPORT_JSON_FILE, RunLayout
+from m3distill.layout import REPORT_JSON_FILE, RunLayout, is_inside
 from m3distill.resources import bundled_config, sample_corpus_dir
 
 try:
@@ -101,19 +105,76 @@ def _stage_complete(stage: str, config: M3DistillConfig, layout: RunLayout) -> b
     return (layout.report / REPORT_JSON_FILE).is_file()
 
 
+def _output_dirs(layout: RunLayout) -> dict[str, Path]:
+    """The folder each stage writes (and may replace) in the run directory."""
+    return {"synth": layout.dataset, "teacher": layout.teacher_cache, "train": layout.students, "evaluate": layout.report}
+
+
+def _check_sources_outside_outputs(config: M3DistillConfig, layout: RunLayout) -> None:
+    """Refuse a corpus inside a folder the run replaces or clears: redoing that stage would delete it."""
+    for name, source in (("synth.corpus", config.synth.corpus), ("synth.general", config.synth.general)):
+        if not source or not Path(source).expanduser().exists():
+            continue  # unset, or a hub dataset id
+        for stage, output in _output_dirs(layout).items():
+            if is_inside(source, output):
+                raise M3DistillError(
+                    f"{name} {source} lies inside {output}, which the {stage} stage replaces; move it out of "
+                    f"{output} (anywhere else, even elsewhere in {layout.root}) or choose another run_dir"
+                )
+
+
+def _check_stage_inputs(stage: str, config: M3DistillConfig, layout: RunLayout) -> None:
+    """Refuse to start a stage whose inputs are missing; called before any of its outputs is touched."""
+    if stage == "synth":
+        if config.synth.corpus is None:
+            raise M3DistillError("no corpus configured: set synth.corpus in the config (a file, folder or dataset id)")
+        # Whether the corpus itself reads is checked by synthesize, which replaces the dataset only when done.
+        return
+    if not is_complete_dataset(layout.dataset):
+        raise M3DistillError(f"the dataset {layout.dataset} is missing or incomplete; rerun with --force synth")
+    if stage == "train":
+        from m3distill.teacher.cache import is_complete_cache
+
+        if not is_complete_cache(layout.teacher_cache):
+            raise M3DistillError(
+                f"the teacher cache {layout.teacher_cache} is missing or incomplete; rerun with --force teacher"
+            )
+
+
 def _remove_outputs(stage: str, layout: RunLayout) -> None:
-    target = {"synth": layout.dataset, "teacher": layout.teacher_cache, "train": layout.students, "evaluate": layout.report}[stage]
-    if target.exists():
+    """Clear what a redone stage would otherwise resume from, removing only folders m3distill marked as its own.
+
+    synth and evaluate write a complete new output beside the old one and swap it in, so theirs stay until then.
+    A folder without m3distill's marker is refused, never removed.
+    """
+    if stage == "teacher":
+        from m3distill.teacher.cache import CACHE_MANIFEST_FILE, CACHE_TEACHER_FILE
+
+        target = layout.teacher_cache
+        if not target.exists():
+            return
+        if not any((target / marker).is_file() for marker in (CACHE_TEACHER_FILE, CACHE_MANIFEST_FILE)):
+            raise M3DistillError(
+                f"{target} is not a teacher cache m3distill wrote (no {CACHE_TEACHER_FILE}); it is left alone: move "
+                "it away or choose another run_dir"
+            )
         logger.info("removing %s to redo stage %s", target, stage)
         shutil.rmtree(target)
+    elif stage == "train" and layout.students.is_dir():
+        from m3distill.training.distill import is_m3distill_student_dir
+
+        for folder in sorted(layout.students.iterdir()):
+            if folder.is_dir() and is_m3distill_student_dir(folder):
+                logger.info("removing %s to redo stage %s", folder, stage)
+                shutil.rmtree(folder)
+            else:
+                logger.info("leaving %s in place: m3distill did not write it", folder)
 
 
 def _run_stage(stage: str, config: M3DistillConfig, layout: RunLayout, show_progress: bool) -> None:
     if stage == "synth":
         from m3distill.data.synth import synthesize
 
-        if config.synth.corpus is None:
-            raise M3DistillError("no corpus configured: set synth.corpus in the config (a file, folder or dataset id)")
         synthesize(config.synth, layout.dataset, tokenizer=config.synth.tokenizer or config.teacher.model,
                    overwrite=True, show_progress=show_progress)
     elif stage == "teacher":
@@ -206,6 +267,7 @@ def _run_dir_lock(layout: RunLayout) -> Iterator[None]:
 
 def _run_stages(config: M3DistillConfig, layout: RunLayout, forced: set[str], show_progress: bool,
                 on_stage: Callable[[str, str], None] | None) -> PipelineResult:
+    _check_sources_outside_outputs(config, layout)
     write_text_atomic(layout.config, config_to_yaml(config))
     state = _load_state(layout)
     result = PipelineResult(run_dir=layout.root, report_dir=layout.report)
@@ -221,6 +283,10 @@ def _run_stages(config: M3DistillConfig, layout: RunLayout, forced: set[str], sh
             if on_stage:
                 on_stage(stage, "skip")
             continue
+        _check_stage_inputs(stage, config, layout)
+        # The later stages' outputs stay in place (synth and evaluate keep theirs until the new one is complete), so
+        # they must not look current once this stage has changed their inputs, even if this run stops here.
+        _forget_stages_after(stage, state, layout)
         if redo:
             _remove_outputs(stage, layout)
             redo_rest = True
@@ -236,6 +302,14 @@ def _run_stages(config: M3DistillConfig, layout: RunLayout, forced: set[str], sh
         if on_stage:
             on_stage(stage, "done")
     return result
+
+
+def _forget_stages_after(stage: str, state: dict[str, str], layout: RunLayout) -> None:
+    later = STAGES[STAGES.index(stage) + 1:]
+    if any(name in state for name in later):
+        for name in later:
+            state.pop(name, None)
+        write_json_atomic(layout.root / _STATE_FILE, state)
 
 
 def demo_config(run_dir: str | Path = "m3distill-demo") -> M3DistillConfig:

@@ -4,9 +4,12 @@
       contexts.parquet    context_id, doc_id, chunk_index, char_start, char_end, n_tokens, language, split, text
       questions.parquet   question_id, context_id, split, generator, text
       general.parquet     general_id, split ("train"), text
+      crops.parquet       crop_id, context_id, split ("train"), kind ("sentence" | "span"), text
       manifest.json       written last: its presence marks the dataset complete
 
-Every question belongs to exactly one context and shares its split. General texts are training-only. Each
+Every question belongs to exactly one context and shares its split. General texts and crops (sentences and random
+spans of training contexts, see :mod:`m3distill.data.crops`) are training-only; a dataset written before crops
+existed loads with an empty crops table. Each
 Parquet file loads with ``datasets.load_dataset("parquet", data_files=...)`` as well as with pandas.
 """
 
@@ -24,7 +27,7 @@ import pyarrow.parquet as pq
 
 from m3distill.atomic import atomic_path
 from m3distill.errors import M3DistillError
-from m3distill.layout import CONTEXTS_FILE, DATASET_MANIFEST_FILE, GENERAL_FILE, QUESTIONS_FILE, SPLITS
+from m3distill.layout import CONTEXTS_FILE, CROPS_FILE, DATASET_MANIFEST_FILE, GENERAL_FILE, QUESTIONS_FILE, SPLITS
 
 CONTEXT_SCHEMA = pa.schema(
     [
@@ -49,12 +52,20 @@ QUESTION_SCHEMA = pa.schema(
     ]
 )
 GENERAL_SCHEMA = pa.schema([("general_id", pa.string()), ("split", pa.string()), ("text", pa.string())])
+CROP_SCHEMA = pa.schema(
+    [("crop_id", pa.string()), ("context_id", pa.string()), ("split", pa.string()), ("kind", pa.string()),
+     ("text", pa.string())]
+)
 
 TABLES: dict[str, tuple[str, pa.Schema]] = {
     "contexts": (CONTEXTS_FILE, CONTEXT_SCHEMA),
     "questions": (QUESTIONS_FILE, QUESTION_SCHEMA),
     "general": (GENERAL_FILE, GENERAL_SCHEMA),
+    "crops": (CROPS_FILE, CROP_SCHEMA),
 }
+# Tables a dataset of an earlier m3distill may lack: they load empty.
+OPTIONAL_TABLES = frozenset({"crops"})
+TEXT_KINDS = ("contexts", "questions", "crops", "general")
 
 
 def write_table(path: str | Path, rows: pd.DataFrame | Sequence[dict[str, Any]], schema: pa.Schema) -> None:
@@ -74,6 +85,11 @@ class SynthDataset:
     questions: pd.DataFrame
     general: pd.DataFrame
     manifest: dict[str, Any]
+    crops: pd.DataFrame = None  # type: ignore[assignment]  # set in __post_init__ when not given
+
+    def __post_init__(self) -> None:
+        if self.crops is None:
+            self.crops = pd.DataFrame({name: pd.Series(dtype=object) for name in CROP_SCHEMA.names})
 
     def split_contexts(self, split: str) -> pd.DataFrame:
         """Contexts of one split (``train``, ``dev`` or ``test``)."""
@@ -85,8 +101,8 @@ class SynthDataset:
         _check_split(split)
         return self.questions[self.questions["split"] == split].reset_index(drop=True)
 
-    def texts(self, splits: Iterable[str] = SPLITS, kinds: Iterable[str] = ("contexts", "questions", "general")) -> list[str]:
-        """Unique texts of the given splits and kinds, in first-seen order (contexts, questions, general)."""
+    def texts(self, splits: Iterable[str] = SPLITS, kinds: Iterable[str] = TEXT_KINDS) -> list[str]:
+        """Unique texts of the given splits and kinds, in first-seen order (contexts, questions, crops, general)."""
         splits = set(splits)
         for split in splits:
             _check_split(split)
@@ -106,7 +122,9 @@ def _check_split(split: str) -> None:
 def is_complete_dataset(path: str | Path) -> bool:
     """True when ``path`` holds a finished dataset (all tables and the manifest)."""
     path = Path(path)
-    return all((path / name).is_file() for name, _ in TABLES.values()) and (path / DATASET_MANIFEST_FILE).is_file()
+    return all((path / name).is_file() for kind, (name, _) in TABLES.items() if kind not in OPTIONAL_TABLES) and (
+        path / DATASET_MANIFEST_FILE
+    ).is_file()
 
 
 def load_synth_dataset(path: str | Path) -> SynthDataset:
@@ -125,6 +143,8 @@ def load_synth_dataset(path: str | Path) -> SynthDataset:
     frames: dict[str, pd.DataFrame] = {}
     for kind, (name, schema) in TABLES.items():
         file = path / name
+        if not file.is_file() and kind in OPTIONAL_TABLES:
+            continue
         if not file.is_file():
             raise M3DistillError(f"{path} is not a complete m3distill dataset: {name} is missing (rerun `m3distill synth`)")
         frame = pq.read_table(file).to_pandas()

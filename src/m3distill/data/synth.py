@@ -27,11 +27,27 @@ from m3distill.atomic import atomic_dir, write_json_atomic
 from m3distill.config import SynthConfig
 from m3distill.data.chunking import Context, chunk_documents, load_tokenizer, model_token_limit
 from m3distill.data.corpus import Corpus, load_corpus
-from m3distill.data.dataset import CONTEXT_SCHEMA, GENERAL_SCHEMA, QUESTION_SCHEMA, is_complete_dataset, write_table
+from m3distill.data.crops import context_crops
+from m3distill.data.dataset import (
+    CONTEXT_SCHEMA,
+    CROP_SCHEMA,
+    GENERAL_SCHEMA,
+    QUESTION_SCHEMA,
+    is_complete_dataset,
+    write_table,
+)
 from m3distill.data.questions import make_question_generator
 from m3distill.data.splits import assign_splits, general_budget, sample_general
 from m3distill.errors import M3DistillError
-from m3distill.layout import CONTEXTS_FILE, DATASET_MANIFEST_FILE, GENERAL_FILE, QUESTIONS_FILE, SPLITS
+from m3distill.layout import (
+    CONTEXTS_FILE,
+    CROPS_FILE,
+    DATASET_MANIFEST_FILE,
+    GENERAL_FILE,
+    QUESTIONS_FILE,
+    SPLITS,
+    is_inside,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +70,7 @@ class SynthSummary:
     contexts: dict[str, int]
     questions: dict[str, int]
     general: int
+    crops: int
     languages: dict[str, int]
     dropped_questions: dict[str, int]
     seconds: float
@@ -67,7 +84,7 @@ class SynthSummary:
         state = "up to date" if self.up_to_date else f"in {self.seconds:.1f}s"
         return (
             f"{self.documents} documents -> {sum(self.contexts.values())} contexts (train/dev/test {per_split}), "
-            f"{sum(self.questions.values())} questions ({questions}), {self.general} general texts, "
+            f"{sum(self.questions.values())} questions ({questions}), {self.crops} crops, {self.general} general texts, "
             f"{len(self.languages)} languages; {state} -> {self.out_dir}"
         )
 
@@ -86,17 +103,20 @@ def synthesize(
         config: the synth settings; ``config.corpus`` must be set.
         out_dir: the dataset directory to write (usually ``<run_dir>/dataset``).
         tokenizer: model folder or hub id whose tokenizer counts context tokens (the teacher's).
-        overwrite: replace an existing dataset made from other inputs (or any existing non-empty folder).
+        overwrite: replace an existing dataset made from other inputs. A non-empty folder that is not an m3distill
+            dataset (no manifest.json) is never replaced, with or without ``overwrite``.
         show_progress: show progress bars.
 
     Raises:
         M3DistillError: no corpus, unreadable inputs, an unusable tokenizer or endpoint, split sizes that leave no
-            training data, or ``out_dir`` holding something else and ``overwrite`` unset.
+            training data, ``out_dir`` holding another dataset and ``overwrite`` unset, ``out_dir`` holding files
+            that are not an m3distill dataset, or a corpus inside ``out_dir``.
     """
     started = time.perf_counter()
     if not config.corpus:
         raise M3DistillError("no corpus given: pass --corpus PATH (a file, folder or dataset) or set synth.corpus")
     out_dir = Path(out_dir)
+    _check_inputs_outside(out_dir, {"corpus": config.corpus, "general": config.general})
     generator = make_question_generator(config, out_dir)
 
     corpus = _load(config.corpus, config, config.max_documents)
@@ -125,6 +145,12 @@ def synthesize(
          "generator": generator.name, "text": question}
         for context, split, questions in zip(contexts, splits, generation.questions)
         for number, question in enumerate(questions)
+    ]
+    domain_texts = {row["text"] for row in question_rows} | {context.text for context in contexts}
+    crop_rows = [
+        row for row in context_crops(contexts, splits, sentences=config.crop_sentences,
+                                     spans_per_context=config.crop_spans, seed=config.seed)
+        if row["text"] not in domain_texts  # a crop equal to a question or context adds nothing
     ]
     n_train_texts = sum(split == "train" for split in splits) + sum(row["split"] == "train" for row in question_rows)
     general_rows, general_report = _general(
@@ -158,6 +184,7 @@ def synthesize(
             "contexts": _per_split(row["split"] for row in context_rows),
             "questions": _per_split(row["split"] for row in question_rows),
             "general": len(general_rows),
+            "crops": dict(sorted(Counter(row["kind"] for row in crop_rows).items())),
         },
         "languages": dict(sorted(Counter(languages).items())) if config.detect_language else None,
     }
@@ -165,6 +192,7 @@ def synthesize(
         write_table(tmp / CONTEXTS_FILE, context_rows, CONTEXT_SCHEMA)
         write_table(tmp / QUESTIONS_FILE, question_rows, QUESTION_SCHEMA)
         write_table(tmp / GENERAL_FILE, general_rows, GENERAL_SCHEMA)
+        write_table(tmp / CROPS_FILE, crop_rows, CROP_SCHEMA)
         write_json_atomic(tmp / DATASET_MANIFEST_FILE, manifest)  # last: it marks the dataset complete
 
     summary = _summary(out_dir, manifest, time.perf_counter() - started)
@@ -200,8 +228,22 @@ def _input_hash(config: SynthConfig, corpus: Corpus, general: Corpus | None, tok
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def _check_inputs_outside(out_dir: Path, sources: dict[str, str | None]) -> None:
+    """Refuse a corpus that lies inside ``out_dir``: writing the dataset replaces that folder, corpus and all."""
+    for name, source in sources.items():
+        if source and Path(source).expanduser().exists() and is_inside(source, out_dir):
+            raise M3DistillError(
+                f"the {name} {source} lies inside the output folder {out_dir}, which synth replaces; move the {name} "
+                "out of it or choose another --out"
+            )
+
+
 def _check_out_dir(out_dir: Path, input_hash: str, overwrite: bool) -> bool | None:
-    """``None`` when ``out_dir`` already holds this very dataset; else whether an existing folder is replaced."""
+    """``None`` when ``out_dir`` already holds this very dataset; else whether an existing folder is replaced.
+
+    Only a folder carrying a dataset manifest (m3distill's marker) is ever replaced; any other non-empty folder is
+    the user's and is refused even with ``overwrite``.
+    """
     if is_complete_dataset(out_dir):
         try:
             found = json.loads((out_dir / DATASET_MANIFEST_FILE).read_text(encoding="utf-8")).get("input_hash")
@@ -218,12 +260,27 @@ def _check_out_dir(out_dir: Path, input_hash: str, overwrite: bool) -> bool | No
     if out_dir.exists():
         if not out_dir.is_dir():
             raise M3DistillError(f"{out_dir} is a file; --out must be a directory")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise M3DistillError(
-                f"{out_dir} exists and is not an m3distill dataset; pass --overwrite to replace it, or choose another --out"
-            )
+        if any(out_dir.iterdir()):
+            if not _has_dataset_manifest(out_dir):
+                raise M3DistillError(
+                    f"{out_dir} is not empty and is not an m3distill dataset (no {DATASET_MANIFEST_FILE}); m3distill "
+                    "never replaces it, even with --overwrite: choose another --out, or empty the folder yourself"
+                )
+            if not overwrite:
+                raise M3DistillError(
+                    f"{out_dir} holds an incomplete m3distill dataset; pass --overwrite to replace it, or choose "
+                    "another --out"
+                )
         return True
     return False
+
+
+def _has_dataset_manifest(folder: Path) -> bool:
+    """True when ``folder`` carries a dataset manifest: the marker of a folder m3distill synth wrote."""
+    try:
+        return isinstance(json.loads((folder / DATASET_MANIFEST_FILE).read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def _warn_if_model_reads_less(name: str | Path, tokenizer: Any, max_tokens: int) -> None:
@@ -324,6 +381,7 @@ def _summary(out_dir: Path, manifest: dict[str, Any], seconds: float, *, up_to_d
         contexts=dict(counts["contexts"]),
         questions=dict(counts["questions"]),
         general=counts["general"],
+        crops=sum(counts.get("crops", {}).values()),
         languages=dict(manifest.get("languages") or {}),
         dropped_questions=dict(manifest["generator"].get("dropped", {})),
         seconds=seconds,

@@ -9,9 +9,11 @@ then measures:
    Recall@k / MRR@10 / nDCG@10 (:mod:`m3distill.evaluation.retrieval`);
 3. speed, size and memory (:mod:`m3distill.evaluation.speed`);
 
-and writes the report (report.json, report.md, plots; see :mod:`m3distill.report`). Embeddings are cached in
-``OUT_DIR/.embeddings-cache`` while the evaluation runs, so an interrupted evaluation resumes without
-re-encoding; the cache is removed once the report is written.
+and writes the report (report.json, report.md, plots; see :mod:`m3distill.report`) into a folder beside
+``OUT_DIR`` that replaces it in one rename once complete: a failed or killed evaluation leaves the previous report
+whole. Embeddings are cached in ``OUT_DIR/.embeddings-cache`` while the evaluation runs, so an interrupted
+evaluation resumes without re-encoding; the cache leaves with the old folder when the new report is swapped in.
+``OUT_DIR`` must be new, empty, or a report folder m3distill wrote (report.json or the embeddings cache in it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import importlib.metadata
 import itertools
 import logging
 import platform
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from m3distill import __version__
-from m3distill.atomic import atomic_path
+from m3distill.atomic import atomic_dir, atomic_path
 from m3distill.config import EvaluationConfig, TeacherConfig
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
@@ -55,6 +56,8 @@ from m3distill.evaluation.retrieval import (
     hnsw_vs_exact_metric,
     make_search_backend,
     overlap_metric,
+    query_side_index,
+    query_side_overlap_metric,
     search_depth,
     top_k_overlap,
 )
@@ -117,11 +120,12 @@ def evaluate_models(
             expensive encoding; the teacher is still loaded for the speed measurement.
 
     Returns the report (the content of report.json). Raises :class:`M3DistillError`, before any encoding, for
-    an incomplete dataset, an empty test split, a k larger than the indexed contexts, or a student folder that
-    is not a sentence-transformers model.
+    an incomplete dataset, an empty test split, a k larger than the indexed contexts, a student folder that
+    is not a sentence-transformers model, or an ``out_dir`` holding files that are not an m3distill report.
     """
     started = time.time()
     out_dir = Path(out_dir)
+    _check_report_dir(out_dir)
     data = _load_test_data(dataset_dir, config)
     check_k_fits(config.k, len(data.contexts))
     student_dirs = [Path(path) for path in student_dirs]
@@ -131,8 +135,6 @@ def evaluate_models(
     labels = _model_labels(student_dirs)
     device = resolve_device(config.device)
     backend = make_search_backend(config, client=qdrant_client)
-    # An old report.json would mark this directory complete while the new evaluation is still running.
-    (out_dir / REPORT_JSON_FILE).unlink(missing_ok=True)
     timings: dict[str, float] = {}
     cache_dir = out_dir / EMBEDDINGS_CACHE_DIRNAME
 
@@ -193,10 +195,26 @@ def evaluate_models(
         "models": model_reports,
         "pairs": pair_reports,
     }
-    write_report(report, out_dir)
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    # The new report replaces the old folder (and its embeddings cache) only once every file is written.
+    with atomic_dir(out_dir.absolute(), overwrite=True) as new_report_dir:
+        write_report(report, new_report_dir)
     logger.info("evaluated %d models in %.1fs; report in %s", len(labels), report["duration_s"], out_dir)
     return report
+
+
+def _check_report_dir(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` the new report may not replace: anything but a new, empty or m3distill report folder."""
+    if not out_dir.exists():
+        return
+    if out_dir.is_dir():
+        if (out_dir / REPORT_JSON_FILE).is_file() or (out_dir / EMBEDDINGS_CACHE_DIRNAME).is_dir():
+            return
+        if not any(out_dir.iterdir()):
+            return
+    raise M3DistillError(
+        f"{out_dir} is not an m3distill report folder (no {REPORT_JSON_FILE}) and is not empty; the report replaces "
+        "its folder, so choose another --out, or empty it yourself"
+    )
 
 
 def _load_models(teacher: TeacherConfig, students: dict[str, Path], device: str) -> dict[str, SentenceTransformer]:
@@ -277,12 +295,41 @@ def _measure_retrieval(
         if "exact" in found and "hnsw" in found:
             for k in config.k:
                 metrics[label][hnsw_vs_exact_metric(k)] = top_k_overlap(found["hnsw"], found["exact"], k)
+    _measure_query_side(embeddings, data, config, backend, tops, depth, metrics)
     pair_reports = [
         {"a": a, "b": b, "metrics": {overlap_metric(index, k): top_k_overlap(tops[a][index], tops[b][index], k)
                                      for index in indexes for k in config.k}}
         for a, b in itertools.combinations(tops, 2)
     ]
     return pair_reports, depth
+
+
+def _measure_query_side(
+    embeddings: dict[str, np.ndarray],
+    data: _TestData,
+    config: EvaluationConfig,
+    backend: VectorSearchBackend,
+    tops: dict[str, dict[str, np.ndarray]],
+    depth: int,
+    metrics: dict[str, dict[str, Any]],
+) -> None:
+    """The query-side stand-in: each student's questions searched (exact) in the teacher's index of the contexts.
+
+    A user with a collection the teacher already encoded can keep it and encode only the questions with a
+    student; these figures say what that gives. Students of another embedding width than the teacher's are skipped.
+    """
+    n_questions = len(data.questions)
+    teacher = embeddings[TEACHER_LABEL]
+    # The teacher's own exact top-k is the reference (its HNSW top-k when only HNSW ran).
+    reference = tops[TEACHER_LABEL].get("exact", next(iter(tops[TEACHER_LABEL].values())))
+    for label, student in embeddings.items():
+        if label == TEACHER_LABEL or student.shape[1] != teacher.shape[1]:
+            continue
+        found = backend.search(f"{label}-in-teacher", teacher[n_questions:], student[:n_questions], depth, ["exact"])
+        metrics[label].update(ground_truth_metrics(found["exact"], data.own_context, config.k,
+                                                   query_side_index("exact")))
+        for k in config.k:
+            metrics[label][query_side_overlap_metric("exact", k)] = top_k_overlap(found["exact"], reference, k)
 
 
 def _measure_speed(models: dict[str, SentenceTransformer], data: _TestData, config: EvaluationConfig,

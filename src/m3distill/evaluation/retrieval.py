@@ -66,6 +66,19 @@ def ndcg_metric(index: str) -> str:
     return f"{index}_ndcg@{GROUND_TRUTH_CUTOFF}"
 
 
+QUERY_SIDE = "query_side"
+
+
+def query_side_index(index: str) -> str:
+    """Metric prefix of a student's questions searched in the teacher's index (the query-side stand-in)."""
+    return f"{QUERY_SIDE}_{index}"
+
+
+def query_side_overlap_metric(index: str, k: int) -> str:
+    """Name of the P@k overlap of the query-side stand-in's top-k with the teacher's own top-k."""
+    return overlap_metric(query_side_index(index), k)
+
+
 def hnsw_vs_exact_metric(k: int) -> str:
     """Name of the overlap of a model's HNSW top-k with its exact top-k."""
     return f"hnsw_vs_exact_overlap@{k}"

@@ -11,6 +11,8 @@ from m3distill.evaluation.retrieval import (
     mrr_metric,
     ndcg_metric,
     overlap_metric,
+    query_side_index,
+    query_side_overlap_metric,
     recall_metric,
 )
 
@@ -55,6 +57,19 @@ def render_markdown(report: dict[str, Any], plot_files: dict[str, str]) -> str:
              for model in report["models"]],
         )
         lines.append("")
+    query_side = [model for model in students if query_side_overlap_metric("exact", ks[0]) in model["metrics"]]
+    if query_side:
+        side = query_side_index("exact")
+        lines += ["## Query-side stand-in: student questions searched in the teacher's index (exact search)", ""]
+        lines += _table(
+            ["student", *[f"P@{k} vs teacher" for k in ks], f"MRR@{GROUND_TRUTH_CUTOFF}",
+             f"nDCG@{GROUND_TRUTH_CUTOFF}"],
+            [[model["name"], *[_fraction(model["metrics"].get(query_side_overlap_metric("exact", k))) for k in ks],
+              _fraction(model["metrics"].get(mrr_metric(side))), _fraction(model["metrics"].get(ndcg_metric(side)))]
+             for model in query_side],
+        )
+        lines += ["", "Contexts stay encoded by the teacher (an existing collection is kept); only the questions are "
+                  "encoded by the student. P@k compares with the teacher's own top-k.", ""]
     lines += ["## Alignment with the teacher (test split)", ""]
     lines += _table(
         ["student", "MSE per element", "MSE x100 (MSEEvaluator)", "mean cosine", "Pearson (cosine sim.)",

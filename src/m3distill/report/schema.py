@@ -30,6 +30,10 @@ m3distill.evaluation.alignment / retrieval / speed):
                       alignment_mean_cosine, alignment_pearson_cosine, alignment_spearman_cosine (students only)
                       {index}_recall@{k}, {index}_mrr@10, {index}_ndcg@10         for each index kind and k
                       hnsw_vs_exact_overlap@{k}   HNSW recall: HNSW top-k vs exact top-k, when both ran
+                      query_side_exact_overlap@{k}, query_side_exact_recall@{k}, query_side_exact_mrr@10,
+                      query_side_exact_ndcg@10    (students of the teacher's width) the student's questions
+                                  searched exactly in the teacher's index: P@k vs the teacher's own top-k, and
+                                  ground truth
                       speed_texts_per_s, speed_seconds_per_run, speed_speedup_vs_teacher, speed_parameters,
                       speed_weights_bytes, speed_size_on_disk_bytes (null when unknown),
                       speed_peak_memory_increase_bytes, speed_memory_measure (how memory was measured)

@@ -35,6 +35,7 @@ def build_student(teacher: SentenceTransformer, layers: Sequence[int]) -> Senten
     for new_index, layer in enumerate(kept):
         _renumber(layer, new_index)
     _shrink_config(student_backbone.config, layers)
+    student.requires_grad_(True)  # a student is built to be trained, whatever the teacher's flags were
     logger.info("built a %d-layer student from layers %s", len(layers), layers)
     return student
 

@@ -3,7 +3,8 @@
 :func:`resolve_layer_plans` turns the ``students`` config section into one :class:`LayerPlan` per student.
 Strategy ``search`` leaves the layers open; :func:`search_layer_plan` then builds every candidate from
 :func:`candidate_plans`, optionally trains it for a few steps with MSE on the cached teacher embeddings, scores it
-on dev texts (MSE and mean cosine to the teacher) and keeps the candidate with the lowest MSE.
+on dev texts (top-10 agreement with the teacher when the caller measures it, MSE and mean cosine to the teacher)
+and keeps the candidate with the highest agreement (the lowest MSE when agreement is not measured).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -52,11 +53,13 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class CandidateScore:
-    """A candidate plan's alignment with the teacher on dev texts: ``mse`` (lower is better), ``mean_cosine``."""
+    """A candidate plan's alignment with the teacher on dev texts: ``mse`` (lower is better), ``mean_cosine`` and
+    ``top_k`` (dev top-10 agreement with the teacher, higher is better; ``None`` when not measured)."""
 
     layers: tuple[int, ...]
     mse: float
     mean_cosine: float
+    top_k: float | None = None
 
 
 @dataclass(frozen=True)
@@ -127,15 +130,13 @@ def ensure_distinct_names(plans: Sequence[LayerPlan]) -> None:
 def candidate_plans(n_teacher_layers: int, n_layers: int, n_candidates: int, *, seed: int = 0) -> list[list[int]]:
     """Up to ``n_candidates`` distinct layer plans for a search, in a fixed order.
 
-    The order is: uniform, first, last, evenly spaced including both ends, uniform shifted up by 1, 2, ...; any
-    remaining places go to random plans drawn with ``seed``.
+    The order is: spread, uniform, first, last, uniform shifted up by 1, 2, ...; any remaining places go to random
+    plans drawn with ``seed``.
     """
     plan_layers(n_teacher_layers, n_layers)  # range check
     found: dict[tuple[int, ...], None] = {}
     uniform = plan_layers(n_teacher_layers, n_layers, "uniform")
-    ordered = [uniform, plan_layers(n_teacher_layers, n_layers, "first"), plan_layers(n_teacher_layers, n_layers, "last")]
-    if n_layers > 1:
-        ordered.append([round(i * (n_teacher_layers - 1) / (n_layers - 1)) for i in range(n_layers)])
+    ordered = [plan_layers(n_teacher_layers, n_layers, strategy) for strategy in ("spread", "uniform", "first", "last")]
     ordered += [[layer + shift for layer in uniform] for shift in range(1, n_teacher_layers - uniform[-1])]
     for plan in ordered:
         found.setdefault(tuple(plan), None)
@@ -160,8 +161,9 @@ def search_layer_plan(
     learning_rate: float = 1e-4,
     seed: int = 42,
     max_seq_length: int | None = None,
+    top_k_score: Callable[[SentenceTransformer], float] | None = None,
 ) -> SearchResult:
-    """Score candidate plans for an ``n_layers`` student and return the best one (lowest dev MSE).
+    """Score candidate plans for an ``n_layers`` student and return the best one.
 
     Args:
         teacher: the loaded teacher; candidates are built from its layers (it is not modified).
@@ -176,6 +178,8 @@ def search_layer_plan(
         learning_rate: AdamW learning rate for the training steps.
         seed: seed for candidate drawing and batch order.
         max_seq_length: student max sequence length; the teacher's when ``None``.
+        top_k_score: the dev top-k agreement of a candidate with the teacher; when given, candidates are ranked by
+            it (ties by MSE), else by dev MSE.
     """
     if len(dev_texts) == 0 or len(dev_texts) != len(dev_embeddings):
         raise ValueError(
@@ -193,11 +197,13 @@ def search_layer_plan(
             _train_steps(student, train_texts, train_embeddings, steps=steps, batch_size=batch_size,
                          learning_rate=learning_rate, seed=seed)
         predicted = student.encode(list(dev_texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
-        scores.append(CandidateScore(tuple(layers), *embedding_error(predicted, dev_embeddings)))
-        logger.info("search %d layers: candidate %s dev mse %.6f, mean cosine %.4f",
-                    n_layers, layers, scores[-1].mse, scores[-1].mean_cosine)
+        top_k = top_k_score(student) if top_k_score is not None else None
+        scores.append(CandidateScore(tuple(layers), *embedding_error(predicted, dev_embeddings), top_k=top_k))
+        logger.info("search %d layers: candidate %s dev mse %.6f, mean cosine %.4f, top-k agreement %s",
+                    n_layers, layers, scores[-1].mse, scores[-1].mean_cosine,
+                    "-" if top_k is None else f"{top_k:.3f}")
         del student
-    ranked = tuple(sorted(scores, key=lambda score: score.mse))
+    ranked = tuple(sorted(scores, key=lambda score: (-(score.top_k or 0.0), score.mse)))
     result = SearchResult(best=ranked[0].layers, candidates=ranked, steps=steps, n_dev_texts=len(dev_texts))
     logger.info("search %d layers: picked %s of %d candidates", n_layers, list(result.best), len(ranked))
     return result

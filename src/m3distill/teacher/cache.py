@@ -8,6 +8,9 @@
                                     marks the shard complete
       manifest.json                 written last: fingerprint, dim, dtype, count, shards, outputs
 
+Opening a cache checks every shard against its manifest entry (rows, dimension, file sizes): a shard truncated or
+damaged on disk is one clear error, and the next ``m3distill teacher`` run embeds its texts again.
+
 Shards are the unit of resumption. The texts still missing from the cache are sorted by (length, key) and cut
 into shards of ``teacher.shard_size``, numbered after the shards already present; a run killed after k shards
 and rerun therefore plans exactly the shards the first run had not finished, with the same texts in the same
@@ -142,7 +145,7 @@ def build_teacher_cache(
     fingerprint = teacher_fingerprint(model, teacher.model, revision=teacher.revision)
     _claim_cache_dir(out_dir, fingerprint, teacher.dtype)
 
-    shard_keys = {name: _read_keys(out_dir, name) for name in _complete_shards(out_dir)}
+    shard_keys = _intact_shards(out_dir, fingerprint.dim)
     cached_keys = {key for keys in shard_keys.values() for key in keys}
     by_key = {key: text for text in texts if (key := text_key(text)) not in cached_keys}
     # (length, key) order puts similar lengths in the same batches (little padding) and is the same on every rerun.
@@ -213,7 +216,8 @@ class TeacherCache:
     def open(cls, cache_dir: str | Path) -> TeacherCache:
         """Open the cache in ``cache_dir`` (memory-mapped; nothing is read into memory but the keys).
 
-        Raises :class:`M3DistillError` when the folder is missing, incomplete or written by another version.
+        Raises :class:`M3DistillError` when the folder is missing, incomplete or written by another version, or
+        when a shard is missing or does not match its manifest entry (truncated or damaged on disk).
         """
         root = Path(cache_dir)
         manifest = cls.read_manifest(root)
@@ -222,12 +226,16 @@ class TeacherCache:
         for entry in manifest["shards"]:
             name = entry["name"]
             try:
-                keys = _read_keys(root, name)
-                shards[name] = np.load(_shard_file(root, name, DENSE_OUTPUT), mmap_mode="r")
+                keys, shards[name] = _open_shard(root, name, count=int(entry["count"]), dim=int(manifest["dim"]))
             except FileNotFoundError as error:
                 raise M3DistillError(
                     f"teacher cache {root} is damaged: {Path(error.filename).name} is missing; rerun `m3distill teacher`"
                 ) from error
+            except _CorruptShard as error:
+                raise M3DistillError(
+                    f"teacher cache {root} is damaged: shard {name} {error}; rerun `m3distill teacher` with the same "
+                    "settings to embed its texts again"
+                ) from None
             for row, key in enumerate(keys):
                 index[key] = (name, row)
         return cls(root, manifest, shards, index)
@@ -326,6 +334,52 @@ def _complete_shards(root: Path) -> list[str]:
 
 def _read_keys(root: Path, name: str) -> list[str]:
     return [key.decode("ascii") for key in np.load(_shard_file(root, name, "keys"))]
+
+
+class _CorruptShard(Exception):
+    """A shard whose files exist but do not hold what its manifest entry (or its own keys) say."""
+
+
+def _open_shard(root: Path, name: str, *, count: int | None, dim: int) -> tuple[list[str], np.ndarray]:
+    """A shard's keys and its memory-mapped embeddings, checked against each other and against ``count`` rows of
+    ``dim`` values; raises :class:`_CorruptShard` saying what is wrong, FileNotFoundError when a file is missing."""
+    dense_file = _shard_file(root, name, DENSE_OUTPUT)
+    try:
+        keys = _read_keys(root, name)
+    except (ValueError, EOFError, UnicodeDecodeError) as error:
+        raise _CorruptShard(f"has an unreadable keys file ({error})") from None
+    try:
+        dense = np.load(dense_file, mmap_mode="r")
+    except (ValueError, EOFError) as error:  # "mmap length is greater than file size": truncated
+        raise _CorruptShard(f"has a truncated or unreadable embeddings file ({error})") from None
+    if count is not None and len(keys) != count:
+        raise _CorruptShard(f"holds {len(keys)} keys where the manifest lists {count}")
+    if dense.shape != (len(keys), dim):
+        raise _CorruptShard(f"holds embeddings of shape {dense.shape} for {len(keys)} keys of dimension {dim}")
+    if dense_file.stat().st_size != dense.offset + dense.nbytes:
+        raise _CorruptShard(f"has an embeddings file of {dense_file.stat().st_size} bytes, not {dense.offset + dense.nbytes}")
+    return keys, dense
+
+
+def _intact_shards(root: Path, dim: int) -> dict[str, list[str]]:
+    """Keys of every complete shard in ``root`` that reads back whole; a damaged shard is removed, so its texts are
+    embedded again."""
+    counts: dict[str, int] = {}
+    manifest_file = root / CACHE_MANIFEST_FILE
+    if manifest_file.is_file():
+        try:
+            counts = {entry["name"]: int(entry["count"]) for entry in json.loads(manifest_file.read_text())["shards"]}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            counts = {}
+    intact = {}
+    for name in _complete_shards(root):
+        try:
+            intact[name], _ = _open_shard(root, name, count=counts.get(name), dim=dim)
+        except _CorruptShard as error:
+            logger.warning("teacher cache %s: shard %s %s; embedding its texts again", root, name, error)
+            for output in ("keys", DENSE_OUTPUT):  # keys first: without them the shard no longer counts as complete
+                _shard_file(root, name, output).unlink(missing_ok=True)
+    return intact
 
 
 def _write_shard(

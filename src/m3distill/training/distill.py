@@ -1,4 +1,4 @@
-"""MSE distillation: each student learns to reproduce the teacher's cached embeddings.
+"""Distillation: each student learns to reproduce the teacher's cached embeddings (and how they rank the corpus).
 
     OUT_DIR/<student_name>/          one sentence-transformers folder per student (see m3distill.layout)
       modules.json, model.safetensors, ...   loads with plain SentenceTransformer(path)
@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +30,13 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from sentence_transformers.sentence_transformer.losses import MSELoss
-from transformers import PrinterCallback, TrainerCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from m3distill import __version__
 from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
-from m3distill.config import M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
+from m3distill.config import DEFAULT_TRAINING_STEPS, M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
 from m3distill.students.build import build_student
@@ -52,7 +51,15 @@ from m3distill.students.search import (
 from m3distill.teacher.cache import TeacherCache
 from m3distill.teacher.fingerprint import check_fingerprint, teacher_fingerprint
 from m3distill.teacher.loading import count_parameters, load_sentence_transformer, num_layers
-from m3distill.training.dev_set import DevSet, build_dev_set, dev_evaluator, dev_metrics
+from m3distill.training.dev_set import (
+    DEV_TOP_K,
+    DevSet,
+    TeacherTopKEvaluator,
+    build_dev_set,
+    dev_evaluator,
+    dev_metrics,
+)
+from m3distill.training.losses import DistillationLoss
 from m3distill.training.model_card import student_model_card
 from m3distill.training.sampler import LengthGroupedBatchSampler
 
@@ -193,13 +200,14 @@ def train_students(
     plans = _resolve_plans(students, n_teacher_layers)
     search_settings = students if isinstance(students, StudentsConfig) else StudentsConfig()
 
-    train_texts = dataset.texts(["train"])
+    train_texts = dataset.texts(["train"], training.texts)
     if not train_texts:
         raise M3DistillError(
             f"the dataset {dataset_dir} has no training texts; rerun `m3distill synth` with a train split"
         )
     train_embeddings = cache.get(train_texts)
-    dev = build_dev_set(dataset, cache, max_texts=training.max_dev_texts, seed=training.seed)
+    dev = build_dev_set(dataset, cache, max_texts=training.max_dev_texts, corpus_size=training.dev_corpus_size,
+                        seed=training.seed)
     _schedule(training, len(train_texts))
     _resolve_precision(training.precision, teacher_model.device)
     for plan in plans:
@@ -233,7 +241,32 @@ def _resolve_plans(
     return plans
 
 
+def is_m3distill_student_dir(path: str | Path) -> bool:
+    """True when ``path`` carries m3distill's marker: a finished student's metadata, or the ``run.json`` that
+    training writes into a student folder before anything else. Only such a folder is ever replaced or removed."""
+    path = Path(path)
+    if is_trained_student(path):
+        return True
+    try:
+        return "layers" in json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return False
+
+
+def _check_student_dir_is_ours(student_dir: Path) -> None:
+    """Refuse a student folder holding files m3distill did not write: finishing the student replaces the folder."""
+    if not student_dir.exists() and not student_dir.is_symlink():
+        return
+    if student_dir.is_dir() and (is_m3distill_student_dir(student_dir) or not any(student_dir.iterdir())):
+        return
+    raise M3DistillError(
+        f"{student_dir} holds files that are not an m3distill student (no {STUDENT_METADATA_FILE} or {RUN_FILE}); "
+        "training would replace it: move it away or choose another --out"
+    )
+
+
 def _check_resumable(student_dir: Path, resume: bool) -> None:
+    _check_student_dir_is_ours(student_dir)
     checkpoints = student_dir / CHECKPOINTS_DIRNAME
     if is_trained_student(student_dir) or resume or not checkpoints.is_dir():
         return
@@ -279,15 +312,22 @@ class _TrainingJob:
         elif last is not None:
             logger.info("%s: resuming from %s", plan.name, Path(last).name)
         args, precision = self._arguments(checkpoints, student.device)
+        total_steps = _schedule(self.training, len(self.train_texts))[0]
+        seen = total_steps * self.training.batch_size * max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        logger.info("%s: up to %d steps x %d texts = %d texts seen: each of the %d training texts about %.1f times",
+                    plan.name, total_steps, self.training.batch_size, seen, len(self.train_texts),
+                    seen / len(self.train_texts))
         timer = _StepTimer()
         callbacks: list[TrainerCallback] = [timer]
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(student_dir / LOGS_DIRNAME))))
+        if self.training.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=self.training.early_stopping_patience))
         trainer = SentenceTransformerTrainer(
             model=student, args=args, train_dataset=_train_dataset(self.train_texts, self.train_embeddings),
-            loss=MSELoss(student), evaluator=evaluator, callbacks=callbacks,
+            loss=self._loss(student), evaluator=evaluator, callbacks=callbacks,
         )
         if not self.show_progress:
             trainer.remove_callback(PrinterCallback)
@@ -306,6 +346,23 @@ class _TrainingJob:
             self._write_student(trainer.model, student_dir, metadata)
         trainer.accelerator.wait_for_everyone()
         return StudentResult.from_metadata(student_dir, metadata, skipped=False)
+
+    def _top_k_score(self) -> Callable[[SentenceTransformer], float] | None:
+        """Dev top-10 agreement of a model with the teacher, or None when the dev corpus is too small for it."""
+        if len(self.dev.corpus) < DEV_TOP_K:
+            return None
+        evaluator = TeacherTopKEvaluator(self.dev.queries, self.dev.query_embeddings, self.dev.corpus,
+                                         self.dev.corpus_embeddings, batch_size=self.training.batch_size)
+        return lambda model: next(iter(evaluator(model).values()))
+
+    def _loss(self, student: SentenceTransformer) -> DistillationLoss:
+        config = self.training.loss
+        anchors = None
+        if config.anchor_kl:
+            count = min(config.n_anchors, len(self.train_texts))
+            rows = np.sort(np.random.default_rng(self.training.seed).choice(len(self.train_texts), count, replace=False))
+            anchors = self.train_embeddings[rows]
+        return DistillationLoss(student, config, anchors=anchors, teacher=self.teacher_model if config.token else None)
 
     def _layers(self, plan: LayerPlan, student_dir: Path, *, resume: bool, write: bool) -> tuple[list[int], dict | None]:
         """The plan's layers; for a search, the recorded choice when resuming, else a fresh search."""
@@ -327,7 +384,7 @@ class _TrainingJob:
                 steps=self.search_settings.search_steps, train_texts=self.train_texts,
                 train_embeddings=self.train_embeddings,
                 batch_size=self.training.batch_size, learning_rate=self.training.learning_rate, seed=self.training.seed,
-                max_seq_length=self.training.max_seq_length,
+                max_seq_length=self.training.max_seq_length, top_k_score=self._top_k_score(),
             )
             search = result.to_dict()
             layers = list(result.best)
@@ -341,16 +398,16 @@ class _TrainingJob:
         training = self.training
         total_steps, eval_steps, save_steps = _schedule(training, len(self.train_texts))
         precision = _resolve_precision(training.precision, device)
-        metric = "eval_dev_spearman_cosine" if training.best_metric == "spearman" else "eval_dev_negative_mse"
+        metric = _best_metric_key(training.best_metric, has_top_k=len(self.dev.corpus) >= DEV_TOP_K)
         args = SentenceTransformerTrainingArguments(
             output_dir=str(checkpoints),
-            num_train_epochs=training.epochs,
-            max_steps=training.max_steps or -1,
+            max_steps=total_steps,
             per_device_train_batch_size=training.batch_size,
             per_device_eval_batch_size=training.batch_size,
             learning_rate=training.learning_rate,
             warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the total steps
             weight_decay=training.weight_decay,
+            lr_scheduler_type=training.lr_scheduler,
             bf16=precision == "bf16",
             fp16=precision == "fp16",
             use_cpu=device.type == "cpu",
@@ -402,7 +459,15 @@ class _TrainingJob:
                 "batch_size": training.batch_size,
                 "learning_rate": training.learning_rate,
                 "warmup_ratio": training.warmup_ratio,
+                "lr_scheduler": training.lr_scheduler,
                 "weight_decay": training.weight_decay,
+                "loss": training.loss.model_dump(mode="json"),
+                "texts": list(training.texts),
+                "early_stopping_patience": training.early_stopping_patience,
+                "texts_seen": trainer.state.global_step * training.batch_size * trainer.args.world_size,
+                "passes_over_train_texts": round(
+                    trainer.state.global_step * training.batch_size * trainer.args.world_size / len(self.train_texts), 2
+                ),
                 "max_seq_length": trainer.model.max_seq_length,
                 "precision": precision,
                 "seed": training.seed,
@@ -422,6 +487,7 @@ class _TrainingJob:
 
     def _write_student(self, model: SentenceTransformer, student_dir: Path, metadata: dict[str, Any]) -> None:
         # The finished folder replaces the training folder in one rename: a student is either complete or absent.
+        _check_student_dir_is_ours(student_dir)
         with atomic_dir(student_dir, overwrite=True) as tmp:
             model.save(str(tmp), create_model_card=False)
             for kept in (LOGS_DIRNAME, CHECKPOINTS_DIRNAME if self.training.keep_checkpoints else None):
@@ -453,11 +519,16 @@ class _StepTimer(TrainerCallback):
 
 
 def _schedule(training: TrainingConfig, n_train_texts: int) -> tuple[int, int, int]:
-    """Total optimizer steps, evaluation interval and checkpoint interval (default: evaluate once per epoch)."""
+    """Total optimizer steps, evaluation interval and checkpoint interval (default: 8 evaluations per run)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = max(1, n_train_texts // (training.batch_size * world_size))
-    total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
-    eval_steps = training.eval_steps or training.save_steps or min(steps_per_epoch, total_steps)
+    if training.max_steps:
+        total_steps = training.max_steps
+    elif training.epochs:
+        total_steps = max(1, math.ceil(training.epochs * steps_per_epoch))
+    else:
+        total_steps = DEFAULT_TRAINING_STEPS
+    eval_steps = training.eval_steps or training.save_steps or max(1, total_steps // 8)
     save_steps = training.save_steps or eval_steps
     if save_steps % eval_steps:
         raise M3DistillError(
@@ -465,6 +536,15 @@ def _schedule(training: TrainingConfig, n_train_texts: int) -> tuple[int, int, i
             "the best checkpoint is chosen among evaluated ones"
         )
     return total_steps, eval_steps, save_steps
+
+
+def _best_metric_key(best_metric: str, *, has_top_k: bool) -> str:
+    """The Trainer's name of the dev metric that picks the kept checkpoint (Spearman when top-k is not measured)."""
+    if best_metric == "top_k" and has_top_k:
+        return f"eval_dev_teacher_p@{DEV_TOP_K}"
+    if best_metric == "mse":
+        return "eval_dev_negative_mse"
+    return "eval_dev_spearman_cosine"
 
 
 def _best_dev_metrics(trainer: SentenceTransformerTrainer) -> dict[str, float] | None:

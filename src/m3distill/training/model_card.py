@@ -6,12 +6,21 @@ from pathlib import Path
 from typing import Any
 
 _METRICS = (
+    ("teacher_p@10", "top-10 agreement with the teacher (dev questions among dev + train contexts)", "{:.4f}"),
     ("mse", "MSE to the teacher (per dimension)", "{:.6f}"),
     ("mse_x100", "MSE x100 (sentence-transformers scale)", "{:.4f}"),
     ("mean_cosine", "mean cosine to the teacher", "{:.4f}"),
     ("spearman_cosine", "Spearman of pair cosines vs the teacher's", "{:.4f}"),
     ("pearson_cosine", "Pearson of pair cosines vs the teacher's", "{:.4f}"),
 )
+
+
+def _loss_terms(loss: dict[str, Any] | None) -> str:
+    if not loss:
+        return "MSE"
+    names = {"mse": "MSE", "cosine": "cosine", "in_batch_kl": "in-batch similarity KL", "anchor_kl": "anchor similarity KL",
+             "token": "token-level hidden-state MSE (online teacher)"}
+    return "loss: " + " + ".join(f"{loss[key]:g} x {name}" for key, name in names.items() if loss.get(key))
 
 
 def student_model_card(metadata: dict[str, Any]) -> str:
@@ -36,8 +45,8 @@ def student_model_card(metadata: dict[str, Any]) -> str:
         "",
         f"Distilled with m3distill {metadata['m3distill_version']}: the teacher's embeddings, its layers "
         f"**{layers}** (0-based, strategy `{metadata['strategy']}`), its {teacher['pooling_mode']} pooling"
-        f"{' and L2 normalisation' if teacher['normalize'] else ''}, trained with MSE to reproduce the teacher's "
-        "embeddings. Load it with plain sentence-transformers:",
+        f"{' and L2 normalisation' if teacher['normalize'] else ''}, trained to reproduce the teacher's embeddings "
+        f"({_loss_terms(settings.get('loss'))}). Load it with plain sentence-transformers:",
         "",
         "```python",
         "from sentence_transformers import SentenceTransformer",
@@ -58,7 +67,8 @@ def student_model_card(metadata: dict[str, Any]) -> str:
         "",
         "## Data",
         "",
-        f"- training texts (train contexts, questions, general text): {data['train_texts']:,}",
+        f"- training texts ({', '.join(settings.get('texts') or ['contexts', 'questions', 'general'])} of the train "
+        f"split): {data['train_texts']:,}; seen {settings.get('passes_over_train_texts', '-')} times each on average",
         f"- dev texts: {data['dev_texts']:,}; dev pairs (question with its context / a random context): {data['dev_pairs']:,}",
         "",
         "## Training",
@@ -66,8 +76,9 @@ def student_model_card(metadata: dict[str, Any]) -> str:
         "| setting | value |",
         "|---|---|",
     ]
-    for key in ("epochs", "max_steps", "global_step", "batch_size", "learning_rate", "warmup_ratio", "weight_decay",
-                "precision", "world_size", "best_metric", "best_step", "seconds_per_step", "train_seconds"):
+    for key in ("epochs", "max_steps", "global_step", "batch_size", "learning_rate", "lr_scheduler", "warmup_ratio",
+                "weight_decay", "precision", "world_size", "best_metric", "best_step", "early_stopping_patience",
+                "texts_seen", "seconds_per_step", "train_seconds"):
         value = settings.get(key)
         if isinstance(value, float):
             value = f"{value:.4g}"
@@ -75,7 +86,8 @@ def student_model_card(metadata: dict[str, Any]) -> str:
     lines += ["", "## Dev metrics", "", "| metric | before training | after training |", "|---|---|---|"]
     before, after = metadata["dev_before"], metadata["dev_after"]
     for key, label, fmt in _METRICS:
-        lines.append(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
+        if key in before and key in after:
+            lines.append(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
     search = metadata.get("search")
     if search:
         lines += [
@@ -83,11 +95,14 @@ def student_model_card(metadata: dict[str, Any]) -> str:
             "## Layer search",
             "",
             f"{len(search['candidates'])} candidate plans scored on {search['n_dev_texts']} dev texts after "
-            f"{search['steps']} training steps each (lowest MSE wins):",
+            f"{search['steps']} training steps each (highest dev top-10 agreement wins; lowest MSE when it was not "
+            "measured):",
             "",
-            "| layers | dev MSE | mean cosine |",
-            "|---|---|---|",
+            "| layers | dev top-10 agreement | dev MSE | mean cosine |",
+            "|---|---|---|---|",
         ]
         for candidate in search["candidates"]:
-            lines.append(f"| {candidate['layers']} | {candidate['mse']:.6f} | {candidate['mean_cosine']:.4f} |")
+            top_k = candidate.get("top_k")
+            lines.append(f"| {candidate['layers']} | {'-' if top_k is None else f'{top_k:.4f}'} | "
+                         f"{candidate['mse']:.6f} | {candidate['mean_cosine']:.4f} |")
     return "\n".join(lines) + "\n"

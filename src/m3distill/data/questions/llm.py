@@ -6,7 +6,9 @@ is unset the dummy key ``EMPTY`` is sent, which local servers accept.
 
 Requests run ``concurrency`` at a time. Each has its own timeout and is retried with exponential backoff on 429,
 408/409, 5xx, timeouts and connection errors; the SDK's own retries are off so every attempt is ours and counted.
-Answers are cached on disk as they arrive (see :mod:`m3distill.data.questions.cache`).
+Answers are cached on disk as they arrive (see :mod:`m3distill.data.questions.cache`). An answer in which no
+question can be found (an empty reply, or a 200 whose body has the wrong shape) is retried like a failure, is an
+error once retries run out, and is never cached: a cached answer without a question is asked again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 
 from m3distill.config import LLMConfig
 from m3distill.data.chunking import Context
-from m3distill.data.questions.base import EMPTY, PREAMBLE, GenerationResult, filter_questions
+from m3distill.data.questions.base import EMPTY, PREAMBLE, GenerationResult, comparable, filter_questions
 from m3distill.data.questions.cache import AnswerCache, answer_key
 from m3distill.errors import M3DistillError
 
@@ -105,7 +107,9 @@ class LLMQuestionGenerator:
             todo: list[int] = []
             for index, key in enumerate(keys):
                 answers[index] = cache.get(key)
-                if answers[index] is None:
+                # Older versions cached answers without a question (a misbehaving endpoint): ask again.
+                if answers[index] is None or not _has_question(answers[index]):
+                    answers[index] = None
                     todo.append(index)
             self._stats["cache_hits"] = len(contexts) - len(todo)
             progress.update(len(contexts) - len(todo))
@@ -212,11 +216,23 @@ class LLMQuestionGenerator:
                     )
                 choices = response.choices or []
                 message = getattr(choices[0], "message", None) if choices else None
-                return (getattr(message, "content", None) or "") if message is not None else ""
+                answer = (getattr(message, "content", None) or "") if message is not None else ""
+                if _has_question(answer):
+                    return answer
+                last_error = _NoQuestion(
+                    "the reply held no question" if choices else "the reply held no choices"
+                )
             if attempt < self.config.max_retries:
                 delay = self._backoff(attempt, last_error)
                 logger.debug("LLM request failed (%s); retry %d in %.2fs", _first_line(last_error), attempt + 1, delay)
                 self._stop.wait(delay)
+        if isinstance(last_error, _NoQuestion):
+            raise M3DistillError(self._scrub(
+                f"the LLM endpoint {_without_credentials(self.config.base_url)} answered "
+                f"{self.config.max_retries + 1} times without a question ({last_error}): is it an OpenAI-compatible "
+                f"chat endpoint and {self.config.model!r} a chat model? Fix it and rerun: finished answers are kept "
+                f"in {self.cache_path}"
+            ))
         raise M3DistillError(self._scrub(
             f"the LLM endpoint {_without_credentials(self.config.base_url)} still failed after "
             f"{self.config.max_retries + 1} attempts ({_first_line(last_error)}); check the server and rerun: "
@@ -257,7 +273,34 @@ class LLMQuestionGenerator:
             dropped.update(rejected)
         stats = dict(self._stats)
         stats["missing"] = self.questions_per_context * len(contexts) - sum(map(len, questions))
+        _warn_if_mostly_unusable(questions, self.config.model)
         return GenerationResult(questions=questions, dropped=+dropped, stats=stats)
+
+
+class _NoQuestion(Exception):
+    """An answer that arrived (HTTP 200) but holds no question: treated like a failed request, never cached."""
+
+
+def _has_question(answer: str) -> bool:
+    return any(question.strip() for question in parse_questions(answer)[0])
+
+
+def _warn_if_mostly_unusable(questions: list[list[str]], model: str) -> None:
+    """Warn loudly when most contexts got no usable question, or most questions are the same few."""
+    if not questions:
+        return
+    without = sum(not kept for kept in questions)
+    if without * 2 > len(questions):
+        logger.warning(
+            "%d of %d contexts got no usable question from %s (all dropped by the filters): check the model and "
+            "the prompt template before training on this dataset", without, len(questions), model,
+        )
+    kept = [comparable(question) for kept in questions for question in kept]
+    if len(kept) >= 4 and len(set(kept)) * 2 < len(kept):
+        logger.warning(
+            "only %d distinct questions among the %d that %s wrote: most are identical; check the model and the "
+            "prompt template before training on this dataset", len(set(kept)), len(kept), model,
+        )
 
 
 def parse_questions(answer: str) -> tuple[list[str], int]:

@@ -1,0 +1,193 @@
+"""Fidelity benchmark: how close do students stay to the teacher, per training recipe? Prints tables.
+
+    python benchmarks/fidelity.py                         # seed vs default recipe (3, 2, 1 of 6 layers) + ablation
+    python benchmarks/fidelity.py --rows default --layers 2
+    python benchmarks/fidelity.py --max-steps 600 --work /tmp/fidelity
+
+On the bundled sample corpus with the packaged all-MiniLM-L6-v2 teacher (configs/demo.yaml's synth and teacher
+settings), it trains students with
+
+- ``seed``: the seed recipe: MSE on the cached sentence embeddings, learning rate 2e-4, linear decay, contexts +
+  questions + general text, checkpoint picked by dev Spearman (as m3distill 0.1 trained the demo);
+- ``default``: ``m3distill train``'s defaults (:class:`m3distill.config.TrainingConfig`);
+- ``ablation``: the default with each ingredient removed in turn (2-layer student),
+
+all at the same step budget (``--max-steps``, the default recipe's when unset), and measures each on the test
+split, as ``m3distill evaluate`` does: the test questions searched (exact cosine) among all contexts, P@10 and
+P@50 of the student's top-k against the teacher's, the same with student-encoded questions searched among the
+teacher's context embeddings (query-side stand-in), MRR@10 as a share of the teacher's, Spearman of
+question-context cosines, mean cosine to the teacher, and training minutes.
+
+Everything goes into ``--work`` (a temporary folder by default): the dataset and teacher cache are reused across
+rows, and a row whose student is already trained there is not trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from m3distill.config import LossConfig, M3DistillConfig, StudentsConfig, TrainingConfig, load_config  # noqa: E402
+from m3distill.data.dataset import load_synth_dataset  # noqa: E402
+from m3distill.data.synth import synthesize  # noqa: E402
+from m3distill.evaluation.alignment import (  # noqa: E402
+    MEAN_COSINE,
+    SPEARMAN_COSINE,
+    alignment_metrics,
+    draw_similarity_pairs,
+)
+from m3distill.evaluation.retrieval import ground_truth_metrics, mrr_metric, top_k_overlap  # noqa: E402
+from m3distill.teacher.cache import TeacherCache, build_teacher_cache, is_complete_cache  # noqa: E402
+from m3distill.teacher.loading import load_sentence_transformer  # noqa: E402
+from m3distill.training import train_students  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def seed_recipe(default: TrainingConfig) -> TrainingConfig:
+    """The recipe m3distill 0.1 trained with: MSE only, lr 2e-4, no crops, Spearman picks the checkpoint."""
+    return default.model_copy(update={
+        "learning_rate": 2e-4, "lr_scheduler": "linear", "warmup_ratio": 0.1, "loss": LossConfig(),
+        "texts": ["contexts", "questions", "general"], "best_metric": "spearman", "early_stopping_patience": None,
+    })
+
+
+def ablations(default: TrainingConfig) -> dict[str, TrainingConfig]:
+    """The default recipe with one ingredient removed (only ingredients the default uses)."""
+    rows: dict[str, TrainingConfig] = {}
+    loss = default.loss
+    for term in ("mse", "cosine", "in_batch_kl", "anchor_kl", "token"):
+        if getattr(loss, term) and sum(bool(getattr(loss, t)) for t in ("mse", "cosine", "in_batch_kl", "anchor_kl", "token")) > 1:
+            rows[f"- {term} loss"] = default.model_copy(update={"loss": loss.model_copy(update={term: 0.0})})
+    if "crops" in default.texts:
+        rows["- crops"] = default.model_copy(update={"texts": [kind for kind in default.texts if kind != "crops"]})
+    if "general" in default.texts:
+        rows["- general text"] = default.model_copy(update={"texts": [kind for kind in default.texts if kind != "general"]})
+    if default.learning_rate != 2e-4:
+        rows["- high lr (2e-4)"] = default.model_copy(update={"learning_rate": 2e-4})
+    if default.best_metric != "spearman":
+        rows["- top-k selection (spearman)"] = default.model_copy(update={"best_metric": "spearman"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, help="working folder (default: a new temporary folder)")
+    parser.add_argument("--rows", default="seed,default,ablation", help="which of seed,default,ablation to run")
+    parser.add_argument("--layers", default="3,2,1", help="student layer counts for the seed and default rows")
+    parser.add_argument("--ablation-layers", type=int, default=2, help="layer count of the ablation rows")
+    parser.add_argument("--max-steps", type=int, help="step budget of every row (default: the default recipe's)")
+    args = parser.parse_args(argv)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="m3distill-fidelity-"))
+    config = load_config(REPO / "configs" / "demo.yaml")
+    dataset_dir, cache_dir = _prepare(config, work)
+    default = TrainingConfig(max_steps=args.max_steps) if args.max_steps else TrainingConfig()
+    default = default.model_copy(update={"max_seq_length": config.training.max_seq_length})
+    budget = default.max_steps
+    wanted = set(args.rows.split(","))
+    counts = [int(n) for n in args.layers.split(",")]
+
+    # The seed recipe kept evenly spaced layers from the first one up; the default uses StudentsConfig's strategy.
+    seed_layers, default_layers = "uniform", StudentsConfig().strategy
+    runs: list[tuple[str, int, str, TrainingConfig]] = []
+    for n in counts:
+        if "seed" in wanted:
+            runs.append(("seed recipe", n, seed_layers, seed_recipe(default)))
+        if "default" in wanted:
+            runs.append(("default", n, default_layers, default))
+    if "ablation" in wanted:
+        runs += [(name, args.ablation_layers, default_layers, training) for name, training in ablations(default).items()]
+        if default_layers != seed_layers:
+            runs.append((f"- {default_layers} layers ({seed_layers})", args.ablation_layers, seed_layers, default))
+
+    evaluation = _TestSearch(config, dataset_dir, cache_dir)
+    results = []
+    for name, n_layers, strategy, training in runs:
+        folder = work / "students" / "".join(char if char.isalnum() else "_" for char in name)
+        students = StudentsConfig(layers=[n_layers], strategy=strategy)
+        result = train_students(dataset_dir, cache_dir, teacher=config.teacher, students=students,
+                                training=training, out_dir=folder, resume=True, show_progress=False)[0]
+        minutes = result.train_seconds / 60
+        row = {"recipe": name, "layers": n_layers, "kept": list(result.layers), "steps": result.global_step, "minutes": minutes,
+               **evaluation.measure(result.path)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    print(f"\nsample corpus, all-MiniLM-L6-v2 teacher (6 layers), {budget} steps x {default.batch_size} texts per "
+          f"student; test split: {evaluation.n_questions} questions among {evaluation.n_contexts} contexts\n")
+    print("| recipe | student | steps | P@10 | P@50 | P@10 query-side | MRR@10 / teacher's | Spearman | mean cosine | minutes |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in results:
+        print(f"| {row['recipe']} | {row['layers']}L {row['kept']} | {row['steps']} | {row['p@10']:.3f} | {row['p@50']:.3f} | "
+              f"{row['query_side_p@10']:.3f} | {row['mrr_share']:.1%} | {row['spearman']:.3f} | "
+              f"{row['mean_cosine']:.3f} | {row['minutes']:.1f} |")
+    return 0
+
+
+def _prepare(config: M3DistillConfig, work: Path) -> tuple[Path, Path]:
+    sample = REPO / "data" / "sample"
+    synth = config.synth.model_copy(update={"corpus": str(sample / "domain"), "general": str(sample / "general")})
+    dataset_dir, cache_dir = work / "dataset", work / "teacher_cache"
+    synthesize(synth, dataset_dir, tokenizer=config.teacher.model, show_progress=False)
+    if not is_complete_cache(cache_dir):
+        build_teacher_cache(dataset_dir, config.teacher, cache_dir, show_progress=False)
+    return dataset_dir, cache_dir
+
+
+class _TestSearch:
+    """The test questions and every context, with the teacher's top-k from the cache."""
+
+    def __init__(self, config: M3DistillConfig, dataset_dir: Path, cache_dir: Path):
+        dataset = load_synth_dataset(dataset_dir)
+        cache = TeacherCache.open(cache_dir)
+        questions = dataset.split_questions("test")
+        self.contexts = list(dataset.contexts["text"])
+        row_of = {context_id: row for row, context_id in enumerate(dataset.contexts["context_id"])}
+        self.questions = list(questions["text"])
+        self.own = np.array([row_of[context_id] for context_id in questions["context_id"]])
+        self.teacher_q, self.teacher_c = cache.get(self.questions), cache.get(self.contexts)
+        self.teacher_top = _top(self.teacher_q, self.teacher_c)
+        self.teacher_mrr = ground_truth_metrics(self.teacher_top, self.own, [10], "exact")[mrr_metric("exact")]
+        test_rows = np.flatnonzero(dataset.contexts["split"].to_numpy() == "test")
+        n = len(self.questions)
+        self.pairs = draw_similarity_pairs(np.arange(n), n + self.own, n + test_rows, 4, seed=42)
+        self.test_text_rows = np.concatenate([np.arange(n), n + test_rows])
+        self.n_questions, self.n_contexts = n, len(self.contexts)
+        self.batch_size = config.evaluation.batch_size
+
+    def measure(self, student_dir: Path) -> dict[str, float]:
+        student = load_sentence_transformer(student_dir, device="cpu")
+        encoded = student.encode(self.questions + self.contexts, batch_size=self.batch_size, convert_to_numpy=True,
+                                 show_progress_bar=False)
+        q, c = encoded[: self.n_questions], encoded[self.n_questions :]
+        top = _top(q, c)
+        query_side = _top(q, self.teacher_c)
+        teacher_all = np.concatenate([self.teacher_q, self.teacher_c])
+        aligned = alignment_metrics(encoded, teacher_all, self.pairs, text_rows=self.test_text_rows)
+        mrr = ground_truth_metrics(top, self.own, [10], "exact")[mrr_metric("exact")]
+        return {
+            "p@10": top_k_overlap(top, self.teacher_top, 10), "p@50": top_k_overlap(top, self.teacher_top, 50),
+            "query_side_p@10": top_k_overlap(query_side, self.teacher_top, 10),
+            "mrr_share": mrr / self.teacher_mrr, "spearman": aligned[SPEARMAN_COSINE],
+            "mean_cosine": aligned[MEAN_COSINE],
+        }
+
+
+def _top(queries: np.ndarray, contexts: np.ndarray, k: int = 50) -> np.ndarray:
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    c = contexts / np.linalg.norm(contexts, axis=1, keepdims=True)
+    return np.argsort(-(q @ c.T), axis=1, kind="stable")[:, :k]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Nothing of the user's is ever deleted: m3distill removes or replaces only folders carrying its own marker, checks
+its inputs before it removes anything, and replaces an output only once the new one is complete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from sentence_transformers import SentenceTransformer
+
+from m3distill.cli import main
+from m3distill.config import EvaluationConfig, M3DistillConfig, SpeedConfig, TeacherConfig
+from m3distill.errors import M3DistillError
+from m3distill.evaluation import evaluate as evaluate_module
+from m3distill.evaluation.evaluate import EMBEDDINGS_CACHE_DIRNAME, evaluate_models
+from m3distill.layout import CONTEXTS_FILE, DATASET_MANIFEST_FILE, REPORT_JSON_FILE, REPORT_MD_FILE, RunLayout
+from m3distill import pipeline
+from m3distill.students.build import build_student
+from m3distill.teacher.cache import build_teacher_cache
+
+TINY_SPEED = SpeedConfig(n_texts=16, batch_size=8, repeats=1, warmup_batches=1)
+
+
+def _user_files(folder: Path) -> dict[str, bytes]:
+    """A user's own files, written into ``folder``; returns what they hold so a test can check they survived."""
+    files = {"notes.txt": b"my notes, not m3distill's", "thesis/chapter1.md": b"# Chapter 1\n"}
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    return files
+
+
+def _assert_intact(folder: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        assert (folder / name).read_bytes() == content, f"{folder / name} was lost"
+
+
+@pytest.fixture(scope="module")
+def few_documents(tmp_path_factory, sample_dir) -> Path:
+    """Three documents of the sample corpus in a folder of their own."""
+    corpus = tmp_path_factory.mktemp("few-documents") / "docs"
+    corpus.mkdir()
+    for file in sorted((sample_dir / "domain" / "en").glob("*.txt"))[:3]:
+        shutil.copy(file, corpus / file.name)
+    return corpus
+
+
+# --- synth -------------------------------------------------------------------------------------------------------
+
+
+def _synth_cli(corpus: Path, out: Path, tokenizer: Path, *extra: str) -> list[str]:
+    return ["-q", "synth", "--corpus", str(corpus), "--out", str(out), "--tokenizer", str(tokenizer),
+            "--max-tokens", "64", "--overlap-tokens", "8", "--dev", "0", "--test", "0", "--no-language-detection",
+            *extra]
+
+
+def test_synth_overwrite_refuses_a_folder_that_is_not_an_m3distill_dataset(few_documents, minilm_path, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "home"
+    out.mkdir()
+    files = _user_files(out)
+
+    code = main(_synth_cli(few_documents, out, minilm_path, "--overwrite"))
+
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert error.startswith("m3distill synth: error:") and str(out) in error and "not an m3distill dataset" in error
+    _assert_intact(out, files)
+    assert not (out / DATASET_MANIFEST_FILE).exists()
+
+
+def test_synth_overwrite_still_replaces_its_own_dataset(few_documents, minilm_path, tmp_path, capsys):
+    out = tmp_path / "dataset"
+    assert main(_synth_cli(few_documents, out, minilm_path)) == 0
+    assert main(_synth_cli(few_documents, out, minilm_path, "--seed", "7")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(_synth_cli(few_documents, out, minilm_path, "--seed", "7", "--overwrite")) == 0
+    assert json.loads((out / DATASET_MANIFEST_FILE).read_text(encoding="utf-8"))["seed"] == 7
+
+
+def test_synth_refuses_a_corpus_inside_its_output_folder(few_documents, minilm_path, tmp_path, capsys):
+    out = tmp_path / "dataset"
+    assert main(_synth_cli(few_documents, out, minilm_path)) == 0
+    corpus = shutil.copytree(few_documents, out / "docs")
+
+    code = main(_synth_cli(corpus, out, minilm_path, "--seed", "7", "--overwrite"))
+
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and "lies inside the output folder" in error
+    assert sorted(p.name for p in corpus.iterdir()) == sorted(p.name for p in few_documents.iterdir())
+
+
+# --- run (the pipeline) --------------------------------------------------------------------------------------------
+
+
+class _StopAfterSynth(Exception):
+    """Raised instead of running the stages after synth: these tests are about what synth may remove."""
+
+
+@pytest.fixture
+def synth_only(monkeypatch):
+    """Run the real synth stage and stop the pipeline where the teacher stage would start."""
+    real_run_stage = pipeline._run_stage
+
+    def run_stage(stage, config, layout, show_progress):
+        if stage != "synth":
+            raise _StopAfterSynth(stage)
+        real_run_stage(stage, config, layout, show_progress)
+
+    monkeypatch.setattr(pipeline, "_run_stage", run_stage)
+
+
+def _tiny_config(corpus: Path, run_dir: Path) -> M3DistillConfig:
+    return M3DistillConfig.model_validate({
+        "run_dir": str(run_dir),
+        "synth": {"corpus": str(corpus), "max_tokens": 64, "overlap_tokens": 8, "questions_per_context": 1,
+                  "splits": {"dev": 0, "test": 0}, "detect_language": False},
+        "teacher": {"model": "sentence-transformers/all-MiniLM-L6-v2", "max_seq_length": 64},
+        "students": {"layers": [1]},
+    })
+
+
+def test_run_refuses_a_corpus_inside_the_run_dataset_folder_before_removing_anything(few_documents, tmp_path,
+                                                                                     synth_only):
+    layout = RunLayout(tmp_path / "run")
+    corpus = shutil.copytree(few_documents, layout.dataset / "my-corpus")
+
+    with pytest.raises(M3DistillError, match="lies inside"):
+        pipeline.run_pipeline(_tiny_config(corpus, layout.root), show_progress=False)
+
+    assert sorted(p.name for p in corpus.iterdir()) == sorted(p.name for p in few_documents.iterdir())
+
+
+def test_run_cli_names_a_corpus_inside_an_output_folder_in_one_line(few_documents, tmp_path, synth_only, capsys):
+    import yaml
+
+    layout = RunLayout(tmp_path / "run")
+    corpus = shutil.copytree(few_documents, layout.report / "corpus")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(_tiny_config(corpus, layout.root).model_dump(mode="json")), encoding="utf-8")
+
+    assert main(["-q", "run", str(config_file)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and str(corpus) in error and "evaluate stage" in error
+    assert any(corpus.iterdir())
+
+
+def test_run_after_a_corpus_typo_keeps_the_good_dataset(few_documents, tmp_path, synth_only):
+    layout = RunLayout(tmp_path / "run")
+    good = _tiny_config(few_documents, layout.root)
+    stages: list[tuple[str, str]] = []
+    with pytest.raises(_StopAfterSynth):
+        pipeline.run_pipeline(good, show_progress=False)
+    contexts = (layout.dataset / CONTEXTS_FILE).read_bytes()
+
+    typo = good.model_copy(update={"synth": good.synth.model_copy(update={"corpus": str(few_documents) + "-typo"})})
+    with pytest.raises(M3DistillError, match="typo"):
+        pipeline.run_pipeline(typo, show_progress=False)
+    assert (layout.dataset / CONTEXTS_FILE).read_bytes() == contexts
+    assert (layout.dataset / DATASET_MANIFEST_FILE).is_file()
+
+    # With the typo fixed the dataset is still current: synth is skipped, not redone.
+    with pytest.raises(_StopAfterSynth):
+        pipeline.run_pipeline(good, show_progress=False, on_stage=lambda stage, event: stages.append((stage, event)))
+    assert stages[0] == ("synth", "skip")
+
+
+def test_redoing_a_stage_removes_only_folders_that_carry_m3distill_s_marker(tmp_path):
+    layout = RunLayout(tmp_path / "run")
+    layout.teacher_cache.mkdir(parents=True)
+    cache_files = _user_files(layout.teacher_cache)
+    with pytest.raises(M3DistillError, match="not a teacher cache m3distill wrote"):
+        pipeline._remove_outputs("teacher", layout)
+    _assert_intact(layout.teacher_cache, cache_files)
+
+    ours = layout.student("student-2L")
+    ours.mkdir(parents=True)
+    (ours / "run.json").write_text(json.dumps({"layers": [0, 3], "strategy": "uniform", "search": None}))
+    theirs = layout.student("my-own-model")
+    theirs.mkdir()
+    their_files = _user_files(theirs)
+    pipeline._remove_outputs("train", layout)
+    assert not ours.exists()
+    _assert_intact(theirs, their_files)
+
+    # synth and evaluate replace their outputs themselves once the new one is complete: nothing is removed up front.
+    layout.dataset.mkdir()
+    (layout.dataset / DATASET_MANIFEST_FILE).write_text("{}")
+    pipeline._remove_outputs("synth", layout)
+    pipeline._remove_outputs("evaluate", layout)
+    assert (layout.dataset / DATASET_MANIFEST_FILE).is_file()
+
+
+def test_a_stage_stopped_after_an_earlier_one_was_redone_is_not_skipped_next_time(tmp_path, monkeypatch):
+    """The report stays whole while evaluate reruns, so it must not count as current once training was redone."""
+    layout = RunLayout(tmp_path / "run")
+    ran: list[str] = []
+    fail_on = set()
+
+    def run_stage(stage, config, layout, show_progress):
+        if stage in fail_on:
+            raise KeyboardInterrupt
+        ran.append(stage)
+
+    monkeypatch.setattr(pipeline, "_run_stage", run_stage)
+    monkeypatch.setattr(pipeline, "_stage_complete", lambda stage, config, layout: True)
+    monkeypatch.setattr(pipeline, "_check_stage_inputs", lambda stage, config, layout: None, raising=False)
+    config = _tiny_config(tmp_path / "docs", layout.root)
+    pipeline.run_pipeline(config, show_progress=False)
+    assert ran == list(pipeline.STAGES)
+
+    ran.clear()
+    fail_on.add("evaluate")
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(config, force=["train"], show_progress=False)
+    assert ran == ["train"]
+
+    ran.clear()
+    fail_on.clear()
+    pipeline.run_pipeline(config, show_progress=False)
+    assert ran == ["evaluate"]
+
+
+# --- train ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(small_dataset, tiny_xlmr_path, tmp_path_factory) -> Path:
+    """The tiny XLM-R stand-in's cache of the small dataset."""
+    out = tmp_path_factory.mktemp("tiny-cache") / "teacher_cache"
+    build_teacher_cache(small_dataset, TeacherConfig(model=str(tiny_xlmr_path), device="cpu"), out, show_progress=False)
+    return out
+
+
+def test_train_refuses_a_student_folder_holding_the_user_s_files(small_dataset, tiny_cache, tmp_path, capsys):
+    out = tmp_path / "students"
+    (out / "student-1L").mkdir(parents=True)
+    files = _user_files(out / "student-1L")
+
+    code = main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out),
+                 "--layers", "1", "--max-steps", "1", "--batch-size", "8"])
+
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert error.startswith("m3distill train: error:") and str(out / "student-1L") in error
+    assert "not an m3distill student" in error
+    _assert_intact(out / "student-1L", files)
+
+
+def test_train_still_replaces_its_own_unfinished_student(small_dataset, tiny_cache, tmp_path, capsys):
+    out = tmp_path / "students"
+    (out / "student-1L").mkdir(parents=True)
+    (out / "student-1L" / "run.json").write_text(json.dumps({"layers": [0], "strategy": "uniform", "search": None}))
+    assert main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out),
+                 "--layers", "1", "--max-steps", "1", "--batch-size", "8"]) == 0
+    assert (out / "student-1L" / "m3distill_student.json").is_file()
+
+
+# --- evaluate ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xlmr_student(tiny_xlmr_path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("xlmr-student") / "student-2L"
+    build_student(SentenceTransformer(str(tiny_xlmr_path), device="cpu"), [0, 2]).save(str(folder))
+    return folder
+
+
+def _good_report(folder: Path) -> dict[str, bytes]:
+    files = {REPORT_JSON_FILE: b'{"schema_version": 1, "the": "good report"}\n', REPORT_MD_FILE: b"# Good report\n",
+             "p_at_k.png": b"\x89PNG good plot"}
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return files
+
+
+def test_a_failing_evaluation_leaves_the_previous_report_whole(tiny_xlmr_path, xlmr_student, small_dataset,
+                                                               tmp_path, monkeypatch):
+    out_dir = tmp_path / "report"
+    good = _good_report(out_dir)
+    config = EvaluationConfig(k=[5], distractors="test", speed=TINY_SPEED)
+    teacher = TeacherConfig(model=str(tiny_xlmr_path))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the machine ran out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "measure_speed", fails)
+        with pytest.raises(RuntimeError):
+            evaluate_models(small_dataset, teacher, [xlmr_student], config, out_dir, show_progress=False)
+    _assert_intact(out_dir, good)
+    assert len(list((out_dir / EMBEDDINGS_CACHE_DIRNAME).glob("*.npy"))) == 2  # the rerun resumes from these
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "write_report", fails)  # a failure while the new report is written
+        with pytest.raises(RuntimeError):
+            evaluate_models(small_dataset, teacher, [xlmr_student], config, out_dir, show_progress=False)
+    _assert_intact(out_dir, good)
+
+    report = evaluate_models(small_dataset, teacher, [xlmr_student], config, out_dir, show_progress=False)
+    assert json.loads((out_dir / REPORT_JSON_FILE).read_text()) == json.loads(json.dumps(report))
+    assert (out_dir / REPORT_MD_FILE).read_bytes() != good[REPORT_MD_FILE]
+    assert (out_dir / "p_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out_dir / EMBEDDINGS_CACHE_DIRNAME).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temp folder left beside it
+
+
+def test_evaluate_refuses_an_output_folder_that_is_not_a_report(tiny_xlmr_path, xlmr_student, small_dataset, tmp_path,
+                                                                capsys):
+    out_dir = tmp_path / "papers"
+    out_dir.mkdir()
+    files = _user_files(out_dir)
+    code = main(["-q", "evaluate", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path), "--students",
+                 str(xlmr_student), "--out", str(out_dir), "--k", "5"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and "not an m3distill report folder" in error
+    _assert_intact(out_dir, files)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["notes.txt", "thesis"]
