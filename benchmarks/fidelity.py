@@ -5,12 +5,14 @@
     python benchmarks/fidelity.py --max-steps 600 --work /tmp/fidelity
 
 On the bundled sample corpus with the packaged all-MiniLM-L6-v2 teacher (configs/demo.yaml's synth and teacher
-settings), it trains students with
+settings, plus crops so that the "+ crops" row can use them), it trains students with
 
 - ``seed``: the seed recipe: MSE on the cached sentence embeddings, learning rate 2e-4, linear decay, contexts +
   questions + general text, checkpoint picked by dev Spearman (as m3distill 0.1 trained the demo);
 - ``default``: ``m3distill train``'s defaults (:class:`m3distill.config.TrainingConfig`);
-- ``ablation``: the default with each ingredient removed in turn (2-layer student),
+- ``ablation``: the default with each ingredient removed in turn, and with crops added (2-layer student);
+- ``additions`` (not run unless asked): the default plus the in-batch similarity KL, or plus the token-level loss
+  with the online teacher (2-layer student),
 
 all at the same step budget (``--max-steps``, the default recipe's when unset), and measures each on the test
 split, as ``m3distill evaluate`` does: the test questions searched (exact cosine) among all contexts, P@10 and
@@ -48,7 +50,7 @@ from m3distill.evaluation.alignment import (  # noqa: E402
 from m3distill.evaluation.retrieval import ground_truth_metrics, mrr_metric, top_k_overlap  # noqa: E402
 from m3distill.teacher.cache import TeacherCache, build_teacher_cache, is_complete_cache  # noqa: E402
 from m3distill.teacher.loading import load_sentence_transformer  # noqa: E402
-from m3distill.training import train_students  # noqa: E402
+from m3distill.training import is_trained_student, train_students  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,27 +64,37 @@ def seed_recipe(default: TrainingConfig) -> TrainingConfig:
 
 
 def ablations(default: TrainingConfig) -> dict[str, TrainingConfig]:
-    """The default recipe with one ingredient removed (only ingredients the default uses)."""
+    """The default recipe with one ingredient removed, or one option it leaves out added."""
     rows: dict[str, TrainingConfig] = {}
     loss = default.loss
-    for term in ("mse", "cosine", "in_batch_kl", "anchor_kl", "token"):
-        if getattr(loss, term) and sum(bool(getattr(loss, t)) for t in ("mse", "cosine", "in_batch_kl", "anchor_kl", "token")) > 1:
+    terms = ("mse", "cosine", "in_batch_kl", "anchor_kl", "token")
+    for term in terms:
+        if getattr(loss, term) and sum(bool(getattr(loss, other)) for other in terms) > 1:
             rows[f"- {term} loss"] = default.model_copy(update={"loss": loss.model_copy(update={term: 0.0})})
-    if "crops" in default.texts:
-        rows["- crops"] = default.model_copy(update={"texts": [kind for kind in default.texts if kind != "crops"]})
-    if "general" in default.texts:
-        rows["- general text"] = default.model_copy(update={"texts": [kind for kind in default.texts if kind != "general"]})
+    for kind, name in (("crops", "- crops"), ("general", "- general text")):
+        if kind in default.texts:
+            rows[name] = default.model_copy(update={"texts": [k for k in default.texts if k != kind]})
     if default.learning_rate != 2e-4:
         rows["- high lr (2e-4)"] = default.model_copy(update={"learning_rate": 2e-4})
     if default.best_metric != "spearman":
         rows["- top-k selection (spearman)"] = default.model_copy(update={"best_metric": "spearman"})
+    if "crops" not in default.texts:
+        rows["+ crops"] = default.model_copy(update={"texts": [*default.texts, "crops"]})
     return rows
+
+
+def additions(default: TrainingConfig) -> dict[str, TrainingConfig]:
+    """The default recipe plus a loss term it leaves out (slower rows: the token loss runs the teacher each step)."""
+    loss = default.loss
+    return {f"+ {term} loss": default.model_copy(update={"loss": loss.model_copy(update={term: weight})})
+            for term, weight in (("in_batch_kl", 0.1), ("token", 1.0)) if not getattr(loss, term)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, help="working folder (default: a new temporary folder)")
-    parser.add_argument("--rows", default="seed,default,ablation", help="which of seed,default,ablation to run")
+    parser.add_argument("--rows", default="seed,default,ablation",
+                        help="which of seed,default,ablation,additions to run")
     parser.add_argument("--layers", default="3,2,1", help="student layer counts for the seed and default rows")
     parser.add_argument("--ablation-layers", type=int, default=2, help="layer count of the ablation rows")
     parser.add_argument("--max-steps", type=int, help="step budget of every row (default: the default recipe's)")
@@ -109,17 +121,30 @@ def main(argv: list[str] | None = None) -> int:
         runs += [(name, args.ablation_layers, default_layers, training) for name, training in ablations(default).items()]
         if default_layers != seed_layers:
             runs.append((f"- {default_layers} layers ({seed_layers})", args.ablation_layers, seed_layers, default))
+    if "additions" in wanted:
+        runs += [(name, args.ablation_layers, default_layers, training) for name, training in additions(default).items()]
 
     evaluation = _TestSearch(config, dataset_dir, cache_dir)
+    # Rows measured before in this work folder are reused while their student is still there (trained students are
+    # skipped by train_students, and measuring one again gives the same figures).
+    measured_file = work / "rows.json"
+    measured = json.loads(measured_file.read_text()) if measured_file.is_file() else {}
     results = []
     for name, n_layers, strategy, training in runs:
-        folder = work / "students" / "".join(char if char.isalnum() else "_" for char in name)
-        students = StudentsConfig(layers=[n_layers], strategy=strategy)
-        result = train_students(dataset_dir, cache_dir, teacher=config.teacher, students=students,
-                                training=training, out_dir=folder, resume=True, show_progress=False)[0]
-        minutes = result.train_seconds / 60
-        row = {"recipe": name, "layers": n_layers, "kept": list(result.layers), "steps": result.global_step, "minutes": minutes,
-               **evaluation.measure(result.path)}
+        slug = name.replace("- ", "minus ").replace("+ ", "plus ")
+        folder = work / "students" / "".join(char if char.isalnum() else "_" for char in slug)
+        key = f"{folder.name}/{n_layers}"
+        if key in measured and is_trained_student(folder / measured[key]["student"]):
+            row = measured[key]
+        else:
+            students = StudentsConfig(layers=[n_layers], strategy=strategy)
+            result = train_students(dataset_dir, cache_dir, teacher=config.teacher, students=students,
+                                    training=training, out_dir=folder, resume=True, show_progress=False)[0]
+            row = {"recipe": name, "layers": n_layers, "kept": list(result.layers), "steps": result.global_step,
+                   "minutes": result.train_seconds / 60, "student": result.path.name,
+                   **evaluation.measure(result.path)}
+            measured[key] = row
+            measured_file.write_text(json.dumps(measured, indent=1))
         results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -136,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prepare(config: M3DistillConfig, work: Path) -> tuple[Path, Path]:
     sample = REPO / "data" / "sample"
-    synth = config.synth.model_copy(update={"corpus": str(sample / "domain"), "general": str(sample / "general")})
+    synth = config.synth.model_copy(update={"corpus": str(sample / "domain"), "general": str(sample / "general"),
+                                            "crop_sentences": True, "crop_spans": 2})
     dataset_dir, cache_dir = work / "dataset", work / "teacher_cache"
     synthesize(synth, dataset_dir, tokenizer=config.teacher.model, show_progress=False)
     if not is_complete_cache(cache_dir):

@@ -76,6 +76,25 @@ def test_evaluate_minilm_teacher_and_students(minilm_path, minilm_students, smal
         assert metrics[SPEEDUP] > 0
     for pair in report["pairs"]:
         assert all(0 <= value <= 1 for value in pair["metrics"].values())
+
+    # Query-side stand-in: student questions in the teacher's index, checked against numpy exact search.
+    questions = list(dataset.split_questions("test")["text"])
+    contexts = list(dataset.split_contexts("test")["text"])
+    row_of = {cid: row for row, cid in enumerate(dataset.split_contexts("test")["context_id"])}
+    own = [row_of[cid] for cid in dataset.split_questions("test")["context_id"]]
+    teacher_model = SentenceTransformer(str(minilm_path), device="cpu")
+    teacher_q, teacher_c = teacher_model.encode(questions), teacher_model.encode(contexts)
+    teacher_top = np.argsort(-(teacher_q @ teacher_c.T), axis=1)
+    for student, folder in zip(students, minilm_students):
+        student_q = SentenceTransformer(str(folder), device="cpu").encode(questions)
+        top = np.argsort(-(student_q @ teacher_c.T), axis=1)
+        for k in (5, 10):
+            expected = np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(top, teacher_top)])
+            assert student["metrics"][f"query_side_exact_overlap@{k}"] == pytest.approx(expected, abs=0.02)
+        ranks = [list(row).index(context) + 1 for row, context in zip(top, own)]
+        expected_mrr = np.mean([1 / rank if rank <= 10 else 0 for rank in ranks])
+        assert student["metrics"]["query_side_exact_mrr@10"] == pytest.approx(expected_mrr, abs=0.02)
+    assert "Query-side stand-in" in (out_dir / REPORT_MD_FILE).read_text()
     assert report["alignment_pairs"]["n_matching"] == report["retrieval"]["n_questions"]
     assert report["alignment_pairs"]["n_non_matching"] == 4 * report["retrieval"]["n_questions"]
     assert teacher["metrics"][SPEEDUP] == 1.0

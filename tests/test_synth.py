@@ -88,10 +88,10 @@ def test_splits_and_general_sample_depend_on_seed_and_ids_not_order():
 
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory, sample_dir, minilm_path):
-    """`m3distill synth` on the whole bundled sample (domain + general), as the demo runs it."""
+    """`m3distill synth` on the whole bundled sample (domain + general), as the demo runs it, crops switched on."""
     out = tmp_path_factory.mktemp("sample-run") / "dataset"
     config = SynthConfig(corpus=str(sample_dir / "domain"), general=str(sample_dir / "general"), max_tokens=128,
-                         overlap_tokens=16)
+                         overlap_tokens=16, crop_sentences=True, crop_spans=2)
     summary = synthesize(config, out, tokenizer=minilm_path, show_progress=False)
     return summary, load_synth_dataset(out)
 
@@ -152,11 +152,14 @@ def test_crops_are_sentences_and_spans_of_training_contexts_only(sample_run):
     assert not set(crops["text"]) & set(dataset.texts(["dev", "test"]))
 
 
-def test_crops_can_be_switched_off(tmp_path, small_corpus, minilm_path):
+def test_crops_are_off_by_default_and_each_kind_switches_on_alone(tmp_path, small_corpus, minilm_path):
     corpus, _ = small_corpus
-    synthesize(_config(corpus, crop_sentences=False, crop_spans=0), tmp_path / "d", tokenizer=minilm_path,
-               show_progress=False)
-    assert load_synth_dataset(tmp_path / "d").crops.empty
+    synthesize(_config(corpus), tmp_path / "none", tokenizer=minilm_path, show_progress=False)
+    assert load_synth_dataset(tmp_path / "none").crops.empty
+    synthesize(_config(corpus, crop_spans=1), tmp_path / "spans", tokenizer=minilm_path, show_progress=False)
+    assert set(load_synth_dataset(tmp_path / "spans").crops["kind"]) == {"span"}
+    synthesize(_config(corpus, crop_sentences=True), tmp_path / "sentences", tokenizer=minilm_path, show_progress=False)
+    assert set(load_synth_dataset(tmp_path / "sentences").crops["kind"]) == {"sentence"}
 
 
 def test_a_dataset_without_crops_still_loads(tmp_path, small_corpus, minilm_path):

@@ -204,3 +204,48 @@ def test_length_grouped_batches_cover_every_text_once_with_less_padding():
 
     shuffled = rng.permutation(1000).tolist()
     assert padding(batches) < padding([shuffled[i : i + 16] for i in range(0, 1000, 16)]) / 5
+
+
+def test_context_grouped_batches_keep_each_context_with_its_questions():
+    from datasets import Dataset
+
+    from m3distill.training.sampler import ContextGroupedBatchSampler, register_text_groups
+
+    # 40 contexts, each with 2 questions and a crop, plus 40 general texts in groups of their own; shuffled rows.
+    rng = np.random.default_rng(1)
+    rows = [(f"context {c} text {kind}", c) for c in range(40) for kind in ("c", "q1", "q2", "crop")]
+    rows += [(f"general {g}", 100 + g) for g in range(40)]
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    texts, groups = [text for text, _ in rows], [group for _, group in rows]
+    register_text_groups(texts, groups)
+    sampler = ContextGroupedBatchSampler(Dataset.from_dict({"text": texts}), batch_size=16, drop_last=False, seed=5)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 13
+    assert sorted(i for batch in batches for i in batch) == list(range(len(texts)))
+    # Every group lies in one batch unless a batch boundary cut it: at most 2 groups per batch are split.
+    batch_of = {i: n for n, batch in enumerate(batches) for i in batch}
+    split = [g for g in set(groups) if len({batch_of[i] for i, gi in enumerate(groups) if gi == g}) > 1]
+    assert len(split) <= len(batches) - 1
+    assert all(len({groups[i] for i in batch}) >= 4 for batch in batches[:-1])  # other contexts share the batch
+    assert batches == list(sampler)  # the same order again: a resumed run replays it
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    # Texts never registered fall back to groups of one.
+    lone = ContextGroupedBatchSampler(Dataset.from_dict({"text": ["a", "b", "c"]}), batch_size=2, drop_last=True)
+    assert [len(batch) for batch in lone] == [2]
+
+
+def test_every_loss_term_trains_through_the_cli(small_dataset, tiny_cache, tmp_path, capsys):
+    out = tmp_path / "students"
+    assert main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out),
+                 "--layers", "1", "--max-steps", "2", "--batch-size", "8", "--loss-mse", "1", "--loss-cosine", "0.5",
+                 "--loss-in-batch-kl", "0.2", "--loss-anchor-kl", "0.3", "--loss-token", "2",
+                 "--texts", "contexts,questions", "--best-metric", "spearman"]) == 0
+    assert "dev spearman" in capsys.readouterr().out
+    metadata = read_student_metadata(out / "student-1L")
+    loss = metadata["training"]["loss"]
+    assert (loss["mse"], loss["cosine"], loss["in_batch_kl"], loss["anchor_kl"], loss["token"]) == (1, 0.5, 0.2, 0.3, 2)
+    assert metadata["training"]["texts"] == ["contexts", "questions"] and metadata["training"]["global_step"] == 2
+    dataset = load_synth_dataset(small_dataset)
+    assert metadata["data"]["train_texts"] == len(dataset.texts(["train"], ["contexts", "questions"]))
+    assert metadata["training"]["texts_seen"] == 16

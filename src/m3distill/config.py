@@ -72,10 +72,11 @@ class SynthConfig(_Section):
         1.0, ge=0, description="General texts per domain training text (contexts + questions); 0 = none."
     )
     crop_sentences: bool = Field(
-        True, description="Add each sentence of every training context as an extra training text."
+        False, description="Add each sentence of every training context as an extra training text (crops; off by "
+        "default: they cost teacher-cache time and did not raise top-k agreement in benchmarks/fidelity.py).",
     )
     crop_spans: int = Field(
-        2, ge=0, description="Random word spans (a few words to 3/4 of the context) added per training context."
+        0, ge=0, description="Random word spans (a few words to 3/4 of the context) added per training context.",
     )
     detect_language: bool = Field(True, description="Detect each context's language (py3langid).")
     max_documents: int | None = Field(None, ge=1, description="Use only the first N documents of the corpus.")
@@ -159,9 +160,9 @@ class TrainingConfig(_Section):
     """``m3distill train``: distillation on the cached teacher embeddings.
 
     The defaults are the recipe benchmarks/fidelity.py measured best (see the README's fidelity table): the
-    student keeps the teacher's first and last layers (``students.strategy: spread``), learns from every kind of
-    training text (crops included) with cosine + anchor-similarity KL at a learning rate of 1e-3 for a budget of
-    optimizer steps, and keeps the checkpoint whose dev top-10 agreement with the teacher is highest.
+    student keeps the teacher's first and last layers (``students.strategy: spread``), learns from the training
+    contexts, questions and general text with cosine + anchor-similarity KL at a learning rate of 1e-3 for a budget
+    of optimizer steps, and keeps the checkpoint whose dev top-10 agreement with the teacher is highest.
     """
 
     max_steps: int | None = Field(
@@ -203,8 +204,9 @@ class TrainingConfig(_Section):
     device: str | None = None
     loss: LossConfig = Field(default_factory=LossConfig)
     texts: list[Literal["contexts", "questions", "crops", "general"]] = Field(
-        default_factory=lambda: ["contexts", "questions", "crops", "general"],
-        description="Kinds of training-split texts the students learn from.",
+        default_factory=lambda: ["contexts", "questions", "general"],
+        description="Kinds of training-split texts the students learn from; add crops when synth made them "
+        "(synth.crop_sentences / crop_spans).",
     )
 
     @field_validator("texts")

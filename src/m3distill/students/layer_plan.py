@@ -22,7 +22,7 @@ def plan_layers(n_teacher_layers: int, n_layers: int, strategy: str = "uniform")
 
     ``spread`` is the default because keeping the teacher's last layer keeps its output space: on the sample
     corpus a 2-of-6-layer MiniLM student that kept layers 0 and 5 agreed with the teacher's top-10 on 0.65 of
-    results where layers 0 and 3 gave 0.54, at the same training budget (benchmarks/fidelity.py).
+    results where layers 0 and 3 gave 0.56, with the same recipe and budget (benchmarks/fidelity.py).
     """
     if n_teacher_layers < 1:
         raise M3DistillError(f"the teacher has {n_teacher_layers} layers; nothing to keep")

@@ -1,4 +1,4 @@
-"""Training: MSE distillation of layer-reduced students on the cached teacher embeddings."""
+"""Training: distillation of layer-reduced students on the cached teacher embeddings (see :mod:`.losses`)."""
 
 from m3distill.training.distill import (
     STUDENT_METADATA_FILE,

@@ -61,7 +61,7 @@ from m3distill.training.dev_set import (
 )
 from m3distill.training.losses import DistillationLoss
 from m3distill.training.model_card import student_model_card
-from m3distill.training.sampler import LengthGroupedBatchSampler
+from m3distill.training.sampler import ContextGroupedBatchSampler, LengthGroupedBatchSampler, register_text_groups
 
 logger = logging.getLogger(__name__)
 
@@ -155,20 +155,22 @@ def train_students(
     show_progress: bool = True,
     teacher_model: SentenceTransformer | None = None,
 ) -> list[StudentResult]:
-    """Train one student per layer plan with MSE against the cached teacher embeddings.
+    """Train one student per layer plan to reproduce the cached teacher embeddings.
 
     Each student is the teacher's embeddings plus the plan's layers (:func:`m3distill.students.build.build_student`),
-    trained with sentence-transformers' SentenceTransformerTrainer and MSELoss, evaluated on the dev split before
-    and during training, and saved with the best dev checkpoint.
+    trained with sentence-transformers' SentenceTransformerTrainer and :class:`DistillationLoss` (the terms and
+    weights of ``training.loss``) for a budget of optimizer steps, evaluated on the dev split before and during
+    training (top-10 agreement with the teacher, MSE, Spearman), stopped early when ``training.best_metric`` stops
+    improving, and saved with the best dev checkpoint.
 
     Args:
-        dataset_dir: dataset directory from ``m3distill synth``; training uses its train split (contexts, questions,
-            general text), evaluation its dev split.
+        dataset_dir: dataset directory from ``m3distill synth``; training uses its train split (the text kinds of
+            ``training.texts``: contexts, questions, crops, general text), evaluation its dev split.
         cache_dir: teacher cache from ``m3distill teacher`` holding every text of the dataset.
         teacher: the teacher settings; the model must be the one that made the cache (fingerprints are compared).
             Unset ``max_seq_length`` and ``revision`` are taken from the cache.
         students: the ``students`` config section, or explicit plans (:class:`LayerPlan` or layer lists).
-        training: epochs, steps, learning rate, batch size, evaluation and checkpoint settings.
+        training: steps, learning rate, loss, batch size, evaluation, early stopping and checkpoint settings.
         out_dir: folder receiving one sub-folder per student (see :func:`m3distill.layout.student_name`).
         resume: continue each unfinished student from its latest checkpoint.
         show_progress: show the Trainer's progress bars.
@@ -326,7 +328,7 @@ class _TrainingJob:
         if self.training.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=self.training.early_stopping_patience))
         trainer = SentenceTransformerTrainer(
-            model=student, args=args, train_dataset=_train_dataset(self.train_texts, self.train_embeddings),
+            model=student, args=args, train_dataset=self._train_dataset(),
             loss=self._loss(student), evaluator=evaluator, callbacks=callbacks,
         )
         if not self.show_progress:
@@ -346,6 +348,18 @@ class _TrainingJob:
             self._write_student(trainer.model, student_dir, metadata)
         trainer.accelerator.wait_for_everyone()
         return StudentResult.from_metadata(student_dir, metadata, skipped=False)
+
+    def _batch_sampler(self):
+        # An in-batch similarity loss needs questions beside their own contexts; otherwise similar lengths batch best.
+        if self.training.loss.in_batch_kl:
+            return ContextGroupedBatchSampler
+        return LengthGroupedBatchSampler if self.training.group_by_length else "batch_sampler"
+
+    def _train_dataset(self) -> Dataset:
+        dataset = _train_dataset(self.train_texts, self.train_embeddings)
+        if self.training.loss.in_batch_kl:
+            register_text_groups(self.train_texts, _text_groups(self.dataset, self.train_texts))
+        return dataset
 
     def _top_k_score(self) -> Callable[[SentenceTransformer], float] | None:
         """Dev top-10 agreement of a model with the teacher, or None when the dev corpus is too small for it."""
@@ -425,7 +439,7 @@ class _TrainingJob:
             dataloader_num_workers=0,
             seed=training.seed,
             disable_tqdm=not self.show_progress,
-            batch_sampler=LengthGroupedBatchSampler if training.group_by_length else "batch_sampler",
+            batch_sampler=self._batch_sampler(),
         )
         return args, precision
 
@@ -559,8 +573,19 @@ def _best_dev_metrics(trainer: SentenceTransformerTrainer) -> dict[str, float] |
     return None
 
 
+def _text_groups(dataset: SynthDataset, texts: list[str]) -> list[int]:
+    """The group of each training text: its context's (contexts, questions, crops) or its own (general text)."""
+    context_of: dict[str, str] = {}
+    for frame in (dataset.contexts, dataset.questions, dataset.crops):
+        train = frame[frame["split"] == "train"]
+        for text, context_id in zip(train["text"], train["context_id"]):
+            context_of.setdefault(text, context_id)
+    numbers: dict[str, int] = {}
+    return [numbers.setdefault(context_of.get(text, f"\0{row}"), len(numbers)) for row, text in enumerate(texts)]
+
+
 def _train_dataset(texts: list[str], embeddings: np.ndarray) -> Dataset:
-    """Texts with their teacher embeddings in the ``label`` column MSELoss reads."""
+    """Texts with their teacher embeddings in the ``label`` column the loss reads."""
     labels = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), type=pa.float32()), embeddings.shape[1])
     return Dataset(pa.table({"text": pa.array(texts, type=pa.string()), "label": labels}))
 
