@@ -33,6 +33,12 @@ def batch(minilm_teacher):
     return student, features, teacher["sentence_embedding"], teacher["token_embeddings"]
 
 
+def _only(**weights) -> LossConfig:
+    """A loss config with exactly the given terms (the defaults switch cosine and anchor KL on)."""
+    zero = {"mse": 0.0, "cosine": 0.0, "in_batch_kl": 0.0, "anchor_kl": 0.0, "token": 0.0}
+    return LossConfig(**{**zero, **weights})
+
+
 def _loss(student, features, labels, config, **kwargs) -> float:
     with torch.no_grad():
         return float(DistillationLoss(student, config, **kwargs)([dict(features)], labels))
@@ -48,7 +54,7 @@ def test_mse_alone_is_sentence_transformers_mse_loss(batch):
     student, features, labels, _ = batch
     with torch.no_grad():
         reference = float(MSELoss(student)([dict(features)], labels))
-    assert _loss(student, features, labels, LossConfig()) == pytest.approx(reference, rel=1e-6)
+    assert _loss(student, features, labels, _only(mse=1.0)) == pytest.approx(reference, rel=1e-6)
 
 
 def test_each_term_matches_its_definition_and_terms_add_up(batch, minilm_teacher):
@@ -71,7 +77,7 @@ def test_each_term_matches_its_definition_and_terms_add_up(batch, minilm_teacher
     }
     settings = {"temperature": 0.1, "anchor_temperature": 0.02}
     for term, value in expected.items():
-        config = LossConfig(mse=0.0, **{term: 1.0}, **settings)
+        config = _only(**{term: 1.0}, **settings)
         got = _loss(student, features, labels, config, anchors=anchors, teacher=minilm_teacher)
         assert got == pytest.approx(value, rel=1e-4, abs=1e-7), term
         assert value > 0, term
@@ -97,7 +103,7 @@ def test_the_loss_trains_the_student_and_never_the_teacher(batch, minilm_teacher
     student, features, labels, _ = batch
     student = build_student(minilm_teacher, [0, 5])
     before = {name: value.clone() for name, value in minilm_teacher.state_dict().items()}
-    loss = DistillationLoss(student, LossConfig(cosine=1.0, token=1.0), teacher=minilm_teacher)
+    loss = DistillationLoss(student, _only(cosine=1.0, token=1.0), teacher=minilm_teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     values = []
     for _ in range(4):
@@ -113,11 +119,12 @@ def test_the_loss_trains_the_student_and_never_the_teacher(batch, minilm_teacher
 def test_terms_that_need_more_than_the_labels_say_so(batch):
     student = batch[0]
     with pytest.raises(ValueError, match="anchor"):
-        DistillationLoss(student, LossConfig(anchor_kl=1.0))
+        DistillationLoss(student, _only(anchor_kl=1.0))
     with pytest.raises(ValueError, match="online teacher"):
-        DistillationLoss(student, LossConfig(token=1.0))
+        DistillationLoss(student, _only(token=1.0))
     with pytest.raises(ValueError, match="every loss weight is 0"):
-        LossConfig(mse=0.0)
+        _only()
+    assert (LossConfig().cosine, LossConfig().anchor_kl, LossConfig().mse) == (1.0, 0.1, 0.0)  # the default recipe
 
 
 def test_teacher_top_k_evaluator_equals_numpy_exact_search(minilm_teacher):
