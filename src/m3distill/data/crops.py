@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from m3distill.data.chunking import Context, sentence_spans
-from m3distill.data.questions.base import written_without_spaces
+from m3distill.data.questions.base import long_enough, written_without_spaces
 
 SENTENCE = "sentence"
 SPAN = "span"
@@ -64,9 +64,7 @@ def _seed(seed: int, context_id: str) -> int:
 
 
 def _long_enough(text: str) -> bool:
-    if written_without_spaces(text):
-        return len(text) >= _MIN_CHARS
-    return len(text.split()) >= _MIN_WORDS
+    return long_enough(text, min_words=_MIN_WORDS, min_chars=_MIN_CHARS)
 
 
 def _random_span(text: str, rng: random.Random) -> str | None:

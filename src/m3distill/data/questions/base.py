@@ -67,6 +67,13 @@ def written_without_spaces(text: str) -> bool:
     return letters > 0 and len(_UNSPACED_CHAR.findall(text)) * 2 > letters
 
 
+def long_enough(text: str, *, min_words: int, min_chars: int) -> bool:
+    """True when ``text`` has at least ``min_words`` words, or ``min_chars`` characters in scripts without spaces."""
+    if written_without_spaces(text):
+        return len(text) >= min_chars
+    return len(text.split()) >= min_words
+
+
 def is_copied(question: str, context_text: str) -> bool:
     """True when ``question`` is lifted from the context: a verbatim substring, or most of its n-grams are."""
     question_key, context_key = comparable(question), comparable(context_text)

@@ -16,7 +16,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from m3distill.data.chunking import Context, sentence_spans
-from m3distill.data.questions.base import GenerationResult, comparable, filter_questions, written_without_spaces
+from m3distill.data.questions.base import (
+    GenerationResult,
+    comparable,
+    filter_questions,
+    long_enough,
+    written_without_spaces,
+)
 
 PSEUDO_NOTE = (
     "pseudo-queries: every question is a sentence or word span copied from its own context (inverse cloze), "
@@ -104,9 +110,7 @@ def _context_seed(seed: int, context_id: str) -> int:
 
 
 def _long_enough(sentence: str) -> bool:
-    if written_without_spaces(sentence):
-        return len(sentence) >= _MIN_SENTENCE_CHARS
-    return len(sentence.split()) >= _MIN_SENTENCE_WORDS
+    return long_enough(sentence, min_words=_MIN_SENTENCE_WORDS, min_chars=_MIN_SENTENCE_CHARS)
 
 
 def _clip(sentence: str, rng: random.Random) -> str:
