@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from m3distill.evaluation.retrieval import EdgeSearchBackend, top_k_overlap
+from m3distill.evaluation.retrieval import EdgeSearchBackend
+from m3distill.metrics import top_k_overlap
 
 
 def _clustered(n: int, dim: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:

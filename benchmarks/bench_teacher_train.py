@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +23,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the bge-m3-shaped stand-in is a test helper, not part of the package
+
+from stand_in import make_xlmr_stand_in, packaged_minilm_path  # noqa: E402
+
 from m3distill.config import StudentsConfig, TeacherConfig, TrainingConfig, load_config  # noqa: E402
 from m3distill.data.dataset import TABLES, load_synth_dataset, write_table  # noqa: E402
 from m3distill.layout import DATASET_MANIFEST_FILE  # noqa: E402
-from m3distill.stand_in import make_xlmr_stand_in, packaged_minilm_path  # noqa: E402
 from m3distill.students.layer_plan import parse_layer_list  # noqa: E402
 from m3distill.teacher.cache import build_teacher_cache  # noqa: E402
 from m3distill.training import train_students  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _demo_dataset(out_dir: Path) -> Path:

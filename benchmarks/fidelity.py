@@ -41,15 +41,17 @@ import numpy as np  # noqa: E402
 from m3distill.config import LossConfig, M3DistillConfig, StudentsConfig, TrainingConfig, load_config  # noqa: E402
 from m3distill.data.dataset import load_synth_dataset  # noqa: E402
 from m3distill.data.synth import synthesize  # noqa: E402
-from m3distill.evaluation.alignment import (  # noqa: E402
+from m3distill.metrics import (  # noqa: E402
     MEAN_COSINE,
     SPEARMAN_COSINE,
     alignment_metrics,
     draw_similarity_pairs,
+    ground_truth_metrics,
+    mrr_metric,
+    top_k_overlap,
 )
-from m3distill.evaluation.retrieval import ground_truth_metrics, mrr_metric, top_k_overlap  # noqa: E402
+from m3distill.models import load_sentence_transformer  # noqa: E402
 from m3distill.teacher.cache import TeacherCache, build_teacher_cache, is_complete_cache  # noqa: E402
-from m3distill.teacher.loading import load_sentence_transformer  # noqa: E402
 from m3distill.training import is_trained_student, train_students  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +62,7 @@ def seed_recipe(default: TrainingConfig) -> TrainingConfig:
     return default.model_copy(update={
         "learning_rate": 2e-4, "lr_scheduler": "linear", "warmup_ratio": 0.1, "loss": LossConfig(),
         "texts": ["contexts", "questions", "general"], "best_metric": "spearman", "early_stopping_patience": None,
+        "dropout": None,
     })
 
 
@@ -76,6 +79,8 @@ def ablations(default: TrainingConfig) -> dict[str, TrainingConfig]:
             rows[name] = default.model_copy(update={"texts": [k for k in default.texts if k != kind]})
     if default.learning_rate != 2e-4:
         rows["- high lr (2e-4)"] = default.model_copy(update={"learning_rate": 2e-4})
+    if default.dropout is not None:
+        rows["- dropout 0 (teacher's rate)"] = default.model_copy(update={"dropout": None})
     if default.best_metric != "spearman":
         rows["- top-k selection (spearman)"] = default.model_copy(update={"best_metric": "spearman"})
     if "crops" not in default.texts:

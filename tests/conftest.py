@@ -12,14 +12,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from stand_in import TINY_SHAPE, make_xlmr_stand_in, packaged_minilm_path
 
 from m3distill.data.dataset import CONTEXT_SCHEMA, GENERAL_SCHEMA, QUESTION_SCHEMA, write_table
 from m3distill.layout import CONTEXTS_FILE, DATASET_MANIFEST_FILE, GENERAL_FILE, QUESTIONS_FILE
-from m3distill.stand_in import TINY_SHAPE, make_xlmr_stand_in, packaged_minilm_path
 
 torch.set_num_threads(2)
 
@@ -112,3 +113,13 @@ def write_small_dataset(out_dir: Path, *, per_language: int = 4, seed: int = 0) 
 def small_dataset(tmp_path_factory) -> Path:
     """A ~200-context, 16-language dataset directory (read-only: copy it before modifying)."""
     return write_small_dataset(tmp_path_factory.mktemp("small-dataset") / "dataset")
+
+
+@pytest.fixture(scope="session")
+def few_documents(tmp_path_factory, sample_dir) -> Path:
+    """Three English documents of the sample corpus in a folder of their own."""
+    corpus = tmp_path_factory.mktemp("few-documents") / "docs"
+    corpus.mkdir()
+    for file in sorted((sample_dir / "domain" / "en").glob("*.txt"))[:3]:
+        shutil.copy(file, corpus / file.name)
+    return corpus

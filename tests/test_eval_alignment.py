@@ -8,7 +8,7 @@ from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimil
 from sentence_transformers.util import pairwise_cos_sim
 
 from m3distill.data.dataset import load_synth_dataset
-from m3distill.evaluation.alignment import (
+from m3distill.metrics import (
     MEAN_COSINE,
     MSE,
     MSE_X100,

@@ -15,15 +15,35 @@ from sentence_transformers import SentenceTransformer
 
 from m3distill.cli import main
 from m3distill.config import EvaluationConfig, SpeedConfig, TeacherConfig
-from m3distill.data.dataset import CONTEXT_SCHEMA, QUESTION_SCHEMA, load_synth_dataset, write_table
+from m3distill.data.dataset import (
+    CONTEXT_SCHEMA,
+    QUESTION_SCHEMA,
+    load_synth_dataset,
+    write_table,
+)
 from m3distill.evaluation import evaluate as evaluate_module
 from m3distill.evaluation.evaluate import EMBEDDINGS_CACHE_DIRNAME, evaluate_models
-from m3distill.evaluation.speed import PARAMETERS, SIZE_ON_DISK, SPEEDUP, size_on_disk, speed_texts
-from m3distill.layout import CONTEXTS_FILE, QUESTIONS_FILE, REPORT_JSON_FILE, REPORT_MD_FILE
+from m3distill.evaluation.speed import (
+    LAYER_RATIO,
+    PARAMETERS,
+    SIZE_ON_DISK,
+    SPEEDUP,
+    SPEEDUP_MAX,
+    SPEEDUP_MIN,
+    SPEEDUP_SUSPECT,
+    size_on_disk,
+    speed_texts,
+)
+from m3distill.layout import (
+    CONTEXTS_FILE,
+    QUESTIONS_FILE,
+    REPORT_JSON_FILE,
+    REPORT_MD_FILE,
+)
+from m3distill.models import count_parameters
 from m3distill.students.build import build_student
-from m3distill.teacher.loading import count_parameters
 
-TINY_SPEED = SpeedConfig(n_texts=16, batch_size=8, repeats=1, warmup_batches=1)
+TINY_SPEED = SpeedConfig(n_texts=16, batch_size=8, repeats=1, warmup_batches=1, min_seconds_per_repeat=0)
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +73,15 @@ def test_evaluate_minilm_teacher_and_students(minilm_path, minilm_students, smal
     report = evaluate_models(small_dataset, TeacherConfig(model=str(minilm_path)), minilm_students, config, out_dir,
                              show_progress=False)
 
-    assert json.loads((out_dir / REPORT_JSON_FILE).read_text()) == json.loads(json.dumps(report))
-    assert [m["name"] for m in report["models"]] == ["teacher", "student-3L", "student-1L"]
-    assert [m["layers"] for m in report["models"]] == [6, 3, 1]
-    assert [(p["a"], p["b"]) for p in report["pairs"]] == [
+    assert json.loads((out_dir / REPORT_JSON_FILE).read_text()) == report.to_json_dict()
+    assert [m.name for m in report.models] == ["teacher", "student-3L", "student-1L"]
+    assert [m.layers for m in report.models] == [6, 3, 1]
+    assert [(p.a, p.b) for p in report.pairs] == [
         ("teacher", "student-3L"), ("teacher", "student-1L"), ("student-3L", "student-1L")]
     dataset = load_synth_dataset(small_dataset)
-    assert report["retrieval"]["n_contexts"] == len(dataset.split_contexts("test"))
-    assert report["retrieval"]["n_questions"] == len(dataset.split_questions("test"))
-    teacher, *students = report["models"]
+    assert report.retrieval.n_contexts == len(dataset.split_contexts("test"))
+    assert report.retrieval.n_questions == len(dataset.split_questions("test"))
+    teacher, *students = [model.model_dump() for model in report.models]
     # Pseudo-questions are sentences of their own context: a correct question->context mapping puts it near the
     # top for the teacher, a broken one (wrong rows) would score near 1/n_contexts.
     assert teacher["metrics"]["exact_mrr@10"] > 0.5
@@ -73,9 +93,11 @@ def test_evaluate_minilm_teacher_and_students(minilm_path, minilm_students, smal
         assert 0 < metrics["alignment_mean_cosine"] < 1
         assert metrics[SIZE_ON_DISK] == sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
         assert metrics[PARAMETERS] == count_parameters(SentenceTransformer(str(folder), device="cpu"))
-        assert metrics[SPEEDUP] > 0
-    for pair in report["pairs"]:
-        assert all(0 <= value <= 1 for value in pair["metrics"].values())
+        assert 0 < metrics[SPEEDUP_MIN] <= metrics[SPEEDUP] <= metrics[SPEEDUP_MAX]
+        assert metrics[LAYER_RATIO] == 6 / student["layers"]
+        assert metrics[SPEEDUP_SUSPECT] is (metrics[SPEEDUP] > metrics[LAYER_RATIO])
+    for pair in report.pairs:
+        assert all(0 <= value <= 1 for value in pair.metrics.values())
 
     # Query-side stand-in: student questions in the teacher's index, checked against numpy exact search.
     questions = list(dataset.split_questions("test")["text"])
@@ -95,14 +117,15 @@ def test_evaluate_minilm_teacher_and_students(minilm_path, minilm_students, smal
         expected_mrr = np.mean([1 / rank if rank <= 10 else 0 for rank in ranks])
         assert student["metrics"]["query_side_exact_mrr@10"] == pytest.approx(expected_mrr, abs=0.02)
     assert "Query-side stand-in" in (out_dir / REPORT_MD_FILE).read_text()
-    assert report["alignment_pairs"]["n_matching"] == report["retrieval"]["n_questions"]
-    assert report["alignment_pairs"]["n_non_matching"] == 4 * report["retrieval"]["n_questions"]
+    assert report.alignment_pairs.n_matching == report.retrieval.n_questions
+    assert report.alignment_pairs.n_non_matching == 4 * report.retrieval.n_questions
     assert teacher["metrics"][SPEEDUP] == 1.0
+    assert report.speed.order == "interleaved" and report.speed.min_seconds_per_repeat == 0
     libraries = {"torch", "transformers", "sentence-transformers", "qdrant-edge-py", "qdrant-client"}
-    assert libraries <= set(report["versions"])
+    assert libraries <= set(report.versions)
     markdown = (out_dir / REPORT_MD_FILE).read_text()
-    first_pair = report["pairs"][0]
-    assert f"| teacher vs student-3L | {first_pair['metrics']['exact_overlap@5']:.3f} |" in markdown
+    first_pair = report.pairs[0]
+    assert f"| teacher vs student-3L | {first_pair.metrics['exact_overlap@5']:.3f} |" in markdown
     for plot in ("p_at_k.png", "quality_vs_speed.png"):
         assert (out_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out_dir / EMBEDDINGS_CACHE_DIRNAME).exists()
@@ -242,9 +265,9 @@ def test_provided_teacher_embeddings_replace_teacher_encoding(xlmr_student, tiny
 
     report = evaluate_models(small_dataset, teacher, [xlmr_student], config, tmp_path / "a", show_progress=False,
                              teacher_embeddings=students_embeddings_as_teachers)
-    assert calls == [report["retrieval"]["n_questions"] + report["retrieval"]["n_contexts"]]
+    assert calls == [report.retrieval.n_questions + report.retrieval.n_contexts]
     # The "teacher" embeddings are the student's own, so the student must look perfectly aligned.
-    student = report["models"][1]["metrics"]
+    student = report.models[1].metrics
     assert student["alignment_mse"] == pytest.approx(0.0, abs=1e-10)
     assert student["alignment_mean_cosine"] == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="expected"):

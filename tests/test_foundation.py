@@ -12,9 +12,9 @@ from m3distill.cli import main
 from m3distill.config import M3DistillConfig, apply_overrides, load_config
 from m3distill.data.dataset import load_synth_dataset
 from m3distill.errors import M3DistillError
+from m3distill.models import load_sentence_transformer, num_layers
 from m3distill.students.build import build_student
 from m3distill.students.layer_plan import parse_layer_list, plan_layers, validate_layers
-from m3distill.teacher.loading import load_sentence_transformer, num_layers
 
 
 def test_empty_config_is_the_bge_m3_default(tmp_path):

@@ -57,7 +57,7 @@ class ChatServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:  # http.server names it so
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt = body["messages"][-1]["content"]
                 with server._lock:
@@ -87,6 +87,8 @@ class ChatServer:
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
+                    if status == 429:  # as rate limiters do; the openai client waits this long before retrying
+                        self.send_header("retry-after-ms", "10")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -202,12 +204,12 @@ def test_a_crashed_run_resumes_without_repeating_finished_requests(tmp_path, cor
     assert len(load_synth_dataset(out).questions) == 12
 
 
-def test_429_and_timeouts_are_retried_with_backoff(tmp_path, corpus, server, minilm_path):
+def test_429_and_timeouts_are_retried_by_the_client_and_counted(tmp_path, corpus, server, minilm_path):
     def flaky(number: int, prompt: str) -> Reply:
-        if number < 2:
-            return 429, "", 0.0
-        if number == 2:
+        if number == 0:
             return 200, good_answer(prompt), 1.5  # longer than the client's timeout
+        if number < 3:
+            return 429, "", 0.0
         return 200, good_answer(prompt), 0.0
 
     server.respond = flaky

@@ -10,17 +10,28 @@ from pathlib import Path
 import pytest
 from sentence_transformers import SentenceTransformer
 
+from m3distill import pipeline
 from m3distill.cli import main
-from m3distill.config import EvaluationConfig, M3DistillConfig, SpeedConfig, TeacherConfig
+from m3distill.config import (
+    EvaluationConfig,
+    M3DistillConfig,
+    SpeedConfig,
+    TeacherConfig,
+)
 from m3distill.errors import M3DistillError
 from m3distill.evaluation import evaluate as evaluate_module
 from m3distill.evaluation.evaluate import EMBEDDINGS_CACHE_DIRNAME, evaluate_models
-from m3distill.layout import CONTEXTS_FILE, DATASET_MANIFEST_FILE, REPORT_JSON_FILE, REPORT_MD_FILE, RunLayout
-from m3distill import pipeline
+from m3distill.layout import (
+    CONTEXTS_FILE,
+    DATASET_MANIFEST_FILE,
+    REPORT_JSON_FILE,
+    REPORT_MD_FILE,
+    RunLayout,
+)
 from m3distill.students.build import build_student
 from m3distill.teacher.cache import build_teacher_cache
 
-TINY_SPEED = SpeedConfig(n_texts=16, batch_size=8, repeats=1, warmup_batches=1)
+TINY_SPEED = SpeedConfig(n_texts=16, batch_size=8, repeats=1, warmup_batches=1, min_seconds_per_repeat=0)
 
 
 def _user_files(folder: Path) -> dict[str, bytes]:
@@ -35,16 +46,6 @@ def _user_files(folder: Path) -> dict[str, bytes]:
 def _assert_intact(folder: Path, files: dict[str, bytes]) -> None:
     for name, content in files.items():
         assert (folder / name).read_bytes() == content, f"{folder / name} was lost"
-
-
-@pytest.fixture(scope="module")
-def few_documents(tmp_path_factory, sample_dir) -> Path:
-    """Three documents of the sample corpus in a folder of their own."""
-    corpus = tmp_path_factory.mktemp("few-documents") / "docs"
-    corpus.mkdir()
-    for file in sorted((sample_dir / "domain" / "en").glob("*.txt"))[:3]:
-        shutil.copy(file, corpus / file.name)
-    return corpus
 
 
 # --- synth -------------------------------------------------------------------------------------------------------
@@ -102,14 +103,12 @@ class _StopAfterSynth(Exception):
 @pytest.fixture
 def synth_only(monkeypatch):
     """Run the real synth stage and stop the pipeline where the teacher stage would start."""
-    real_run_stage = pipeline._run_stage
+    from m3distill.stages import TeacherStage
 
-    def run_stage(stage, config, layout, show_progress):
-        if stage != "synth":
-            raise _StopAfterSynth(stage)
-        real_run_stage(stage, config, layout, show_progress)
+    def stop(self, **kwargs):
+        raise _StopAfterSynth(self.name)
 
-    monkeypatch.setattr(pipeline, "_run_stage", run_stage)
+    monkeypatch.setattr(TeacherStage, "run", stop)
 
 
 def _tiny_config(corpus: Path, run_dir: Path) -> M3DistillConfig:
@@ -167,60 +166,16 @@ def test_run_after_a_corpus_typo_keeps_the_good_dataset(few_documents, tmp_path,
     assert stages[0] == ("synth", "skip")
 
 
-def test_redoing_a_stage_removes_only_folders_that_carry_m3distill_s_marker(tmp_path):
+def test_rebuilding_the_teacher_cache_removes_only_a_folder_that_carries_m3distill_s_marker(tmp_path):
+    from m3distill.stages import TeacherStage
+
     layout = RunLayout(tmp_path / "run")
     layout.teacher_cache.mkdir(parents=True)
     cache_files = _user_files(layout.teacher_cache)
+    stage = TeacherStage(TeacherConfig(), layout.dataset, layout.teacher_cache)
     with pytest.raises(M3DistillError, match="not a teacher cache m3distill wrote"):
-        pipeline._remove_outputs("teacher", layout)
+        stage.clear()
     _assert_intact(layout.teacher_cache, cache_files)
-
-    ours = layout.student("student-2L")
-    ours.mkdir(parents=True)
-    (ours / "run.json").write_text(json.dumps({"layers": [0, 3], "strategy": "uniform", "search": None}))
-    theirs = layout.student("my-own-model")
-    theirs.mkdir()
-    their_files = _user_files(theirs)
-    pipeline._remove_outputs("train", layout)
-    assert not ours.exists()
-    _assert_intact(theirs, their_files)
-
-    # synth and evaluate replace their outputs themselves once the new one is complete: nothing is removed up front.
-    layout.dataset.mkdir()
-    (layout.dataset / DATASET_MANIFEST_FILE).write_text("{}")
-    pipeline._remove_outputs("synth", layout)
-    pipeline._remove_outputs("evaluate", layout)
-    assert (layout.dataset / DATASET_MANIFEST_FILE).is_file()
-
-
-def test_a_stage_stopped_after_an_earlier_one_was_redone_is_not_skipped_next_time(tmp_path, monkeypatch):
-    """The report stays whole while evaluate reruns, so it must not count as current once training was redone."""
-    layout = RunLayout(tmp_path / "run")
-    ran: list[str] = []
-    fail_on = set()
-
-    def run_stage(stage, config, layout, show_progress):
-        if stage in fail_on:
-            raise KeyboardInterrupt
-        ran.append(stage)
-
-    monkeypatch.setattr(pipeline, "_run_stage", run_stage)
-    monkeypatch.setattr(pipeline, "_stage_complete", lambda stage, config, layout: True)
-    monkeypatch.setattr(pipeline, "_check_stage_inputs", lambda stage, config, layout: None, raising=False)
-    config = _tiny_config(tmp_path / "docs", layout.root)
-    pipeline.run_pipeline(config, show_progress=False)
-    assert ran == list(pipeline.STAGES)
-
-    ran.clear()
-    fail_on.add("evaluate")
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run_pipeline(config, force=["train"], show_progress=False)
-    assert ran == ["train"]
-
-    ran.clear()
-    fail_on.clear()
-    pipeline.run_pipeline(config, show_progress=False)
-    assert ran == ["evaluate"]
 
 
 # --- train ---------------------------------------------------------------------------------------------------------
@@ -301,7 +256,7 @@ def test_a_failing_evaluation_leaves_the_previous_report_whole(tiny_xlmr_path, x
     _assert_intact(out_dir, good)
 
     report = evaluate_models(small_dataset, teacher, [xlmr_student], config, out_dir, show_progress=False)
-    assert json.loads((out_dir / REPORT_JSON_FILE).read_text()) == json.loads(json.dumps(report))
+    assert json.loads((out_dir / REPORT_JSON_FILE).read_text()) == report.to_json_dict()
     assert (out_dir / REPORT_MD_FILE).read_bytes() != good[REPORT_MD_FILE]
     assert (out_dir / "p_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out_dir / EMBEDDINGS_CACHE_DIRNAME).exists()

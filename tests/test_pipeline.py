@@ -30,7 +30,8 @@ def _tiny_config_data(sample_dir: Path, run_dir: Path) -> dict:
         "teacher": {"model": "sentence-transformers/all-MiniLM-L6-v2", "max_seq_length": 64, "batch_size": 32},
         "students": {"layers": [1], "strategy": "uniform"},
         "training": {"max_steps": 6, "eval_steps": 3, "batch_size": 16, "max_dev_texts": 20},
-        "evaluation": {"k": [5, 10], "speed": {"n_texts": 16, "batch_size": 16, "repeats": 1, "warmup_batches": 0}},
+        "evaluation": {"k": [5, 10], "speed": {"n_texts": 16, "batch_size": 16, "repeats": 1, "warmup_batches": 0,
+                                                     "min_seconds_per_repeat": 0}},
     }
 
 
@@ -110,6 +111,10 @@ def test_run_command_from_a_config_file_and_its_errors(sample_dir, tmp_path, cap
     assert not (tmp_path / "from-file").exists()
     assert main(["-q", "run", str(config_file), "--run-dir", str(tmp_path / "elsewhere")]) == 0
     assert "nothing, all up to date" in capsys.readouterr().out
+    # -q quiets the terminal, not the run's own log: both runs are in it, with the dev evaluations.
+    log = (tmp_path / "elsewhere" / "m3distill.log").read_text(encoding="utf-8")
+    assert "student-1L step " in log and ": dev " in log
+    assert "INFO m3distill.data.synth: synth: " in log
 
     no_corpus = tmp_path / "no-corpus.yaml"
     no_corpus.write_text(f"run_dir: {tmp_path / 'nc'}\n", encoding="utf-8")
@@ -130,7 +135,7 @@ def test_demo_config_points_at_the_bundled_sample_and_packaged_teacher(tmp_path)
     assert any(Path(config.synth.corpus).rglob("*.txt"))
     assert config.students.layers == [3, 2, 1]
     assert config.run_dir == str(tmp_path / "demo")
-    from m3distill.teacher.loading import resolve_model_name
+    from m3distill.models import resolve_model_name
 
     assert Path(resolve_model_name(config.teacher.model)).is_dir()
 
@@ -150,7 +155,6 @@ def test_a_run_directory_in_use_is_refused(sample_dir, tmp_path):
     config = M3DistillConfig.model_validate(_tiny_config_data(sample_dir, tmp_path / "run"))
     layout = RunLayout(tmp_path / "run")
     layout.root.mkdir()
-    with _run_dir_lock(layout):
-        with pytest.raises(M3DistillError, match="is in use by m3distill process"):
-            run_pipeline(config, show_progress=False)
+    with _run_dir_lock(layout), pytest.raises(M3DistillError, match="is in use by m3distill process"):
+        run_pipeline(config, show_progress=False)
     assert not layout.dataset.exists()

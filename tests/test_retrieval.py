@@ -13,11 +13,10 @@ from m3distill.evaluation.retrieval import (
     EdgeSearchBackend,
     QdrantClientBackend,
     check_k_fits,
-    ground_truth_metrics,
     make_search_backend,
     search_depth,
-    top_k_overlap,
 )
+from m3distill.metrics import ground_truth_metrics, top_k_overlap
 
 
 @pytest.fixture(scope="module")

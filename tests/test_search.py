@@ -10,16 +10,15 @@ import pytest
 from m3distill.config import StudentsConfig
 from m3distill.data.dataset import load_synth_dataset
 from m3distill.errors import M3DistillError
+from m3distill.models import load_sentence_transformer
 from m3distill.students.build import build_student
-from m3distill.students.layer_plan import plan_layers
-from m3distill.students.search import (
+from m3distill.students.layer_plan import (
     LayerPlan,
-    candidate_plans,
+    plan_layers,
     planned_student_names,
     resolve_layer_plans,
-    search_layer_plan,
 )
-from m3distill.teacher.loading import load_sentence_transformer
+from m3distill.students.search import candidate_plans, search_layer_plan
 
 
 def test_plans_follow_the_strategy_or_the_explicit_lists():

@@ -15,6 +15,7 @@ from m3distill.config import TeacherConfig
 from m3distill.data.dataset import TABLES, load_synth_dataset, write_table
 from m3distill.errors import M3DistillError
 from m3distill.layout import DATASET_MANIFEST_FILE
+from m3distill.models import load_sentence_transformer
 from m3distill.teacher.cache import (
     CACHE_MANIFEST_FILE,
     TeacherCache,
@@ -24,7 +25,6 @@ from m3distill.teacher.cache import (
     text_key,
 )
 from m3distill.teacher.fingerprint import hash_model_files, teacher_fingerprint
-from m3distill.teacher.loading import load_sentence_transformer
 
 
 def write_dataset_subset(source: Path, out_dir: Path, n_contexts: int, *, n_general: int = 5) -> Path:
@@ -188,7 +188,8 @@ def test_teacher_cli_builds_the_cache_and_refuses_bad_inputs(tiny_dataset, tiny_
     assert main(["-q", "teacher", "--data", str(tiny_dataset), "--teacher", str(minilm_path), "--out", str(out),
                  "--dtype", "float16"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' loading bar may come first)
-    assert error.startswith("m3distill teacher: error:") and "made by another teacher: files_sha256" in error
+    assert error.startswith("m3distill teacher: error:") and "out of date: teacher.model contents changed" in error
+    assert "--force" in error
 
 
 @pytest.mark.parametrize("damaged", ["dense", "keys"])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
 
@@ -16,9 +18,9 @@ from m3distill.cli import main
 from m3distill.config import StudentsConfig, TeacherConfig, TrainingConfig
 from m3distill.data.dataset import load_synth_dataset
 from m3distill.errors import M3DistillError
+from m3distill.models import count_parameters
 from m3distill.students.build import build_student
 from m3distill.teacher.cache import TeacherCache, build_teacher_cache
-from m3distill.teacher.loading import count_parameters
 from m3distill.training import STUDENT_METADATA_FILE, is_trained_student, read_student_metadata, train_students
 from m3distill.training import distill
 from m3distill.training.dev_set import CachedMSEEvaluator, build_dev_set, dev_evaluator, dev_metrics
@@ -249,3 +251,43 @@ def test_every_loss_term_trains_through_the_cli(small_dataset, tiny_cache, tmp_p
     dataset = load_synth_dataset(small_dataset)
     assert metadata["data"]["train_texts"] == len(dataset.texts(["train"], ["contexts", "questions"]))
     assert metadata["training"]["texts_seen"] == 16
+
+
+def test_training_shows_one_bar_per_student_and_one_dev_line_per_evaluation(small_dataset, tiny_cache, tmp_path,
+                                                                            capsys, caplog, tiny_xlmr_path):
+    training = TrainingConfig(max_steps=6, eval_steps=3, batch_size=8, max_dev_texts=20, early_stopping_patience=None)
+    with caplog.at_level(logging.INFO, logger="m3distill"):
+        train_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
+                       students=StudentsConfig(layers=[2]), training=training, out_dir=tmp_path, show_progress=True)
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert "student-2L: " in output and ("step/s" in output or "s/step" in output)  # the student's own bar
+    dev_lines = [record.getMessage() for record in caplog.records if "student-2L step " in record.getMessage()]
+    assert [line.split("student-2L step ")[1].split(":")[0] for line in dev_lines] == ["3/6", "6/6"]
+    assert all("teacher_p@10" in line or "spearman_cosine" in line for line in dev_lines)
+    assert "{'loss'" not in output and "'eval_" not in output  # none of the Trainer's raw log dicts
+
+
+def test_students_train_without_dropout_by_default_and_keep_the_teachers_rate_on_disk(tiny_xlmr_path, monkeypatch,
+                                                                                     small_dataset, tiny_cache,
+                                                                                     tmp_path):
+    assert TrainingConfig().dropout == 0.0
+    seen: list[float] = []
+    real_trainer = distill.SentenceTransformerTrainer
+
+    def recording_trainer(*args, model, **kwargs):
+        seen.extend(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
+        return real_trainer(*args, model=model, **kwargs)
+
+    monkeypatch.setattr(distill, "SentenceTransformerTrainer", recording_trainer)
+    for rate, out in ((None, tmp_path / "teacher-rate"), (0.0, tmp_path / "off")):
+        seen.clear()
+        training = TrainingConfig(max_steps=2, batch_size=8, max_dev_texts=20, dropout=rate)
+        [result] = train_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
+                                  students=StudentsConfig(layers=[1]), training=training, out_dir=out,
+                                  show_progress=False)
+        teacher_rate = SentenceTransformer(str(tiny_xlmr_path), device="cpu")[0].auto_model.config.hidden_dropout_prob
+        assert teacher_rate > 0 and seen
+        assert set(seen) == ({0.0} if rate == 0.0 else {teacher_rate})
+        saved = json.loads((result.path / "config.json").read_text())
+        assert saved["hidden_dropout_prob"] == teacher_rate

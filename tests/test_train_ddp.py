@@ -32,7 +32,7 @@ def test_torchrun_with_two_cpu_processes_trains_one_student(small_dataset, tiny_
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(_free_port()), str(Path(sys.executable).parent / "m3distill"), "-q", "train",
         "--data", str(small_dataset), "--cache", str(cache), "--out", str(out), "--plan", "0,2",
-        "--max-steps", "8", "--eval-steps", "4", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu",
+        "--max-steps", "8", "--eval-steps", "4", "--batch-size", "8", "--lr", "1e-4", "--device", "cpu",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -6,11 +6,21 @@ A YAML file maps onto :class:`M3DistillConfig` section by section; CLI flags ove
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from m3distill.errors import M3DistillError
 
@@ -34,9 +44,13 @@ class LLMConfig(_Section):
     prompt_template: str | None = Field(None, description="Custom prompt; must contain {context} and {n}.")
     concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
-    max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts, with exponential backoff.")
-    backoff_s: float = Field(1.0, ge=0, description="First backoff delay; doubles on each retry.")
-    temperature: float = Field(0.7, ge=0)
+    max_retries: int = Field(
+        5, ge=0, description="Retries on 429/5xx/timeouts (by the openai client, with its exponential backoff), "
+        "and times an answer without a question is asked again.",
+    )
+    backoff_s: float = Field(1.0, ge=0, description="Wait before asking again after an answer without a question; "
+                             "doubles each time.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of the generated questions.")
     max_question_chars: int = Field(300, ge=10, description="Longer generated questions are dropped.")
     cache_path: str | None = Field(
         None,
@@ -48,14 +62,17 @@ class LLMConfig(_Section):
 class SplitConfig(_Section):
     """How contexts are split; each value is a fraction (< 1) or an absolute number of contexts (>= 1)."""
 
-    dev: float = Field(0.1, ge=0)
-    test: float = Field(0.1, ge=0)
+    dev: float = Field(0.1, ge=0, description="Dev contexts: a fraction (< 1) or a count (>= 1).")
+    test: float = Field(0.1, ge=0, description="Test contexts: a fraction (< 1) or a count (>= 1).")
 
 
 class SynthConfig(_Section):
     """``m3distill synth``: corpus -> contexts -> questions -> splits."""
 
-    corpus: str | None = Field(None, description="File, folder, HF dataset id or saved dataset dir.")
+    corpus: str | None = Field(
+        None, description="File or folder (.txt/.md/.jsonl/.csv/.parquet), saved Hugging Face dataset dir or HF "
+        "dataset id.",
+    )
     general: str | None = Field(None, description="Optional general-text corpus mixed into training.")
     text_column: str = Field("text", description="Text column for .jsonl/.csv/.parquet/HF inputs.")
     id_column: str | None = Field(None, description="Document-id column; row numbers when unset.")
@@ -65,7 +82,7 @@ class SynthConfig(_Section):
     max_tokens: int = Field(256, ge=8, description="Maximum tokens per context (teacher tokenizer, no specials).")
     overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive contexts of a document.")
     generator: Literal["pseudo", "llm"] = Field("pseudo", description="Question generator.")
-    questions_per_context: int = Field(2, ge=1)
+    questions_per_context: int = Field(2, ge=1, description="Questions generated per context.")
     llm: LLMConfig = Field(default_factory=LLMConfig)
     splits: SplitConfig = Field(default_factory=SplitConfig)
     general_ratio: float = Field(
@@ -80,7 +97,7 @@ class SynthConfig(_Section):
     )
     detect_language: bool = Field(True, description="Detect each context's language (py3langid).")
     max_documents: int | None = Field(None, ge=1, description="Use only the first N documents of the corpus.")
-    seed: int = 42
+    seed: int = Field(42, description="Random seed of the splits, questions, crops and general-text sample.")
 
     @model_validator(mode="after")
     def _overlap_below_max(self) -> SynthConfig:
@@ -94,9 +111,9 @@ class TeacherConfig(_Section):
 
     model: str = Field(DEFAULT_TEACHER, description="sentence-transformers folder or hub id.")
     revision: str | None = Field(None, description="Hub revision (commit, tag or branch).")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Run the model repository's own code (only for models you trust).")
     max_seq_length: int | None = Field(None, ge=8, description="Override the model's max sequence length.")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="Texts per batch while embedding the dataset.")
     dtype: Literal["float32", "float16"] = Field("float32", description="Storage dtype of cached embeddings.")
     shard_size: int = Field(2048, ge=1, description="Texts per cache shard (the unit of resumption).")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, mps; auto when unset.")
@@ -170,10 +187,14 @@ class TrainingConfig(_Section):
         "max_steps nor epochs is set. Wins over epochs.",
     )
     epochs: float | None = Field(None, gt=0, description="Passes over the training texts, when max_steps is unset.")
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.01, ge=0)
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate, reached after the warm-up.")
+    batch_size: int = Field(32, ge=1, description="Texts per batch and process.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of the steps that warm the learning rate up.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    dropout: float | None = Field(
+        0.0, ge=0, lt=1, description="Dropout in the student while it trains; null keeps the teacher's own rate. Off "
+        "by default: the student regresses exact teacher outputs, and dropout's noise cost top-k agreement.",
+    )
     max_seq_length: int | None = Field(None, ge=8, description="Student max sequence length; the teacher's when unset.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16/fp16 on GPU, fp32 on CPU.")
     eval_steps: int | None = Field(
@@ -200,8 +221,8 @@ class TrainingConfig(_Section):
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding, faster).")
     keep_checkpoints: bool = Field(False, description="Keep the checkpoints/ folder in each finished student.")
     max_dev_texts: int = Field(2000, ge=10, description="Dev texts used by the evaluators during training.")
-    seed: int = 42
-    device: str | None = None
+    seed: int = Field(42, description="Random seed of the data order and the anchor sample.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1, mps; auto when unset.")
     loss: LossConfig = Field(default_factory=LossConfig)
     texts: list[Literal["contexts", "questions", "crops", "general"]] = Field(
         default_factory=lambda: ["contexts", "questions", "general"],
@@ -218,20 +239,32 @@ class TrainingConfig(_Section):
 
 
 class SpeedConfig(_Section):
-    """Throughput measurement."""
+    """Throughput measurement (see :mod:`m3distill.evaluation.speed`)."""
 
-    n_texts: int = Field(512, ge=1, description="Texts encoded per repeat (drawn from the test split).")
-    batch_size: int = Field(32, ge=1)
-    repeats: int = Field(3, ge=1, description="Timed repeats; the median is reported.")
-    warmup_batches: int = Field(2, ge=0)
+    n_texts: int = Field(512, ge=1, description="Texts in one timed pass (drawn from the test split).")
+    batch_size: int = Field(32, ge=1, description="Texts per batch while timing.")
+    repeats: int = Field(
+        3, ge=1, description="Timed repeats; in each, the models take turns. The median and min-max are reported."
+    )
+    warmup_batches: int = Field(2, ge=0, description="Untimed batches each model encodes before it is timed.")
+    min_seconds_per_repeat: float = Field(
+        2.0, ge=0, description="Each model's turn in a repeat encodes the texts again until at least this many "
+        "seconds have passed, so short timings do not turn scheduler noise into speed-ups; 0 = one pass.",
+    )
 
 
 class EvaluationConfig(_Section):
     """``m3distill evaluate``: alignment, Qdrant top-k overlap, ground truth, speed."""
 
-    k: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50])
-    index: list[Literal["exact", "hnsw"]] = Field(default_factory=lambda: ["exact"])
-    qdrant_url: str | None = Field(None, description="Qdrant server/cluster URL; embedded qdrant-edge when unset.")
+    k: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50], description="Top-k cut-offs of the metrics.")
+    index: list[Literal["exact", "hnsw"]] = Field(
+        default_factory=lambda: ["exact"],
+        description="Searches measured: exact always; hnsw adds Qdrant's HNSW search, reported beside exact.",
+    )
+    qdrant_url: str | None = Field(
+        None, description="Qdrant server/cluster URL (':memory:' for qdrant-client's local mode); embedded "
+        "qdrant-edge when unset.",
+    )
     qdrant_api_key_env: str | None = Field(None, description="NAME of the env var holding the Qdrant API key.")
     distractors: Literal["all", "test"] = Field(
         "all", description="Index every context (test ones plus train/dev as distractors) or only test contexts."
@@ -241,9 +274,9 @@ class EvaluationConfig(_Section):
     hnsw_ef_construct: int = Field(100, ge=4, description="HNSW candidates while building the graph.")
     hnsw_ef: int = Field(128, ge=1, description="HNSW candidates while searching (Qdrant uses at least the top-k).")
     batch_size: int = Field(32, ge=1, description="Texts per batch when encoding for alignment and retrieval.")
-    device: str | None = None
+    device: str | None = Field(None, description="cpu, cuda, cuda:1, mps; auto when unset.")
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
-    seed: int = 42
+    seed: int = Field(42, description="Random seed of the negative pairs.")
 
     @field_validator("k")
     @classmethod
@@ -251,6 +284,12 @@ class EvaluationConfig(_Section):
         if not value or any(k < 1 for k in value):
             raise ValueError("k must be a non-empty list of positive integers, e.g. [10, 20, 30, 40, 50]")
         return sorted(set(value))
+
+    @field_validator("index")
+    @classmethod
+    def _exact_always(cls, value: list[str]) -> list[str]:
+        # HNSW is measured beside exact search, never instead of it: its recall is against the exact results.
+        return ["exact", *(index for index in dict.fromkeys(value) if index != "exact")]
 
 
 class M3DistillConfig(_Section):
@@ -271,14 +310,26 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return f"invalid config {source}: {where}: {first['msg']}{more}"
 
 
+# Fields that name a file or folder: a relative one in a config file is relative to that file's folder (as in
+# compose files), so a config works from any directory. PATH_OR_ID fields may also be a hub id ("BAAI/bge-m3"):
+# they are taken as a path when they look like one or exist beside the config file, and left alone otherwise.
+_PATH_FIELDS = ("run_dir", "synth.llm.cache_path")
+_PATH_OR_ID_FIELDS = ("synth.corpus", "synth.general", "synth.tokenizer", "teacher.model")
+
+
 def load_config(path: str | Path | None = None) -> M3DistillConfig:
     """Load a YAML config file; ``None`` gives the defaults.
+
+    Relative paths inside the file (``run_dir``, ``synth.corpus``, ``synth.general``, ``synth.tokenizer``,
+    ``synth.llm.cache_path``, ``teacher.model``) are taken from the file's own folder, and ``~`` is expanded, so the
+    result does not depend on the directory the command runs in. A value that is a hub id rather than a path
+    (``BAAI/bge-m3``, a dataset id) is left as written.
 
     Raises :class:`M3DistillError` naming the file and the first bad field.
     """
     if path is None:
         return M3DistillConfig()
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise M3DistillError(f"config file not found: {path}")
     try:
@@ -287,10 +338,36 @@ def load_config(path: str | Path | None = None) -> M3DistillConfig:
         raise M3DistillError(f"config file {path} is not valid YAML: {error}".splitlines()[0]) from error
     if not isinstance(data, dict):
         raise M3DistillError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    _resolve_paths(data, path.parent.resolve())
     try:
         return M3DistillConfig.model_validate(data)
     except ValidationError as error:
         raise M3DistillError(_format_validation_error(error, str(path))) from error
+
+
+def _resolve_paths(data: dict[str, Any], base: Path | None) -> None:
+    """Expand ``~`` in the path fields of ``data`` (a config as nested dicts) and, when ``base`` is given, make
+    relative ones relative to ``base``. Fields that are absent or not strings are left for validation to judge."""
+    for dotted in (*_PATH_FIELDS, *_PATH_OR_ID_FIELDS):
+        *parents, leaf = dotted.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(leaf), str):
+            continue
+        node[leaf] = _resolve_path(node[leaf], base, maybe_id=dotted in _PATH_OR_ID_FIELDS)
+
+
+def _resolve_path(value: str, base: Path | None, *, maybe_id: bool) -> str:
+    expanded = os.path.expanduser(value)  # a string operation: a hub id must keep its "/" on Windows too
+    if not expanded or base is None or Path(expanded).is_absolute():
+        return expanded
+    beside = (base / expanded).resolve()
+    # Two slashes or a backslash cannot be a hub id ("owner/name"); "./x" and "../x" are paths by intent.
+    looks_like_path = value.startswith(".") or "\\" in value or value.count("/") > 1
+    if maybe_id and not looks_like_path and not beside.exists():
+        return value
+    return str(beside)
 
 
 def apply_overrides(config: M3DistillConfig, overrides: dict[str, Any]) -> M3DistillConfig:
@@ -307,6 +384,8 @@ def apply_overrides(config: M3DistillConfig, overrides: dict[str, Any]) -> M3Dis
         for part in parents:
             node = node[part]
         node[leaf] = value
+    # Paths given as flags stay relative to the working directory; only "~" is expanded (for --out=~/x).
+    _resolve_paths(data, None)
     try:
         return M3DistillConfig.model_validate(data)
     except ValidationError as error:
@@ -314,5 +393,38 @@ def apply_overrides(config: M3DistillConfig, overrides: dict[str, Any]) -> M3Dis
 
 
 def config_to_yaml(config: M3DistillConfig) -> str:
-    """The config as YAML, the form ``load_config`` reads back."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The config as YAML, the form ``load_config`` reads back, with credentials removed from its URLs.
+
+    Only key *names* (``api_key_env``) are ever part of a config; a key written into ``synth.llm.base_url`` or
+    ``evaluation.qdrant_url`` (``user:pass@``, ``?api_key=``) is redacted by :func:`redact_url`.
+    """
+    data = config.model_dump(mode="json")
+    data["synth"]["llm"]["base_url"] = redact_url(data["synth"]["llm"]["base_url"])
+    if data["evaluation"].get("qdrant_url"):
+        data["evaluation"]["qdrant_url"] = redact_url(data["evaluation"]["qdrant_url"])
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+# Query parameters whose value is a credential (api_key, key, token, access_token, secret, password, sig...).
+_SECRET_QUERY_NAME = re.compile(r"key|token|secret|passw|auth|sig|credential", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the credentials it may carry, for anything m3distill writes or logs.
+
+    The ``user:password@`` part is dropped and the values of query parameters named like a secret (``api_key``,
+    ``token``, ``sig``...) become ``***``; everything else is kept as written.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all: drop anything that looks like user info
+        return re.sub(r"//[^/@]*@", "//", url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(_SECRET_QUERY_NAME.search(name) for name, _ in pairs):
+        query = urlencode(
+            [(name, REDACTED if _SECRET_QUERY_NAME.search(name) else value) for name, value in pairs], safe="*"
+        )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -2,6 +2,7 @@
 
     RUN_DIR/
       config.yaml          the resolved configuration the run used
+      m3distill.log        every run's full log (m3distill run / demo), appended
       dataset/             m3distill synth     (see m3distill.data.dataset for the files inside)
       teacher_cache/       m3distill teacher   (see m3distill.teacher.cache)
       students/<name>/     m3distill train     one sentence-transformers folder per student
@@ -18,6 +19,7 @@ TEACHER_CACHE_DIRNAME = "teacher_cache"
 STUDENTS_DIRNAME = "students"
 REPORT_DIRNAME = "report"
 CONFIG_FILENAME = "config.yaml"
+RUN_LOG_FILENAME = "m3distill.log"
 
 # Files inside a dataset directory (written by m3distill.data.synth, read by m3distill.data.dataset).
 CONTEXTS_FILE = "contexts.parquet"
@@ -58,6 +60,10 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / CONFIG_FILENAME
+
+    @property
+    def log(self) -> Path:
+        return self.root / RUN_LOG_FILENAME
 
     @property
     def dataset(self) -> Path:

@@ -6,7 +6,11 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from m3distill import __version__
 from m3distill.errors import M3DistillError
@@ -15,8 +19,16 @@ from m3distill.errors import M3DistillError
 _SUBCOMMANDS = ("synth", "teacher", "train", "evaluate", "pipeline")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error form: one line and exit code 2. The full usage of a command with every config
+    flag is a screenful that would bury the error; --help shows it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="m3distill",
         description="Distil a large embedding teacher (BAAI/bge-m3 by default) into small, fast students for your "
         "own documents, and measure how close they stay.",
@@ -36,7 +48,10 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     # Our own progress lines at INFO; other libraries only speak up for warnings unless -v asks for everything.
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("m3distill").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    # m3distill logs everything (a run's log file keeps it all); the terminal's handler shows INFO and up.
+    logging.getLogger("m3distill").setLevel(logging.DEBUG)
+    for handler in logging.root.handlers:
+        handler.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub", "datasets", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
@@ -48,6 +63,21 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+@contextmanager
+def _logs_above_progress_bars() -> Iterator[None]:
+    """Route the terminal's log handler through tqdm, so a log line is printed above the bars, not through one."""
+    console = [handler for handler in logging.root.handlers
+               if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr)]
+    if not console:  # logging is someone else's (a test, an embedding application): leave it alone
+        yield
+        return
+    before = set(logging.root.handlers)
+    with logging_redirect_tqdm():
+        for handler in set(logging.root.handlers) - before:
+            handler.setLevel(console[0].level)
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv``, run the subcommand, turn user errors into one line and exit code 2."""
     parser = build_parser()
@@ -57,9 +87,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _configure_logging(args.verbose, args.quiet)
     try:
-        return int(args.handler(args) or 0)
+        # Log lines go above the progress bars instead of breaking them.
+        with _logs_above_progress_bars():
+            return int(args.handler(args) or 0)
     except M3DistillError as error:
         print(f"m3distill {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        # A backstop for paths the stages did not check first: an output on a read-only or full disk, a folder
+        # without permission, a file where a folder should be. Any other OSError is a bug and keeps its traceback.
+        from m3distill.atomic import USER_PATH_ERRNOS, describe_os_error
+
+        if error.errno not in USER_PATH_ERRNOS or error.filename is None:
+            raise
+        logging.getLogger("m3distill").debug("the error in full:", exc_info=True)
+        print(f"m3distill {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"m3distill {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
+from m3distill.cli._flags import flag_overrides
 from m3distill.config import M3DistillConfig, apply_overrides, load_config
 
 
@@ -12,6 +12,6 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file; flags given here override its values")
 
 
-def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> M3DistillConfig:
-    """The config file named by ``--config`` (or the defaults) with the given dotted-key overrides applied."""
-    return apply_overrides(load_config(getattr(args, "config", None)), overrides)
+def resolve_config(args: argparse.Namespace) -> M3DistillConfig:
+    """The config file named by ``--config`` (or the defaults) with the config flags given in ``args`` applied."""
+    return apply_overrides(load_config(getattr(args, "config", None)), flag_overrides(args))

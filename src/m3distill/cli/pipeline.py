@@ -6,8 +6,15 @@ import argparse
 import sys
 import time
 
+from m3distill.cli._flags import add_config_flags, flag_value
 from m3distill.layout import REPORT_MD_FILE
-from m3distill.pipeline import STAGES, PipelineResult, demo_config, run_config_file, run_pipeline
+from m3distill.pipeline import (
+    STAGES,
+    PipelineResult,
+    demo_config,
+    run_config_file,
+    run_pipeline,
+)
 
 _STAGE_TITLES = {
     "synth": "synthetic dataset (contexts + questions)",
@@ -37,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "every later stage.",
     )
     run.add_argument("config", metavar="CONFIG.yaml", help="the run's config file")
-    run.add_argument("--run-dir", metavar="DIR", help="override the config's run_dir")
+    add_config_flags(run, "run_dir", default_notes={"run_dir": "the config file's run_dir"})
     _add_force(run)
     run.set_defaults(handler=_run)
 
@@ -85,6 +92,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    result = run_config_file(args.config, force=args.force, run_dir=args.run_dir, show_progress=not args.quiet,
-                             on_stage=_progress_printer(args.quiet))
+    result = run_config_file(args.config, force=args.force, run_dir=flag_value(args, "run_dir"),
+                             show_progress=not args.quiet, on_stage=_progress_printer(args.quiet))
     return _finish(result, time.perf_counter() - started)

@@ -78,7 +78,7 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from m3distill.teacher.loading import resolve_model_name
+    from m3distill.models import resolve_model_name
 
     name = resolve_model_name(name_or_path)
     path = Path(name).expanduser()

@@ -114,6 +114,7 @@ def load_corpus(
     hf_split: str = "train",
     skip_bad_files: bool = False,
     max_documents: int | None = None,
+    kind: str = "corpus",
 ) -> Corpus:
     """Read every document of ``source``, normalise it and drop empty and duplicate documents.
 
@@ -124,6 +125,7 @@ def load_corpus(
         hf_split: split to read from a ``DatasetDict`` or a hub dataset.
         skip_bad_files: log and count undecodable files and files lacking a column instead of failing.
         max_documents: keep only the first this many documents (after dropping empty and duplicate ones).
+        kind: what ``source`` is to the user, named in errors: ``corpus``, or ``general corpus`` for --general.
 
     Raises:
         M3DistillError: the source does not exist or cannot be loaded, a file is undecodable or lacks a column
@@ -132,14 +134,14 @@ def load_corpus(
     source_text = str(source)
     report = IngestionReport(source=source_text)
     fingerprint = hashlib.sha256()
-    raw = _read_source(source_text, text_column, id_column, hf_split, skip_bad_files, report, fingerprint)
+    raw = _read_source(source_text, text_column, id_column, hf_split, skip_bad_files, report, fingerprint, kind)
     documents = _clean(raw, report, source_text)
     if max_documents is not None and len(documents) > max_documents:
         report.over_limit = len(documents) - max_documents
         documents = documents[:max_documents]
     if not documents:
         raise M3DistillError(
-            f"no documents left in {source_text} ({report.read} read, {report.empty} empty, "
+            f"no documents left in the {kind} {source_text} ({report.read} read, {report.empty} empty, "
             f"{report.duplicates} duplicate, {len(report.bad_files)} bad files): give a corpus with text in it"
         )
     logger.info(
@@ -185,6 +187,7 @@ def _read_source(
     skip_bad_files: bool,
     report: IngestionReport,
     fingerprint: Any,
+    kind: str = "corpus",
 ) -> Iterator[tuple[str, Any]]:
     path = Path(source).expanduser()
     if path.is_dir():
@@ -203,7 +206,7 @@ def _read_source(
                                prefix_rows=False)
         return
     if path.suffix.lower() in SUPPORTED_SUFFIXES or source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
-        raise M3DistillError(f"corpus not found: {source} (expected a file, a folder or a Hugging Face dataset id)")
+        raise M3DistillError(f"{kind} not found: {source} (expected a file, a folder or a Hugging Face dataset id)")
     fingerprint.update(f"hub:{source}:{hf_split}".encode())
     dataset = _load_hub(source, hf_split)
     fingerprint.update(str(getattr(dataset, "_fingerprint", "")).encode())

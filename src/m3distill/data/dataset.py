@@ -127,19 +127,28 @@ def is_complete_dataset(path: str | Path) -> bool:
     ).is_file()
 
 
+def require_complete_dataset(path: str | Path) -> None:
+    """Raise :class:`M3DistillError`, saying what is missing, unless ``path`` holds a finished dataset."""
+    path = Path(path)
+    if not path.is_dir():
+        raise M3DistillError(f"dataset directory not found: {path} (create one with `m3distill synth`)")
+    missing = [name for kind, (name, _) in TABLES.items() if kind not in OPTIONAL_TABLES and not (path / name).is_file()]
+    if not (path / DATASET_MANIFEST_FILE).is_file():
+        missing.append(DATASET_MANIFEST_FILE)
+    if missing:
+        raise M3DistillError(
+            f"{path} is not a complete m3distill dataset: {', '.join(missing)} missing "
+            "(an interrupted `m3distill synth`? rerun it)"
+        )
+
+
 def load_synth_dataset(path: str | Path) -> SynthDataset:
     """Load a dataset directory written by ``m3distill synth``.
 
     Raises :class:`M3DistillError` when the directory is missing, incomplete or has the wrong columns.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise M3DistillError(f"dataset directory not found: {path} (create one with `m3distill synth`)")
-    if not (path / DATASET_MANIFEST_FILE).is_file():
-        raise M3DistillError(
-            f"{path} is not a complete m3distill dataset: {DATASET_MANIFEST_FILE} is missing "
-            "(an interrupted `m3distill synth`? rerun it)"
-        )
+    require_complete_dataset(path)
     frames: dict[str, pd.DataFrame] = {}
     for kind, (name, schema) in TABLES.items():
         file = path / name

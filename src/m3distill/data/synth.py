@@ -119,11 +119,8 @@ def synthesize(
     _check_inputs_outside(out_dir, {"corpus": config.corpus, "general": config.general})
     generator = make_question_generator(config, out_dir)
 
-    corpus = _load(config.corpus, config, config.max_documents)
-    general_corpus = _load(config.general, config, None) if config.general else None
-    loaded_tokenizer = load_tokenizer(tokenizer)
-    tokenizer_hash = hashlib.sha256(loaded_tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
-    input_hash = _input_hash(config, corpus, general_corpus, tokenizer_hash)
+    corpus, general_corpus, loaded_tokenizer, inputs = _read_inputs(config, tokenizer)
+    input_hash = hash_synth_inputs(inputs)
 
     replace = _check_out_dir(out_dir, input_hash, overwrite)
     if replace is None:
@@ -162,12 +159,13 @@ def synthesize(
         "created_by": "m3distill synth",
         "m3distill_version": __version__,
         "input_hash": input_hash,
+        "inputs": inputs,
         "seed": config.seed,
         "corpus": {"source": config.corpus, "ingestion": corpus.report.to_dict()},
         "general": general_report,
         "chunking": {
             "tokenizer": str(tokenizer),
-            "tokenizer_sha256": tokenizer_hash,
+            "tokenizer_sha256": inputs["tokenizer"],
             "max_tokens": config.max_tokens,
             "overlap_tokens": config.overlap_tokens,
             "special_tokens_counted": False,
@@ -212,20 +210,40 @@ def _load(source: str, config: SynthConfig, max_documents: int | None) -> Corpus
     )
 
 
-def _input_hash(config: SynthConfig, corpus: Corpus, general: Corpus | None, tokenizer_hash: str) -> str:
+def synth_inputs(config: SynthConfig, *, tokenizer: str | Path) -> dict[str, Any]:
+    """What a dataset is made from: the corpus and general contents, the tokenizer vocabulary and the settings.
+
+    Reads the corpus (and general corpus) and loads the tokenizer; :func:`hash_synth_inputs` of the result is the
+    ``input_hash`` that :func:`synthesize` records in the manifest, so a dataset is current exactly when they match.
+    """
+    return _read_inputs(config, tokenizer)[3]
+
+
+def hash_synth_inputs(inputs: dict[str, Any]) -> str:
+    """The sha256 of :func:`synth_inputs`: the dataset manifest's ``input_hash``."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _read_inputs(config: SynthConfig, tokenizer: str | Path) -> tuple[Corpus, Corpus | None, Any, dict[str, Any]]:
+    if not config.corpus:
+        raise M3DistillError("no corpus given: pass --corpus PATH (a file, folder or dataset) or set synth.corpus")
+    corpus = _load(config.corpus, config, config.max_documents)
+    general = _load(config.general, config, None) if config.general else None
+    loaded_tokenizer = load_tokenizer(tokenizer)
+    tokenizer_hash = hashlib.sha256(loaded_tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
     # Paths are left out (the contents count, not where they lie); so are LLM settings when no LLM is used.
     settings = config.model_dump(mode="json", exclude={"corpus", "general"})
     if config.generator == "llm":
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in _TRANSPORT_SETTINGS}
     else:
         settings.pop("llm")
-    payload = {
+    inputs = {
         "corpus": corpus.fingerprint,
         "general": general.fingerprint if general else None,
         "tokenizer": tokenizer_hash,
         "settings": settings,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+    return corpus, general, loaded_tokenizer, inputs
 
 
 def _check_inputs_outside(out_dir: Path, sources: dict[str, str | None]) -> None:

@@ -4,7 +4,7 @@
 folders, Qdrant connection), loads the models, encodes the test questions and the indexed contexts once per model,
 then measures:
 
-1. alignment of each student with the teacher (:mod:`m3distill.evaluation.alignment`);
+1. alignment of each student with the teacher (:mod:`m3distill.metrics`);
 2. top-k retrieval with Qdrant for every model, P@k overlap for every pair of models and ground-truth
    Recall@k / MRR@10 / nDCG@10 (:mod:`m3distill.evaluation.retrieval`);
 3. speed, size and memory (:mod:`m3distill.evaluation.speed`);
@@ -24,7 +24,7 @@ import itertools
 import logging
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,42 +41,56 @@ from m3distill.atomic import atomic_dir, atomic_path
 from m3distill.config import EvaluationConfig, TeacherConfig
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
-from m3distill.evaluation.alignment import (
-    PAIRS_DESCRIPTION,
-    SimilarityPairs,
-    alignment_metrics,
-    draw_similarity_pairs,
-)
 from m3distill.evaluation.retrieval import (
     INDEX_KINDS,
     IndexKind,
     VectorSearchBackend,
     check_k_fits,
-    ground_truth_metrics,
-    hnsw_vs_exact_metric,
     make_search_backend,
-    overlap_metric,
-    query_side_index,
-    query_side_overlap_metric,
     search_depth,
-    top_k_overlap,
 )
 from m3distill.evaluation.speed import (
     SIZE_ON_DISK,
-    SPEEDUP,
-    TEXTS_PER_S,
     device_description,
     measure_speed,
     size_on_disk,
     speed_texts,
 )
 from m3distill.layout import REPORT_JSON_FILE, SPLITS
-from m3distill.report import REPORT_SCHEMA_VERSION, write_report
-from m3distill.teacher.loading import load_sentence_transformer, num_layers, resolve_device
+from m3distill.metrics import (
+    PAIRS_DESCRIPTION,
+    SimilarityPairs,
+    alignment_metrics,
+    draw_similarity_pairs,
+    ground_truth_metrics,
+    hnsw_vs_exact_metric,
+    overlap_metric,
+    query_side_index,
+    query_side_overlap_metric,
+    top_k_overlap,
+)
+from m3distill.models import (
+    load_sentence_transformer,
+    num_layers,
+    resolve_device,
+)
+from m3distill.report import (
+    AlignmentPairsInfo,
+    DatasetSummary,
+    DeviceInfo,
+    HnswSettings,
+    ModelReport,
+    PairReport,
+    Report,
+    RetrievalSettings,
+    SpeedPolicy,
+    write_report,
+)
 
 logger = logging.getLogger(__name__)
 
 TEACHER_LABEL = "teacher"
+IN_MEMORY_SOURCE = "(in memory)"
 EMBEDDINGS_CACHE_DIRNAME = ".embeddings-cache"
 _VERSIONED_PACKAGES = ("torch", "transformers", "sentence-transformers", "qdrant-edge-py", "qdrant-client",
                        "ir-measures", "numpy")
@@ -103,7 +117,9 @@ def evaluate_models(
     show_progress: bool = True,
     qdrant_client=None,
     teacher_embeddings: Callable[[list[str]], np.ndarray | None] | None = None,
-) -> dict[str, Any]:
+    student_models: Mapping[str, SentenceTransformer] | None = None,
+    teacher_model: SentenceTransformer | None = None,
+) -> Report:
     """Evaluate the teacher and its students on a dataset's test split and write the report to ``out_dir``.
 
     Args:
@@ -118,10 +134,13 @@ def evaluate_models(
             called once with the list of texts; it returns an array of shape (texts, dim) equal to what
             ``teacher.encode(texts)`` gives, or ``None`` to have the teacher encode them. Saves the most
             expensive encoding; the teacher is still loaded for the speed measurement.
+        student_models: students held in memory, by name, evaluated after the folders of ``student_dirs``.
+        teacher_model: the teacher held in memory, used instead of loading ``teacher.model``.
 
-    Returns the report (the content of report.json). Raises :class:`M3DistillError`, before any encoding, for
-    an incomplete dataset, an empty test split, a k larger than the indexed contexts, a student folder that
-    is not a sentence-transformers model, or an ``out_dir`` holding files that are not an m3distill report.
+    Returns the :class:`~m3distill.report.Report` (report.json holds ``report.to_json_dict()``). Raises
+    :class:`M3DistillError`, before any encoding, for an incomplete dataset, an empty test split, a k larger than
+    the indexed contexts, a student folder that is not a sentence-transformers model, or an ``out_dir`` holding
+    files that are not an m3distill report.
     """
     started = time.time()
     out_dir = Path(out_dir)
@@ -133,13 +152,19 @@ def evaluate_models(
         if not path.is_dir():
             raise M3DistillError(f"student folder not found: {path} (train it with `m3distill train`)")
     labels = _model_labels(student_dirs)
+    student_models = dict(student_models or {})
+    for name in student_models:
+        if name in labels:
+            raise ValueError(f"the in-memory student {name!r} has the name of another model; give it another name")
+        labels.append(name)
     device = resolve_device(config.device)
     backend = make_search_backend(config, client=qdrant_client)
     timings: dict[str, float] = {}
     cache_dir = out_dir / EMBEDDINGS_CACHE_DIRNAME
 
     with _timed(timings, "load"):
-        models = _load_models(teacher, dict(zip(labels[1:], student_dirs)), device)
+        models = {**_load_models(teacher, dict(zip(labels[1:], student_dirs)), device, teacher_model),
+                  **student_models}
     with _timed(timings, "encode"):
         embeddings = _embed_all(models, data.questions + data.contexts, cache_dir, config.batch_size, show_progress,
                                 teacher_embeddings)
@@ -149,56 +174,60 @@ def evaluate_models(
         pair_reports, depth = _measure_retrieval(embeddings, data, config, backend, metrics, show_progress)
     del embeddings
     with _timed(timings, "speed"):
-        timed_texts = _measure_speed(models, data, config, metrics, show_progress)
+        layers = {label: _layers(model) for label, model in models.items()}
+        timed_texts = _measure_speed(models, layers, data, config, metrics, show_progress)
 
     model_reports = []
-    for (label, model), source in zip(models.items(), [teacher.model, *map(str, student_dirs)]):
-        metrics[label][SIZE_ON_DISK] = size_on_disk(source)
-        model_reports.append(_describe_model(label, source, model, metrics[label]))
-    report = {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "m3distill_version": __version__,
-        "started_at": _iso(started),
-        "finished_at": _iso(time.time()),
-        "duration_s": time.time() - started,
-        "timings_s": timings,
-        "config": {"teacher": teacher.model_dump(mode="json"), "evaluation": config.model_dump(mode="json")},
-        "versions": _library_versions(),
-        "device": {"name": str(device), "description": device_description(device),
-                   "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
-        "dataset": data.summary,
-        "alignment_pairs": {
-            "n_pairs": len(pairs),
-            "n_matching": int(pairs.matching.sum()),
-            "n_non_matching": int((~pairs.matching).sum()),
-            "negatives_per_question": config.negatives_per_question,
-            "seed": config.seed,
-            "description": PAIRS_DESCRIPTION.format(negatives=config.negatives_per_question, seed=config.seed),
-        },
-        "retrieval": {
-            "backend": backend.name,
-            "qdrant_url": config.qdrant_url if qdrant_client is None else "(injected client)",
-            "indexes": _index_kinds(config),
-            "k": list(config.k),
-            "depth": depth,
-            "n_questions": len(data.questions),
-            "n_contexts": len(data.contexts),
-            "distractors": config.distractors,
-            "hnsw": {"m": config.hnsw_m, "ef_construct": config.hnsw_ef_construct, "ef": config.hnsw_ef},
-        },
-        "speed": {
-            "n_texts": len(timed_texts),
-            "batch_size": config.speed.batch_size,
-            "repeats": config.speed.repeats,
-            "warmup_batches": config.speed.warmup_batches,
-        },
-        "models": model_reports,
-        "pairs": pair_reports,
-    }
+    sources = [IN_MEMORY_SOURCE if teacher_model is not None else teacher.model, *map(str, student_dirs),
+               *[IN_MEMORY_SOURCE] * len(student_models)]
+    for (label, model), source in zip(models.items(), sources):
+        metrics[label][SIZE_ON_DISK] = None if source == IN_MEMORY_SOURCE else size_on_disk(source)
+        model_reports.append(_describe_model(label, source, model, layers[label], metrics[label]))
+    report = Report(
+        m3distill_version=__version__,
+        started_at=_iso(started),
+        finished_at=_iso(time.time()),
+        duration_s=time.time() - started,
+        timings_s=timings,
+        config={"teacher": teacher.model_dump(mode="json"), "evaluation": config.model_dump(mode="json")},
+        versions=_library_versions(),
+        device=DeviceInfo(name=str(device), description=device_description(device),
+                          torch_threads=torch.get_num_threads(), platform=platform.platform()),
+        dataset=DatasetSummary(**data.summary),
+        alignment_pairs=AlignmentPairsInfo(
+            n_pairs=len(pairs),
+            n_matching=int(pairs.matching.sum()),
+            n_non_matching=int((~pairs.matching).sum()),
+            negatives_per_question=config.negatives_per_question,
+            seed=config.seed,
+            description=PAIRS_DESCRIPTION.format(negatives=config.negatives_per_question, seed=config.seed),
+        ),
+        retrieval=RetrievalSettings(
+            backend=backend.name,
+            qdrant_url=config.qdrant_url if qdrant_client is None else "(injected client)",
+            indexes=_index_kinds(config),
+            k=list(config.k),
+            depth=depth,
+            n_questions=len(data.questions),
+            n_contexts=len(data.contexts),
+            distractors=config.distractors,
+            hnsw=HnswSettings(m=config.hnsw_m, ef_construct=config.hnsw_ef_construct, ef=config.hnsw_ef),
+        ),
+        speed=SpeedPolicy(
+            n_texts=len(timed_texts),
+            batch_size=config.speed.batch_size,
+            repeats=config.speed.repeats,
+            warmup_batches=config.speed.warmup_batches,
+            min_seconds_per_repeat=config.speed.min_seconds_per_repeat,
+            order="interleaved",
+        ),
+        models=model_reports,
+        pairs=pair_reports,
+    )
     # The new report replaces the old folder (and its embeddings cache) only once every file is written.
     with atomic_dir(out_dir.absolute(), overwrite=True) as new_report_dir:
         write_report(report, new_report_dir)
-    logger.info("evaluated %d models in %.1fs; report in %s", len(labels), report["duration_s"], out_dir)
+    logger.info("evaluated %d models in %.1fs; report in %s", len(labels), report.duration_s, out_dir)
     return report
 
 
@@ -217,12 +246,15 @@ def _check_report_dir(out_dir: Path) -> None:
     )
 
 
-def _load_models(teacher: TeacherConfig, students: dict[str, Path], device: str) -> dict[str, SentenceTransformer]:
+def _load_models(teacher: TeacherConfig, students: dict[str, Path], device: str,
+                 teacher_model: SentenceTransformer | None = None) -> dict[str, SentenceTransformer]:
     """The teacher and the students by label, teacher first."""
     loaded = {}
     # Students first: they are small, and a bad folder should fail before the big teacher is loaded.
     for label, path in students.items():
         loaded[label] = load_sentence_transformer(path, device=device)
+    if teacher_model is not None:
+        return {TEACHER_LABEL: teacher_model, **loaded}
     teacher_model = load_sentence_transformer(
         teacher.model, revision=teacher.revision, trust_remote_code=teacher.trust_remote_code, device=device,
         max_seq_length=teacher.max_seq_length,
@@ -281,7 +313,7 @@ def _measure_retrieval(
     backend: VectorSearchBackend,
     metrics: dict[str, dict[str, Any]],
     show_progress: bool,
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[PairReport], int]:
     """Add each model's ground-truth (and HNSW recall) metrics to ``metrics``; returns the pair reports and depth."""
     n_questions = len(data.questions)
     indexes = _index_kinds(config)
@@ -297,8 +329,8 @@ def _measure_retrieval(
                 metrics[label][hnsw_vs_exact_metric(k)] = top_k_overlap(found["hnsw"], found["exact"], k)
     _measure_query_side(embeddings, data, config, backend, tops, depth, metrics)
     pair_reports = [
-        {"a": a, "b": b, "metrics": {overlap_metric(index, k): top_k_overlap(tops[a][index], tops[b][index], k)
-                                     for index in indexes for k in config.k}}
+        PairReport(a=a, b=b, metrics={overlap_metric(index, k): top_k_overlap(tops[a][index], tops[b][index], k)
+                                      for index in indexes for k in config.k})
         for a, b in itertools.combinations(tops, 2)
     ]
     return pair_reports, depth
@@ -332,16 +364,15 @@ def _measure_query_side(
             metrics[label][query_side_overlap_metric("exact", k)] = top_k_overlap(found["exact"], reference, k)
 
 
-def _measure_speed(models: dict[str, SentenceTransformer], data: _TestData, config: EvaluationConfig,
-                   metrics: dict[str, dict[str, Any]], show_progress: bool) -> list[str]:
+def _measure_speed(models: dict[str, SentenceTransformer], layers: dict[str, int | None], data: _TestData,
+                   config: EvaluationConfig, metrics: dict[str, dict[str, Any]], show_progress: bool) -> list[str]:
     """Add each model's speed metrics (and speed-up over the teacher) to ``metrics``; returns the timed texts."""
     test_texts = data.questions + [data.contexts[row] for row in data.test_context_rows]
     timed_texts = speed_texts(test_texts, config.speed.n_texts)
-    for label in tqdm(list(models), desc="speed", unit="model", disable=not show_progress):
-        metrics[label].update(measure_speed(models[label], timed_texts, config.speed))
-    teacher_speed = metrics[TEACHER_LABEL][TEXTS_PER_S]
-    for label in models:
-        metrics[label][SPEEDUP] = metrics[label][TEXTS_PER_S] / teacher_speed
+    measured = measure_speed(models, timed_texts, config.speed, teacher=TEACHER_LABEL, layers=layers,
+                             show_progress=show_progress)
+    for label, figures in measured.items():
+        metrics[label].update(figures)
     return timed_texts
 
 
@@ -439,20 +470,24 @@ def _fingerprint(model: SentenceTransformer, texts: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _describe_model(label: str, source: str, model: SentenceTransformer, metrics: dict[str, Any]) -> dict[str, Any]:
+def _layers(model: SentenceTransformer) -> int | None:
     try:
-        layers = num_layers(model)
+        return num_layers(model)
     except M3DistillError:
-        layers = None
-    return {
-        "name": label,
-        "role": "teacher" if label == TEACHER_LABEL else "student",
-        "source": str(Path(source).resolve()) if Path(source).exists() else source,
-        "layers": layers,
-        "embedding_dim": model.get_embedding_dimension(),
-        "max_seq_length": model.max_seq_length,
-        "metrics": metrics,
-    }
+        return None
+
+
+def _describe_model(label: str, source: str, model: SentenceTransformer, layers: int | None,
+                    metrics: dict[str, Any]) -> ModelReport:
+    return ModelReport(
+        name=label,
+        role="teacher" if label == TEACHER_LABEL else "student",
+        source=str(Path(source).resolve()) if Path(source).exists() else source,
+        layers=layers,
+        embedding_dim=model.get_embedding_dimension(),
+        max_seq_length=model.max_seq_length,
+        metrics=metrics,
+    )
 
 
 def _library_versions() -> dict[str, str | None]:

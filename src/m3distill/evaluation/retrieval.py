@@ -1,4 +1,4 @@
-"""Retrieval with Qdrant: each model's top-k contexts for every test question, and what they are worth.
+"""Retrieval with Qdrant: each model's top-k contexts for every test question.
 
 Search backends share one small interface, :class:`VectorSearchBackend`: index a model's context embeddings,
 run every question, return the top ``limit`` context rows per question for each requested index kind, and
@@ -10,12 +10,8 @@ leave nothing behind.
 * :class:`QdrantClientBackend`: a Qdrant server or cluster through qdrant-client (one uniquely named collection
   per model, deleted afterwards); ``QdrantClient(":memory:")`` runs the same code in-process.
 
-Metrics (flat names with the index kind as prefix, e.g. ``exact_overlap@10``):
-
-* ``{index}_overlap@k`` (between two models): |top-k of A ∩ top-k of B| / k, averaged over questions.
-* ``{index}_recall@k``, ``{index}_mrr@10``, ``{index}_ndcg@10`` (per model): ground truth with each question's own
-  context as its one relevant context, computed by ir-measures (R@k, RR@10, nDCG@10).
-* ``hnsw_vs_exact_overlap@k`` (per model): the overlap of a model's HNSW top-k with its own exact top-k (HNSW recall).
+What the top-k lists are worth (P@k overlap, Recall@k, MRR@10, nDCG@10) and the metrics' names are defined in
+:mod:`m3distill.metrics`.
 """
 
 from __future__ import annotations
@@ -30,58 +26,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
-import ir_measures
 import numpy as np
-from ir_measures import RR, R, nDCG
 
 from m3distill.config import EvaluationConfig
 from m3distill.errors import M3DistillError
+from m3distill.metrics import GROUND_TRUTH_CUTOFF
 
 logger = logging.getLogger(__name__)
 
 IndexKind = Literal["exact", "hnsw"]
 INDEX_KINDS: tuple[IndexKind, ...] = ("exact", "hnsw")
-GROUND_TRUTH_CUTOFF = 10
 _QUERY_CHUNK = 256
 _UPSERT_CHUNK = 1024
-
-
-def overlap_metric(index: str, k: int) -> str:
-    """Name of the P@k overlap between two models' top-k lists."""
-    return f"{index}_overlap@{k}"
-
-
-def recall_metric(index: str, k: int) -> str:
-    """Name of Recall@k against each question's own context."""
-    return f"{index}_recall@{k}"
-
-
-def mrr_metric(index: str) -> str:
-    """Name of MRR@10 against each question's own context."""
-    return f"{index}_mrr@{GROUND_TRUTH_CUTOFF}"
-
-
-def ndcg_metric(index: str) -> str:
-    """Name of nDCG@10 against each question's own context."""
-    return f"{index}_ndcg@{GROUND_TRUTH_CUTOFF}"
-
-
-QUERY_SIDE = "query_side"
-
-
-def query_side_index(index: str) -> str:
-    """Metric prefix of a student's questions searched in the teacher's index (the query-side stand-in)."""
-    return f"{QUERY_SIDE}_{index}"
-
-
-def query_side_overlap_metric(index: str, k: int) -> str:
-    """Name of the P@k overlap of the query-side stand-in's top-k with the teacher's own top-k."""
-    return overlap_metric(query_side_index(index), k)
-
-
-def hnsw_vs_exact_metric(k: int) -> str:
-    """Name of the overlap of a model's HNSW top-k with its exact top-k."""
-    return f"hnsw_vs_exact_overlap@{k}"
 
 
 class VectorSearchBackend(Protocol):
@@ -319,53 +275,6 @@ def search_depth(ks: Sequence[int], n_contexts: int) -> int:
     return min(max(max(ks), GROUND_TRUTH_CUTOFF), n_contexts)
 
 
-def top_k_overlap(top_a: np.ndarray, top_b: np.ndarray, k: int) -> float:
-    """P@k overlap: |top-k of A ∩ top-k of B| / k, averaged over questions.
-
-    Args:
-        top_a: model A's ranked context rows, one row per question (at least k columns).
-        top_b: model B's, same questions in the same order.
-        k: the cut-off.
-    """
-    if top_a.shape[0] != top_b.shape[0]:
-        raise ValueError("both top-k arrays must hold the same questions")
-    if top_a.shape[0] == 0:
-        raise ValueError("no questions to compare")
-    if min(top_a.shape[1], top_b.shape[1]) < k:
-        raise ValueError(f"k={k} is deeper than the retrieved lists ({min(top_a.shape[1], top_b.shape[1])})")
-    shared = [len(_valid(a[:k]) & _valid(b[:k])) for a, b in zip(top_a, top_b)]
-    return float(np.mean(shared) / k)
-
-
-def ground_truth_metrics(top: np.ndarray, relevant: Sequence[int], ks: Sequence[int], index: str) -> dict[str, float]:
-    """Recall@k for each k, MRR@10 and nDCG@10 with each question's own context as its one relevant context.
-
-    Args:
-        top: ranked context rows, one row per question.
-        relevant: the row of each question's own context.
-        ks: cut-offs for Recall@k.
-        index: index kind, the metrics' name prefix.
-
-    Computed by ir-measures; documents are scored by rank so its tie-breaking cannot reorder our lists.
-    """
-    if len(top) != len(relevant):
-        raise ValueError("one relevant context per question is needed")
-    depth = top.shape[1]
-    qrels = [ir_measures.Qrel(str(q), str(int(context)), 1) for q, context in enumerate(relevant)]
-    run = [
-        ir_measures.ScoredDoc(str(q), str(int(context)), float(depth - rank))
-        for q, row in enumerate(top)
-        for rank, context in enumerate(row)
-        if context >= 0
-    ]
-    measures = {recall_metric(index, k): R @ k for k in ks}
-    measures[mrr_metric(index)] = RR @ GROUND_TRUTH_CUTOFF
-    measures[ndcg_metric(index)] = nDCG @ GROUND_TRUTH_CUTOFF
-    # ir-measures averages over the questions in qrels, so a question with an empty list counts as a miss.
-    values = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
-    return {name: float(values.get(measure, 0.0)) for name, measure in measures.items()}
-
-
 def _check_search_inputs(contexts: np.ndarray, questions: np.ndarray, limit: int, indexes: Sequence[str]) -> None:
     if contexts.ndim != 2 or questions.ndim != 2 or contexts.shape[1] != questions.shape[1]:
         raise ValueError(f"contexts {contexts.shape} and questions {questions.shape} must be 2-D and equally wide")
@@ -381,10 +290,6 @@ def _as_top_array(hits: list[list[int]], limit: int) -> np.ndarray:
     for row, ids in enumerate(hits):
         top[row, : len(ids)] = ids[:limit]
     return top
-
-
-def _valid(row: np.ndarray) -> set[int]:
-    return {int(x) for x in row if x >= 0}
 
 
 def _safe(label: str) -> str:

@@ -2,8 +2,18 @@
 
 Policy: the same texts for every model (test texts, repeated to ``n_texts``), the same device, and
 ``SentenceTransformer.encode`` with ``batch_size`` texts per batch (encode sorts texts by length before batching,
-so batches hold texts of similar length). ``warmup_batches`` batches run untimed first; each of ``repeats`` timed
-runs encodes all texts, tokenisation included; texts/s is ``n_texts`` over the median run time.
+so batches hold texts of similar length), tokenisation included. Each model first runs ``warmup_batches`` batches
+and then one pass over the texts untimed; that pass measures its memory. Then come ``repeats`` timed repeats in
+which the models take turns in a fixed order (teacher, student 1, student 2, ..., then again): a slow-down of the
+machine (another process, thermal throttling) hits every model of a repeat alike instead of whichever model
+happened to run then. In its turn a model encodes the texts again and again until at least
+``min_seconds_per_repeat`` have passed, so every timing spans seconds, not milliseconds.
+
+Reported per model: the median texts/s over the repeats and its min and max; the speed-up over the teacher is the
+median of each repeat's ratio of the model's texts/s to the teacher's in the same repeat (paired, so a busy
+repeat cancels out), with its min and max. A student with a fraction of the teacher's layers cannot be faster than
+the layer ratio (teacher layers / student layers: embeddings, tokenisation and pooling cost the same for both), so
+a median speed-up above it is flagged as suspect: the timing was disturbed.
 
 Memory is the extra memory encoding needs on top of the loaded model, labelled with how it was measured:
 ``cuda_max_allocated_increase`` (``torch.cuda.max_memory_allocated`` during encoding minus the allocation before)
@@ -20,33 +30,61 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
 
 from m3distill.config import SpeedConfig
-from m3distill.teacher.loading import count_parameters, local_model_folder
+from m3distill.metrics import (  # noqa: F401  (the speed metric names, imported from here by the report)
+    SPEED_PREFIX,
+    TEXTS_PER_S,
+    TEXTS_PER_S_MIN,
+    TEXTS_PER_S_MAX,
+    SPEEDUP,
+    SPEEDUP_MIN,
+    SPEEDUP_MAX,
+    LAYER_RATIO,
+    SPEEDUP_SUSPECT,
+    PARAMETERS,
+    WEIGHTS_BYTES,
+    SIZE_ON_DISK,
+    PEAK_MEMORY,
+    MEMORY_MEASURE,
+    SECONDS_PER_RUN,
+)
+from m3distill.models import count_parameters, local_model_folder
 
 logger = logging.getLogger(__name__)
-
-SPEED_PREFIX = "speed"
-TEXTS_PER_S = f"{SPEED_PREFIX}_texts_per_s"
-SPEEDUP = f"{SPEED_PREFIX}_speedup_vs_teacher"
-PARAMETERS = f"{SPEED_PREFIX}_parameters"
-WEIGHTS_BYTES = f"{SPEED_PREFIX}_weights_bytes"
-SIZE_ON_DISK = f"{SPEED_PREFIX}_size_on_disk_bytes"
-PEAK_MEMORY = f"{SPEED_PREFIX}_peak_memory_increase_bytes"
-MEMORY_MEASURE = f"{SPEED_PREFIX}_memory_measure"
-SECONDS_PER_RUN = f"{SPEED_PREFIX}_seconds_per_run"
 
 # Weight files we count as a model's size on disk; a folder's .bin files count only when it has no .safetensors
 # (folders converted to safetensors often keep the old .bin beside it).
 _SAFE_WEIGHTS = (".safetensors",)
 _LEGACY_WEIGHTS = (".bin", ".pt", ".pth")
 _SKIPPED_FOLDERS = ("checkpoint", "onnx", "openvino", "runs")
+
+Encoder = Callable[[], int]
+"""One unit of timed work: encodes the timed texts once and returns how many texts it encoded."""
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median of some repeated measurements, and their smallest and largest value."""
+
+    median: float
+    low: float
+    high: float
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """The median, min and max of ``values`` (at least one)."""
+    if not values:
+        raise ValueError("no values: measure at least one repeat")
+    return Spread(median=statistics.median(values), low=min(values), high=max(values))
 
 
 def speed_texts(texts: Sequence[str], n_texts: int) -> list[str]:
@@ -56,42 +94,165 @@ def speed_texts(texts: Sequence[str], n_texts: int) -> list[str]:
     return [texts[i % len(texts)] for i in range(n_texts)]
 
 
-def measure_speed(
-    model: SentenceTransformer, texts: Sequence[str], config: SpeedConfig
-) -> dict[str, float | int | str]:
-    """Encode ``texts`` (already ``n_texts`` long) ``config.repeats`` times and report throughput and memory.
+def interleaved_throughput(
+    encoders: Mapping[str, Encoder],
+    repeats: int,
+    min_seconds: float,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+    after_turn: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Texts/s of each encoder in each of ``repeats`` repeats, the encoders taking turns in their mapping order.
 
     Args:
-        model: the model to time, already on its device.
-        texts: the texts every model is timed on (see :func:`speed_texts`).
-        config: batch size, warm-up batches and repeats.
+        encoders: label -> one unit of work (see :data:`Encoder`); every unit should encode the same texts.
+        repeats: how many times every encoder gets a turn.
+        min_seconds: a turn calls its encoder again until at least this many seconds have passed (always once).
+        clock: the timer, in seconds.
+        after_turn: called after each turn (a progress bar's update).
 
-    Returns ``speed_texts_per_s``, ``speed_seconds_per_run`` (the median), ``speed_peak_memory_increase_bytes``
-    and ``speed_memory_measure`` (how memory was measured), ``speed_parameters`` and ``speed_weights_bytes``.
+    Returns label -> one texts/s figure per repeat, in repeat order.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, not {repeats}")
+    throughput: dict[str, list[float]] = {label: [] for label in encoders}
+    for _ in range(repeats):
+        for label, encode in encoders.items():
+            encoded, started = 0, clock()
+            while True:
+                encoded += encode()
+                elapsed = clock() - started
+                # A timer too coarse for one unit reads 0 s: keep going until something was measured.
+                if elapsed >= min_seconds and elapsed > 0:
+                    break
+            throughput[label].append(encoded / elapsed)
+            if after_turn is not None:
+                after_turn()
+    return throughput
+
+
+def speedup_limit(teacher_layers: int | None, student_layers: int | None) -> float | None:
+    """The fastest a student can honestly be: teacher layers / student layers (``None`` when either is unknown)."""
+    if not teacher_layers or not student_layers:
+        return None
+    return teacher_layers / student_layers
+
+
+def is_suspect_speedup(speedup: float | None, limit: float | None) -> bool:
+    """True when a measured speed-up is above what the layer ratio allows, i.e. the timing was disturbed."""
+    return speedup is not None and limit is not None and speedup > limit
+
+
+def speed_figures(
+    throughput: Mapping[str, Sequence[float]],
+    teacher: str,
+    layers: Mapping[str, int | None],
+    n_texts: int,
+) -> dict[str, dict[str, float | bool | None]]:
+    """The timing metrics of every model from its per-repeat texts/s (see :func:`interleaved_throughput`).
+
+    Args:
+        throughput: label -> texts/s per repeat; every model has the same number of repeats.
+        teacher: the label the speed-ups are relative to.
+        layers: label -> transformer layers (``None`` when unknown), for the speed-up limit.
+        n_texts: texts in one pass, for the seconds per pass.
+
+    Returns label -> ``speed_texts_per_s`` (median) with ``_min``/``_max``, ``speed_seconds_per_run`` (one pass
+    at the median rate), ``speed_speedup_vs_teacher`` (median of the per-repeat ratios to the teacher) with
+    ``_min``/``_max``, and for every model but the teacher ``speed_layer_ratio`` and ``speed_speedup_suspect``.
+    """
+    reference = throughput[teacher]
+    figures: dict[str, dict[str, float | bool | None]] = {}
+    for label, runs in throughput.items():
+        if len(runs) != len(reference):
+            raise ValueError(f"{label} has {len(runs)} repeats and {teacher} {len(reference)}: time them together")
+        rate = spread(runs)
+        speedup = spread([mine / theirs for mine, theirs in zip(runs, reference)])
+        figures[label] = {
+            TEXTS_PER_S: rate.median, TEXTS_PER_S_MIN: rate.low, TEXTS_PER_S_MAX: rate.high,
+            SECONDS_PER_RUN: n_texts / rate.median,
+            SPEEDUP: speedup.median, SPEEDUP_MIN: speedup.low, SPEEDUP_MAX: speedup.high,
+        }
+        if label != teacher:
+            limit = speedup_limit(layers.get(teacher), layers.get(label))
+            figures[label][LAYER_RATIO] = limit
+            figures[label][SPEEDUP_SUSPECT] = is_suspect_speedup(speedup.median, limit)
+    return figures
+
+
+def measure_speed(
+    models: Mapping[str, SentenceTransformer],
+    texts: Sequence[str],
+    config: SpeedConfig,
+    *,
+    teacher: str,
+    layers: Mapping[str, int | None],
+    show_progress: bool = False,
+) -> dict[str, dict[str, float | int | str | bool | None]]:
+    """Time every model on ``texts`` together (see the module's policy) and measure its memory and weights.
+
+    Args:
+        models: label -> model, already on its device; the order is the order of the turns.
+        texts: the texts every model is timed on, already ``n_texts`` long (see :func:`speed_texts`).
+        config: batch size, warm-up batches, repeats and the minimum seconds of a turn.
+        teacher: the label of the model speed-ups are relative to.
+        layers: label -> transformer layers (``None`` when unknown), for the speed-up limit.
+        show_progress: show a progress bar over the turns.
+
+    Returns label -> the metrics of :func:`speed_figures` plus ``speed_peak_memory_increase_bytes``,
+    ``speed_memory_measure``, ``speed_parameters`` and ``speed_weights_bytes``.
+    """
+    if teacher not in models:
+        raise ValueError(f"the teacher {teacher!r} is not among the timed models {list(models)}")
     texts = list(texts)
-    device = model.device
+    with tqdm(total=len(models) * (config.repeats + 1), desc="speed", unit="turn", disable=not show_progress) as bar:
+        metrics = {}
+        for label, model in models.items():
+            metrics[label] = _warm_up_and_measure_memory(model, texts, config)
+            bar.update()
+        encoders = {label: _encoder(model, texts, config.batch_size) for label, model in models.items()}
+        throughput = interleaved_throughput(encoders, config.repeats, config.min_seconds_per_repeat,
+                                            after_turn=bar.update)
+    for label, figures in speed_figures(throughput, teacher, layers, len(texts)).items():
+        metrics[label].update(figures)
+        logger.info("%s: %.1f texts/s (%.1f-%.1f over %d repeats), %.2fx the teacher", label, figures[TEXTS_PER_S],
+                    figures[TEXTS_PER_S_MIN], figures[TEXTS_PER_S_MAX], config.repeats, figures[SPEEDUP])
+        if figures.get(SPEEDUP_SUSPECT):
+            logger.warning("%s: speed-up %.2fx is above the layer ratio %.2fx, which it cannot honestly reach: the "
+                           "machine was busy while timing; rerun with more speed.repeats or "
+                           "speed.min_seconds_per_repeat", label, figures[SPEEDUP], figures[LAYER_RATIO])
+    return metrics
+
+
+def _warm_up_and_measure_memory(
+    model: SentenceTransformer, texts: list[str], config: SpeedConfig
+) -> dict[str, float | int | str | bool | None]:
+    """Run the warm-up batches, then one untimed pass over ``texts`` that measures the memory encoding needs."""
     warmup = texts[: config.warmup_batches * config.batch_size]
     if warmup:
         model.encode(warmup, batch_size=config.batch_size, show_progress_bar=False)
-    durations = []
-    with _peak_memory(device) as memory:
-        for _ in range(config.repeats):
-            _synchronize(device)
-            started = time.perf_counter()
-            model.encode(texts, batch_size=config.batch_size, show_progress_bar=False)
-            _synchronize(device)
-            durations.append(time.perf_counter() - started)
-    seconds = statistics.median(durations)
+    with _peak_memory(model.device) as memory:
+        model.encode(texts, batch_size=config.batch_size, show_progress_bar=False)
+        _synchronize(model.device)  # finished before the memory is read and before the first timed turn starts
     parameters = {id(p): p for p in model.parameters()}.values()
     return {
-        TEXTS_PER_S: len(texts) / seconds,
-        SECONDS_PER_RUN: seconds,
         PEAK_MEMORY: memory["bytes"],
         MEMORY_MEASURE: memory["measure"],
         PARAMETERS: count_parameters(model),
         WEIGHTS_BYTES: sum(p.numel() * p.element_size() for p in parameters),
     }
+
+
+def _encoder(model: SentenceTransformer, texts: list[str], batch_size: int) -> Encoder:
+    device = model.device
+
+    def encode_once() -> int:
+        model.encode(texts, batch_size=batch_size, show_progress_bar=False)
+        # GPU work is asynchronous: the pass is done only once the device is.
+        _synchronize(device)
+        return len(texts)
+
+    return encode_once
 
 
 def size_on_disk(name_or_path: str | Path) -> int | None:

@@ -1,12 +1,17 @@
-"""report.md: the report's tables and a short guide to reading them, rendered from report.json alone."""
+"""report.md: the report's tables and a short guide to reading them, rendered from the :class:`Report` alone."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
 
-from m3distill.evaluation import alignment, speed
-from m3distill.evaluation.retrieval import (
+from m3distill.evaluation import speed
+from m3distill.metrics import (
     GROUND_TRUTH_CUTOFF,
+    MEAN_COSINE,
+    MSE,
+    MSE_X100,
+    PEARSON_COSINE,
+    SPEARMAN_COSINE,
     hnsw_vs_exact_metric,
     mrr_metric,
     ndcg_metric,
@@ -15,17 +20,18 @@ from m3distill.evaluation.retrieval import (
     query_side_overlap_metric,
     recall_metric,
 )
+from m3distill.report.schema import MetricValue, Report
 
 _INDEX_TITLES = {"exact": "exact search", "hnsw": "HNSW search"}
 _PHASE_ORDER = ("load", "encode", "retrieval", "speed")
+_SUSPECT_MARK = "(!)"
 
 
-def render_markdown(report: dict[str, Any], plot_files: dict[str, str]) -> str:
+def render_markdown(report: Report, plot_files: dict[str, str]) -> str:
     """The whole report.md for ``report``; ``plot_files`` maps plot titles to file names beside it."""
-    retrieval = report["retrieval"]
-    ks = retrieval["k"]
-    indexes = retrieval["indexes"]
-    students = [model for model in report["models"] if model["role"] == "student"]
+    ks = report.retrieval.k
+    indexes = report.retrieval.indexes
+    students = report.students
     lines = [
         "# m3distill evaluation report",
         "",
@@ -36,135 +42,160 @@ def render_markdown(report: dict[str, Any], plot_files: dict[str, str]) -> str:
         lines += [f"## Top-k overlap between models (P@k, Qdrant {_INDEX_TITLES[index]})", ""]
         lines += _table(
             ["model pair", *[f"P@{k}" for k in ks]],
-            [[f"{pair['a']} vs {pair['b']}", *[_fraction(pair["metrics"].get(overlap_metric(index, k))) for k in ks]]
-             for pair in report["pairs"]],
+            [[f"{pair.a} vs {pair.b}", *[_fraction(pair.metrics.get(overlap_metric(index, k))) for k in ks]]
+             for pair in report.pairs],
         ) or ["(only one model: no pairs)"]
         lines.append("")
     if "exact" in indexes and "hnsw" in indexes:
         lines += ["## HNSW recall against exact search (same model)", ""]
         lines += _table(
             ["model", *[f"recall@{k}" for k in ks]],
-            [[model["name"], *[_fraction(model["metrics"].get(hnsw_vs_exact_metric(k))) for k in ks]]
-             for model in report["models"]],
+            [[model.name, *[_fraction(model.metrics.get(hnsw_vs_exact_metric(k))) for k in ks]]
+             for model in report.models],
         )
         lines.append("")
     for index in indexes:
         lines += [f"## Ground truth: each question's own context ({_INDEX_TITLES[index]})", ""]
         lines += _table(
             ["model", *[f"Recall@{k}" for k in ks], f"MRR@{GROUND_TRUTH_CUTOFF}", f"nDCG@{GROUND_TRUTH_CUTOFF}"],
-            [[model["name"], *[_fraction(model["metrics"].get(recall_metric(index, k))) for k in ks],
-              _fraction(model["metrics"].get(mrr_metric(index))), _fraction(model["metrics"].get(ndcg_metric(index)))]
-             for model in report["models"]],
+            [[model.name, *[_fraction(model.metrics.get(recall_metric(index, k))) for k in ks],
+              _fraction(model.metrics.get(mrr_metric(index))), _fraction(model.metrics.get(ndcg_metric(index)))]
+             for model in report.models],
         )
         lines.append("")
-    query_side = [model for model in students if query_side_overlap_metric("exact", ks[0]) in model["metrics"]]
+    query_side = [model for model in students if query_side_overlap_metric("exact", ks[0]) in model.metrics]
     if query_side:
         side = query_side_index("exact")
         lines += ["## Query-side stand-in: student questions searched in the teacher's index (exact search)", ""]
         lines += _table(
             ["student", *[f"P@{k} vs teacher" for k in ks], f"MRR@{GROUND_TRUTH_CUTOFF}",
              f"nDCG@{GROUND_TRUTH_CUTOFF}"],
-            [[model["name"], *[_fraction(model["metrics"].get(query_side_overlap_metric("exact", k))) for k in ks],
-              _fraction(model["metrics"].get(mrr_metric(side))), _fraction(model["metrics"].get(ndcg_metric(side)))]
+            [[model.name, *[_fraction(model.metrics.get(query_side_overlap_metric("exact", k))) for k in ks],
+              _fraction(model.metrics.get(mrr_metric(side))), _fraction(model.metrics.get(ndcg_metric(side)))]
              for model in query_side],
         )
-        lines += ["", "Contexts stay encoded by the teacher (an existing collection is kept); only the questions are "
-                  "encoded by the student. P@k compares with the teacher's own top-k.", ""]
+        lines += ["", ("Contexts stay encoded by the teacher (an existing collection is kept); only the questions "
+                       "are encoded by the student. P@k compares with the teacher's own top-k."), ""]
     lines += ["## Alignment with the teacher (test split)", ""]
     lines += _table(
         ["student", "MSE per element", "MSE x100 (MSEEvaluator)", "mean cosine", "Pearson (cosine sim.)",
          "Spearman (cosine sim.)"],
-        [[model["name"], _small(model["metrics"].get(alignment.MSE)),
-          _fixed(model["metrics"].get(alignment.MSE_X100), 4), _fraction(model["metrics"].get(alignment.MEAN_COSINE)),
-          _fraction(model["metrics"].get(alignment.PEARSON_COSINE)),
-          _fraction(model["metrics"].get(alignment.SPEARMAN_COSINE))]
+        [[model.name, _small(model.metrics.get(MSE)),
+          _fixed(model.metrics.get(MSE_X100), 4), _fraction(model.metrics.get(MEAN_COSINE)),
+          _fraction(model.metrics.get(PEARSON_COSINE)),
+          _fraction(model.metrics.get(SPEARMAN_COSINE))]
          for model in students],
     ) or ["(no students)"]
-    lines += ["", report["alignment_pairs"]["description"]
-              + f" {report['alignment_pairs']['n_matching']} matching and {report['alignment_pairs']['n_non_matching']}"
-              " non-matching pairs.", ""]
-    lines += ["## Speed and size", ""]
-    memory_measures = sorted(
-        {str(model["metrics"].get(speed.MEMORY_MEASURE)) for model in report["models"]}
-    )
-    lines += _table(
-        ["model", "layers", "parameters", "size on disk", "texts/s", "speed-up", "peak memory while encoding (+)"],
-        [[model["name"], _integer(model.get("layers")), _integer(model["metrics"].get(speed.PARAMETERS)),
-          _bytes(model["metrics"].get(speed.SIZE_ON_DISK)), _fixed(model["metrics"].get(speed.TEXTS_PER_S), 1),
-          _times(model["metrics"].get(speed.SPEEDUP)), _bytes(model["metrics"].get(speed.PEAK_MEMORY))]
-         for model in report["models"]],
-    )
-    policy = report["speed"]
-    lines += [
-        "",
-        f"Device: {report['device']['description']} (`{report['device']['name']}`). Every model encodes the same "
-        f"{policy['n_texts']} test texts in batches of {policy['batch_size']} (sorted by length), after "
-        f"{policy['warmup_batches']} warm-up batches; texts/s is the median of {policy['repeats']} runs. Peak memory "
-        f"is the increase over the loaded model while encoding, measured as {', '.join(memory_measures)}.",
-        "",
-    ]
+    pairs = report.alignment_pairs
+    lines += ["", f"{pairs.description} {pairs.n_matching} matching and {pairs.n_non_matching} non-matching pairs.",
+              ""]
+    lines += _speed_section(report)
     if plot_files:
         lines += ["## Plots", ""]
         lines += [f"![{title}]({file})" for title, file in plot_files.items()]
         lines.append("")
-    lines += _guide(report)
+    lines += _guide()
     lines += _details(report)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _summary(report: dict[str, Any]) -> str:
-    dataset = report["dataset"]
-    retrieval = report["retrieval"]
-    teacher = next(model for model in report["models"] if model["role"] == "teacher")
-    n_students = len(report["models"]) - 1
-    distractors = ("all contexts: test ones plus train/dev ones as distractors" if retrieval["distractors"] == "all"
+def _speed_section(report: Report) -> list[str]:
+    lines = ["## Speed and size", ""]
+    lines += _table(
+        ["model", "layers", "parameters", "size on disk", "texts/s (min-max)", "speed-up (min-max)",
+         "peak memory while encoding (+)"],
+        [[model.name, _integer(model.layers), _integer(model.metrics.get(speed.PARAMETERS)),
+          _bytes(model.metrics.get(speed.SIZE_ON_DISK)),
+          _with_range(model.metrics, speed.TEXTS_PER_S, speed.TEXTS_PER_S_MIN, speed.TEXTS_PER_S_MAX, _rate),
+          _with_range(model.metrics, speed.SPEEDUP, speed.SPEEDUP_MIN, speed.SPEEDUP_MAX, _times)
+          + (f" {_SUSPECT_MARK}" if model.metrics.get(speed.SPEEDUP_SUSPECT) else ""),
+          _bytes(model.metrics.get(speed.PEAK_MEMORY))]
+         for model in report.models],
+    )
+    suspect = [model for model in report.models if model.metrics.get(speed.SPEEDUP_SUSPECT)]
+    if suspect:
+        lines += [
+            "",
+            f"{_SUSPECT_MARK} Suspect: a speed-up above the layer ratio (teacher layers / student layers: "
+            + ", ".join(f"{_times(model.metrics.get(speed.LAYER_RATIO))} for {model.name}" for model in suspect)
+            + "), which fewer layers of the same kind cannot give, means the machine was busy while timing; rerun "
+            "the evaluation with more `speed.repeats` or a larger `speed.min_seconds_per_repeat`.",
+        ]
+    policy = report.speed
+    memory_measures = sorted({str(model.metrics.get(speed.MEMORY_MEASURE)) for model in report.models})
+    if policy.order == "interleaved":
+        timing = (
+            f"After {policy.warmup_batches} warm-up batches and one untimed pass that measures memory, the models "
+            f"take turns ({', '.join(model.name for model in report.models)}) in each of {policy.repeats} repeats, "
+            f"each turn encoding the texts as often as it takes to fill at least {policy.min_seconds_per_repeat:g} s; "
+            "texts/s is the median over the repeats and the speed-up the median of each repeat's ratio to the "
+            "teacher's texts/s in the same repeat"
+        )
+    else:  # reports of schema version 1
+        timing = (f"After {policy.warmup_batches} warm-up batches, each model ran {policy.repeats} timed passes back "
+                  "to back; texts/s is their median")
+    lines += [
+        "",
+        (f"Device: {report.device.description} (`{report.device.name}`). Every model encodes the same "
+         f"{policy.n_texts} test texts in batches of {policy.batch_size} (sorted by length). {timing}. Peak memory "
+         f"is the increase over the loaded model while encoding, measured as {', '.join(memory_measures)}."),
+        "",
+    ]
+    return lines
+
+
+def _summary(report: Report) -> str:
+    retrieval = report.retrieval
+    n_students = len(report.students)
+    distractors = ("all contexts: test ones plus train/dev ones as distractors" if retrieval.distractors == "all"
                    else "test contexts only")
     return (
-        f"Teacher `{teacher['source']}` and {n_students} student{'s' if n_students != 1 else ''} on the dataset "
-        f"`{dataset['path']}`: {retrieval['n_questions']} test questions searched against {retrieval['n_contexts']} "
-        f"indexed contexts ({distractors}) with {retrieval['backend']}. Evaluated {report['finished_at']} on "
-        f"{report['device']['description']} in {report['duration_s']:.0f} s."
+        f"Teacher `{report.teacher.source}` and {n_students} student{'s' if n_students != 1 else ''} on the dataset "
+        f"`{report.dataset.path}`: {retrieval.n_questions} test questions searched against {retrieval.n_contexts} "
+        f"indexed contexts ({distractors}) with {retrieval.backend}. Evaluated {report.finished_at} on "
+        f"{report.device.description} in {report.duration_s:.0f} s."
     )
 
 
-def _guide(report: dict[str, Any]) -> list[str]:
+def _guide() -> list[str]:
     return [
         "## How to read this",
         "",
-        "- **P@k overlap** (model pair): the share of one model's top-k contexts that the other model also puts in "
-        "its top-k, averaged over test questions. 1.0 means both return the same k contexts; against the teacher it "
-        "says how well a student would stand in for it in an existing Qdrant collection's results.",
-        "- **Recall@k / MRR@10 / nDCG@10** (ground truth): each test question was generated from one context, "
-        "which counts as its only relevant context. Recall@k: share of questions whose context is in the top k; "
-        "MRR@10: mean of 1/rank of that context (0 beyond rank 10); nDCG@10: the same with a logarithmic discount. "
-        "Computed with ir-measures.",
+        ("- **P@k overlap** (model pair): the share of one model's top-k contexts that the other model also puts in "
+         "its top-k, averaged over test questions. 1.0 means both return the same k contexts; against the teacher it "
+         "says how well a student would stand in for it in an existing Qdrant collection's results."),
+        ("- **Recall@k / MRR@10 / nDCG@10** (ground truth): each test question was generated from one context, "
+         "which counts as its only relevant context. Recall@k: share of questions whose context is in the top k; "
+         "MRR@10: mean of 1/rank of that context (0 beyond rank 10); nDCG@10: the same with a logarithmic discount. "
+         "Computed with ir-measures."),
         "- **HNSW recall**: overlap of a model's approximate (HNSW) top-k with its own exact top-k.",
-        "- **MSE** (per element; x100 is the figure sentence-transformers' MSEEvaluator logs) and **mean cosine** "
-        "compare the student's and the teacher's embedding of the same test text. **Pearson/Spearman** correlate "
-        "the two models' cosine similarities of (question, context) pairs; 1.0 means the student ranks pairs "
-        "exactly as the teacher does.",
-        "- **Speed-up**: texts/s over the teacher's texts/s, same texts, device and batch policy.",
+        ("- **MSE** (per element; x100 is the figure sentence-transformers' MSEEvaluator logs) and **mean cosine** "
+         "compare the student's and the teacher's embedding of the same test text. **Pearson/Spearman** correlate "
+         "the two models' cosine similarities of (question, context) pairs; 1.0 means the student ranks pairs "
+         "exactly as the teacher does."),
+        ("- **Speed-up**: texts/s over the teacher's texts/s, same texts, device and batch policy; min-max is the "
+         "spread over the repeats. It cannot honestly exceed the layer ratio (teacher layers / student layers)."),
         "",
     ]
 
 
-def _details(report: dict[str, Any]) -> list[str]:
-    versions = ", ".join(f"{name} {version}" for name, version in sorted(report["versions"].items()) if version)
+def _details(report: Report) -> list[str]:
+    versions = ", ".join(f"{name} {version}" for name, version in sorted(report.versions.items()) if version)
     phases = sorted(
-        report["timings_s"], key=lambda phase: (_PHASE_ORDER.index(phase) if phase in _PHASE_ORDER else 99, phase)
+        report.timings_s, key=lambda phase: (_PHASE_ORDER.index(phase) if phase in _PHASE_ORDER else 99, phase)
     )
-    timings = ", ".join(f"{phase} {report['timings_s'][phase]:.1f} s" for phase in phases)
-    models = "; ".join(f"{model['name']}: `{model['source']}`" for model in report["models"])
+    timings = ", ".join(f"{phase} {report.timings_s[phase]:.1f} s" for phase in phases)
+    models = "; ".join(f"{model.name}: `{model.source}`" for model in report.models)
+    hnsw = report.retrieval.hnsw
     return [
         "## Run details",
         "",
         f"- Models: {models}",
-        f"- k: {', '.join(map(str, report['retrieval']['k']))}; indexes: {', '.join(report['retrieval']['indexes'])}; "
-        f"HNSW m={report['retrieval']['hnsw']['m']}, ef_construct={report['retrieval']['hnsw']['ef_construct']}, "
-        f"ef={report['retrieval']['hnsw']['ef']}",
+        (f"- k: {', '.join(map(str, report.retrieval.k))}; indexes: {', '.join(report.retrieval.indexes)}; "
+         f"HNSW m={hnsw.m}, ef_construct={hnsw.ef_construct}, ef={hnsw.ef}"),
         f"- Phases: {timings}",
         f"- Versions: {versions}",
-        f"- Started {report['started_at']}, finished {report['finished_at']}; every number is in report.json.",
+        f"- Started {report.started_at}, finished {report.finished_at}; every number is in report.json.",
         "",
     ]
 
@@ -191,6 +222,19 @@ def _small(value: float | None) -> str:
 
 def _times(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _rate(value: float | None) -> str:
+    return _fixed(value, 1)
+
+
+def _with_range(metrics: Mapping[str, MetricValue], median: str, low: str, high: str,
+                show: Callable[[float | None], str]) -> str:
+    """``median (low-high)``, or the median alone when no spread was measured (reports of version 1)."""
+    text = show(metrics.get(median))
+    if metrics.get(low) is None or metrics.get(high) is None:
+        return text
+    return f"{text} ({show(metrics.get(low))}-{show(metrics.get(high))})"
 
 
 def _integer(value: int | None) -> str:

@@ -1,34 +1,36 @@
-"""The report's PNG plots (matplotlib, Agg backend), drawn from report.json alone.
+"""The report's PNG plots, drawn from the :class:`~m3distill.report.schema.Report` alone.
 
 * ``p_at_k.png``: P@k overlap against k, one line per model pair (exact search; HNSW dashed when measured).
-* ``quality_vs_speed.png``: P@10 overlap with the teacher and MRR@10 against speed-up over the teacher.
+* ``quality_vs_speed.png``: P@10 overlap with the teacher and MRR@10 against speed-up over the teacher, with
+  the speed-up's min-max as horizontal error bars.
+
+Figures are plain ``matplotlib.figure.Figure`` objects printed by an Agg canvas of their own: pyplot is never
+imported, so neither importing this module nor drawing changes the backend of a program that uses m3distill.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import matplotlib
+import matplotlib as mpl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from m3distill.atomic import atomic_path  # noqa: E402
-from m3distill.evaluation.retrieval import mrr_metric, overlap_metric  # noqa: E402
-from m3distill.evaluation.speed import SPEEDUP  # noqa: E402
+from m3distill.atomic import atomic_path
+from m3distill.evaluation.speed import SPEEDUP, SPEEDUP_MAX, SPEEDUP_MIN
+from m3distill.metrics import mrr_metric, overlap_metric
+from m3distill.report.schema import Report
 
 P_AT_K_PLOT = "p_at_k.png"
 QUALITY_VS_SPEED_PLOT = "quality_vs_speed.png"
 _DPI = 120
-_QUALITY_K = 10
 
 
-def write_plots(report: dict[str, Any], report_dir: str | Path) -> dict[str, str]:
+def write_plots(report: Report, report_dir: str | Path) -> dict[str, str]:
     """Draw every plot into ``report_dir``; returns {title: file name} for report.md."""
     report_dir = Path(report_dir)
     written = {}
-    if report["pairs"]:
+    if report.pairs:
         _save(_p_at_k_figure(report), report_dir / P_AT_K_PLOT)
         written["P@k overlap against k for each model pair"] = P_AT_K_PLOT
     _save(_quality_vs_speed_figure(report), report_dir / QUALITY_VS_SPEED_PLOT)
@@ -36,25 +38,26 @@ def write_plots(report: dict[str, Any], report_dir: str | Path) -> dict[str, str
     return written
 
 
-def quality_k(report: dict[str, Any]) -> int:
-    """The k of the quality plot's overlap axis: 10 when measured, else the smallest k."""
-    ks = report["retrieval"]["k"]
-    return _QUALITY_K if _QUALITY_K in ks else min(ks)
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)  # attaches itself as figure.canvas
+    return figure
 
 
-def _p_at_k_figure(report: dict[str, Any]):
-    ks = report["retrieval"]["k"]
-    indexes = report["retrieval"]["indexes"]
-    figure, axes = plt.subplots(figsize=(7.5, 4.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for number, pair in enumerate(report["pairs"]):
+def _p_at_k_figure(report: Report) -> Figure:
+    ks = report.retrieval.k
+    indexes = report.retrieval.indexes
+    figure = _new_figure(7.5, 4.8)
+    axes = figure.subplots()
+    colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
+    for number, pair in enumerate(report.pairs):
         color = colors[number % len(colors)]
         for index, style in (("exact", "-"), ("hnsw", "--")):
             if index not in indexes:
                 continue
-            values = [pair["metrics"][overlap_metric(index, k)] for k in ks]
+            values = [pair.metrics[overlap_metric(index, k)] for k in ks]
             # One legend entry per pair (its colour); the line style is explained in the title.
-            label = f"{pair['a']} vs {pair['b']}" if index == indexes[0] else None
+            label = f"{pair.a} vs {pair.b}" if index == indexes[0] else None
             axes.plot(ks, values, style, marker="o" if index == "exact" else "x", color=color, label=label)
     axes.set_xlabel("k (top-k contexts per question)")
     axes.set_ylabel("P@k overlap")
@@ -68,29 +71,28 @@ def _p_at_k_figure(report: dict[str, Any]):
     return figure
 
 
-def _quality_vs_speed_figure(report: dict[str, Any]):
-    index = report["retrieval"]["indexes"][0]
-    k = quality_k(report)
-    teacher = next(model["name"] for model in report["models"] if model["role"] == "teacher")
-    overlap_with_teacher = {teacher: 1.0}
-    for pair in report["pairs"]:
-        if teacher in (pair["a"], pair["b"]):
-            other = pair["b"] if pair["a"] == teacher else pair["a"]
-            overlap_with_teacher[other] = pair["metrics"][overlap_metric(index, k)]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+def _quality_vs_speed_figure(report: Report) -> Figure:
+    index = report.retrieval.indexes[0]
+    k = report.quality_k
+    overlap_with_teacher = report.overlap_with_teacher(overlap_metric(index, k))
+    figure = _new_figure(10, 4.2)
+    left, right = figure.subplots(1, 2)
     panels = (
-        (left, lambda model: overlap_with_teacher.get(model["name"]), f"P@{k} overlap with the teacher"),
-        (right, lambda model: model["metrics"].get(mrr_metric(index)), "MRR@10 (own context relevant)"),
+        (left, lambda model: overlap_with_teacher.get(model.name), f"P@{k} overlap with the teacher"),
+        (right, lambda model: model.metrics.get(mrr_metric(index)), "MRR@10 (own context relevant)"),
     )
     for axes, value_of, ylabel in panels:
-        for model in report["models"]:
-            x, y = model["metrics"].get(SPEEDUP), value_of(model)
+        for model in report.models:
+            x, y = model.metrics.get(SPEEDUP), value_of(model)
             if x is None or y is None:
                 continue
-            marker = "s" if model["role"] == "teacher" else "o"
-            axes.scatter([x], [y], marker=marker, s=50, zorder=3)
-            axes.annotate(model["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize="small")
-        axes.set_xlabel("speed-up over the teacher (texts/s ratio)")
+            low, high = model.metrics.get(SPEEDUP_MIN), model.metrics.get(SPEEDUP_MAX)
+            # Clamped: a hand-edited report.json may put the median outside its own min-max.
+            spread = [[max(0.0, x - low)], [max(0.0, high - x)]] if low is not None and high is not None else None
+            marker = "s" if model.role == "teacher" else "o"
+            axes.errorbar([x], [y], xerr=spread, fmt=marker, markersize=7, capsize=3, zorder=3)
+            axes.annotate(model.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize="small")
+        axes.set_xlabel("speed-up over the teacher (texts/s ratio; bars: min-max over repeats)")
         axes.set_ylabel(ylabel)
         axes.set_ylim(0, 1.05)
         axes.grid(True, alpha=0.3)
@@ -101,9 +103,6 @@ def _quality_vs_speed_figure(report: dict[str, Any]):
     return figure
 
 
-def _save(figure, target: Path) -> None:
-    try:
-        with atomic_path(target) as tmp:
-            figure.savefig(tmp, dpi=_DPI, format="png", metadata={"Software": None})
-    finally:
-        plt.close(figure)
+def _save(figure: Figure, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        figure.savefig(tmp, dpi=_DPI, format="png", metadata={"Software": None})

@@ -1,9 +1,10 @@
-"""The report.json schema (version 1), and reading a report back.
+"""The report as a typed object (:class:`Report`), its report.json schema (version 2), and reading it back.
 
-report.json is the evaluation's single source of truth; report.md and the plots are rendered from it alone
-(``m3distill report DIR``). Keys (JSON objects are written with sorted keys; lists keep their order)::
+report.json is the evaluation's single source of truth, ``Report.model_dump(mode="json")`` written with sorted
+keys; report.md and the plots are rendered from it alone (``m3distill report DIR``). Keys (lists keep their
+order)::
 
-    schema_version       1
+    schema_version       2
     m3distill_version    package version that wrote the report
     started_at           ISO-8601 UTC time the evaluation started; finished_at likewise; duration_s its length
     timings_s            {load, encode, retrieval, speed}: seconds spent in each phase
@@ -18,13 +19,15 @@ report.json is the evaluation's single source of truth; report.md and the plots 
     retrieval            {backend: "qdrant-edge" | "qdrant-client", qdrant_url, indexes: ["exact", "hnsw"?],
                           k: [10, 20, ...], depth: contexts retrieved per question, n_questions, n_contexts,
                           distractors: "all" | "test", hnsw: {m, ef_construct, ef}}
-    speed                {n_texts, batch_size, repeats, warmup_batches}: the timing policy
+    speed                {n_texts, batch_size, repeats, warmup_batches, min_seconds_per_repeat, order}: the
+                          timing policy; order "interleaved" (the models take turns in every repeat; see
+                          m3distill.evaluation.speed) or "sequential" (reports migrated from version 1)
     models               list, teacher first: {name, role: "teacher" | "student", source (folder or hub id),
                           layers, embedding_dim, max_seq_length, metrics}
     pairs                list, one per unordered pair of models (teacher included): {a, b, metrics}
 
 Metric names are flat, sentence-transformers style, with a prefix per family (the names are defined once, in
-m3distill.evaluation.alignment / retrieval / speed):
+m3distill.metrics, speed's in m3distill.evaluation.speed):
 
     models[].metrics  alignment_mse, alignment_mse_x100 (students; null when embedding widths differ),
                       alignment_mean_cosine, alignment_pearson_cosine, alignment_spearman_cosine (students only)
@@ -34,22 +37,173 @@ m3distill.evaluation.alignment / retrieval / speed):
                       query_side_exact_ndcg@10    (students of the teacher's width) the student's questions
                                   searched exactly in the teacher's index: P@k vs the teacher's own top-k, and
                                   ground truth
-                      speed_texts_per_s, speed_seconds_per_run, speed_speedup_vs_teacher, speed_parameters,
-                      speed_weights_bytes, speed_size_on_disk_bytes (null when unknown),
-                      speed_peak_memory_increase_bytes, speed_memory_measure (how memory was measured)
+                      speed_texts_per_s (median over the repeats), speed_texts_per_s_min, speed_texts_per_s_max,
+                      speed_seconds_per_run (one pass over the texts at the median rate),
+                      speed_speedup_vs_teacher (median of the per-repeat ratios to the teacher),
+                      speed_speedup_vs_teacher_min, speed_speedup_vs_teacher_max,
+                      speed_layer_ratio (students: teacher layers / student layers, the highest honest speed-up;
+                      null when unknown), speed_speedup_suspect (students: true when the median speed-up is
+                      above the layer ratio), speed_parameters, speed_weights_bytes, speed_size_on_disk_bytes
+                      (null when unknown), speed_peak_memory_increase_bytes, speed_memory_measure (how memory
+                      was measured)
     pairs[].metrics   {index}_overlap@{k}: |top-k of a ∩ top-k of b| / k averaged over test questions
+
+Versions: 1 had no spread, layer ratio or suspect flag and timed each model's repeats back to back; it is read
+by migrating it (speed.order "sequential", min_seconds_per_repeat null, the suspect flag worked out from the
+layers). A report of another version is refused with one line that says what to do.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from m3distill.errors import M3DistillError
 from m3distill.layout import REPORT_DIRNAME, REPORT_JSON_FILE
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
+
+MetricValue = float | int | bool | str | None
+"""A metric is a number, a flag, a label (e.g. how memory was measured) or null when it could not be measured."""
+
+
+class _ReportPart(BaseModel):
+    # A key this version does not know means the file is not what the schema version says: refuse, don't drop.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceInfo(_ReportPart):
+    """Where the models ran."""
+
+    name: str
+    description: str
+    torch_threads: int
+    platform: str
+
+
+class DatasetSummary(_ReportPart):
+    """The dataset the evaluation read."""
+
+    path: str
+    manifest: dict[str, Any]
+    contexts_per_split: dict[str, int]
+    questions_per_split: dict[str, int]
+    test_questions: int
+    test_contexts: int
+    indexed_contexts: int
+    test_languages: dict[str, int]
+
+
+class AlignmentPairsInfo(_ReportPart):
+    """How the (question, context) pairs behind the Pearson/Spearman figures were drawn."""
+
+    n_pairs: int
+    n_matching: int
+    n_non_matching: int
+    negatives_per_question: int
+    seed: int
+    description: str
+
+
+class HnswSettings(_ReportPart):
+    m: int
+    ef_construct: int
+    ef: int
+
+
+class RetrievalSettings(_ReportPart):
+    """How the top-k searches were run."""
+
+    backend: str
+    qdrant_url: str | None
+    indexes: list[Literal["exact", "hnsw"]]
+    k: list[int]
+    depth: int
+    n_questions: int
+    n_contexts: int
+    distractors: Literal["all", "test"]
+    hnsw: HnswSettings
+
+
+class SpeedPolicy(_ReportPart):
+    """How the models were timed (see :mod:`m3distill.evaluation.speed`)."""
+
+    n_texts: int
+    batch_size: int
+    repeats: int
+    warmup_batches: int
+    min_seconds_per_repeat: float | None
+    order: Literal["interleaved", "sequential"]
+
+
+class ModelReport(_ReportPart):
+    """One evaluated model and its flat metrics (names defined in m3distill.metrics and evaluation.speed)."""
+
+    name: str
+    role: Literal["teacher", "student"]
+    source: str
+    layers: int | None
+    embedding_dim: int | None
+    max_seq_length: int | None
+    metrics: dict[str, MetricValue]
+
+
+class PairReport(_ReportPart):
+    """Top-k overlap between two models."""
+
+    a: str
+    b: str
+    metrics: dict[str, float]
+
+
+class Report(_ReportPart):
+    """A whole evaluation: what :func:`m3distill.evaluation.evaluate.evaluate_models` returns and report.json holds."""
+
+    schema_version: Literal[2] = REPORT_SCHEMA_VERSION
+    m3distill_version: str
+    started_at: str
+    finished_at: str
+    duration_s: float
+    timings_s: dict[str, float]
+    config: dict[str, Any]
+    versions: dict[str, str | None]
+    device: DeviceInfo
+    dataset: DatasetSummary
+    alignment_pairs: AlignmentPairsInfo
+    retrieval: RetrievalSettings
+    speed: SpeedPolicy
+    models: list[ModelReport]
+    pairs: list[PairReport]
+
+    @property
+    def teacher(self) -> ModelReport:
+        """The teacher's entry (the first model)."""
+        return next(model for model in self.models if model.role == "teacher")
+
+    @property
+    def students(self) -> list[ModelReport]:
+        return [model for model in self.models if model.role == "student"]
+
+    @property
+    def quality_k(self) -> int:
+        """The k of the headline figures (quality plot, CLI summary): 10 when measured, else the smallest k."""
+        return 10 if 10 in self.retrieval.k else min(self.retrieval.k)
+
+    def overlap_with_teacher(self, metric: str) -> dict[str, float]:
+        """Model name -> the pair metric ``metric`` (e.g. ``exact_overlap@10``) against the teacher; 1.0 for it."""
+        teacher = self.teacher.name
+        overlaps = {teacher: 1.0}
+        for pair in self.pairs:
+            if teacher in (pair.a, pair.b) and metric in pair.metrics:
+                overlaps[pair.b if pair.a == teacher else pair.a] = pair.metrics[metric]
+        return overlaps
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The content of report.json."""
+        return self.model_dump(mode="json")
 
 
 def find_report_dir(path: str | Path) -> Path:
@@ -72,20 +226,70 @@ def is_complete_report(report_dir: str | Path) -> bool:
     return (Path(report_dir) / REPORT_JSON_FILE).is_file()
 
 
-def load_report(report_dir: str | Path) -> dict[str, Any]:
-    """Read report.json from ``report_dir``, checking it is a report this version can render."""
+def load_report(report_dir: str | Path) -> Report:
+    """Read report.json from ``report_dir`` (migrating a version-1 report), checked against the schema.
+
+    Raises :class:`M3DistillError` with one line for a missing or unreadable file, a report of a version this
+    m3distill does not read, or content that does not match its version's schema.
+    """
     file = Path(report_dir) / REPORT_JSON_FILE
     try:
-        report = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise M3DistillError(f"{file} not found: run `m3distill evaluate` first") from error
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise M3DistillError(f"{file} is not valid JSON ({error}); rerun `m3distill evaluate`") from error
-    if not isinstance(report, dict) or "models" not in report or "schema_version" not in report:
-        raise M3DistillError(f"{file} is not an m3distill report (no schema_version/models)")
-    if report["schema_version"] > REPORT_SCHEMA_VERSION:
+    return report_from_json_dict(data, source=str(file))
+
+
+def report_from_json_dict(data: Any, source: str = "report") -> Report:
+    """A :class:`Report` from report.json's parsed content; see :func:`load_report`."""
+    if not isinstance(data, dict) or "models" not in data or "schema_version" not in data:
+        raise M3DistillError(f"{source} is not an m3distill report (no schema_version/models)")
+    version = data["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise M3DistillError(f"{source} has an unknown schema version {version!r}; rerun `m3distill evaluate`")
+    if version > REPORT_SCHEMA_VERSION:
         raise M3DistillError(
-            f"{file} has schema version {report['schema_version']}; this m3distill reads up to "
-            f"{REPORT_SCHEMA_VERSION}: upgrade m3distill"
+            f"{source} has schema version {version}; this m3distill reads versions 1 to {REPORT_SCHEMA_VERSION}: "
+            "upgrade m3distill"
         )
-    return report
+    if version == 1:
+        data = _migrate_v1(data)
+    try:
+        return Report.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise M3DistillError(
+            f"{source} does not match report schema {REPORT_SCHEMA_VERSION}: {where}: {first['msg']}; "
+            "rerun `m3distill evaluate`"
+        ) from error
+
+
+def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2: the timing policy says its repeats were sequential; students get the layer-ratio check."""
+    # Imported here: the suspect rule lives with the speed measurement, which pulls in torch.
+    from m3distill.evaluation.speed import (
+        LAYER_RATIO,
+        SPEEDUP,
+        SPEEDUP_SUSPECT,
+        is_suspect_speedup,
+        speedup_limit,
+    )
+
+    data = json.loads(json.dumps(data))  # a deep copy: the caller's dict stays as it was
+    data["schema_version"] = 2
+    if isinstance(data.get("speed"), dict):
+        data["speed"].setdefault("min_seconds_per_repeat", None)
+        data["speed"].setdefault("order", "sequential")
+    models = [model for model in data["models"] if isinstance(model, dict)]
+    teacher_layers = next((model.get("layers") for model in models if model.get("role") == "teacher"), None)
+    for model in models:
+        metrics = model.get("metrics")
+        if model.get("role") != "student" or not isinstance(metrics, dict):
+            continue
+        limit = speedup_limit(teacher_layers, model.get("layers"))
+        metrics.setdefault(LAYER_RATIO, limit)
+        metrics.setdefault(SPEEDUP_SUSPECT, is_suspect_speedup(metrics.get(SPEEDUP), limit))
+    return data

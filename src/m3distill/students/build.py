@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 from sentence_transformers import SentenceTransformer
 
+from m3distill.models import find_layer_stack, transformer_backbone
 from m3distill.students.layer_plan import validate_layers
-from m3distill.teacher.loading import find_layer_stack, transformer_backbone
 
 logger = logging.getLogger(__name__)
 

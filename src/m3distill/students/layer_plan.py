@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from m3distill.config import StudentsConfig
 from m3distill.errors import M3DistillError
+from m3distill.layout import student_name
 
 FIXED_STRATEGIES = ("spread", "uniform", "first", "last")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One student to build.
+
+    Attributes:
+        n_layers: how many teacher layers the student keeps.
+        strategy: ``uniform``, ``first``, ``last``, ``explicit`` or ``search``.
+        layers: the 0-based teacher layers kept, in order; ``None`` while a search has yet to choose them.
+    """
+
+    n_layers: int
+    strategy: str
+    layers: tuple[int, ...] | None
+
+    @property
+    def name(self) -> str:
+        """The student's folder name (see :func:`m3distill.layout.student_name`)."""
+        return student_name(self.layers if self.layers is not None else tuple(range(self.n_layers)))
 
 
 def plan_layers(n_teacher_layers: int, n_layers: int, strategy: str = "uniform") -> list[int]:
@@ -73,3 +96,49 @@ def parse_layer_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError as error:
         raise M3DistillError(f"cannot read layer list {text!r}: expected comma-separated integers like 0,2,4") from error
+
+
+def resolve_layer_plans(students: StudentsConfig, n_teacher_layers: int) -> list[LayerPlan]:
+    """One :class:`LayerPlan` per student asked for by ``students``, checked against the teacher.
+
+    Args:
+        students: the config section: ``explicit`` layer lists (they win), else ``layers`` counts with ``strategy``.
+        n_teacher_layers: the teacher's layer count.
+
+    Raises:
+        M3DistillError: a plan the teacher cannot serve, or two students that would share a folder name.
+    """
+    if students.explicit:
+        plans = [
+            LayerPlan(len(layers), "explicit", tuple(validate_layers(layers, n_teacher_layers)))
+            for layers in students.explicit
+        ]
+    elif students.strategy == "search":
+        for count in students.layers:
+            plan_layers(n_teacher_layers, count)  # the same range check as the fixed strategies
+        plans = [LayerPlan(count, "search", None) for count in students.layers]
+    else:
+        plans = [
+            LayerPlan(count, students.strategy, tuple(plan_layers(n_teacher_layers, count, students.strategy)))
+            for count in students.layers
+        ]
+    ensure_distinct_names(plans)
+    return plans
+
+
+def planned_student_names(students: StudentsConfig) -> list[str]:
+    """Folder names of the students ``students`` asks for, without loading the teacher (names need counts only)."""
+    if students.explicit:
+        return [student_name(layers) for layers in students.explicit]
+    return [student_name(tuple(range(count))) for count in students.layers]
+
+
+def ensure_distinct_names(plans: Sequence[LayerPlan]) -> None:
+    """Raise :class:`M3DistillError` when two plans would write the same student folder."""
+    names = [plan.name for plan in plans]
+    clashing = sorted({name for name in names if names.count(name) > 1})
+    if clashing:
+        raise M3DistillError(
+            f"two students would share the folder {clashing[0]}: students are named by their layer count, "
+            "so ask for each count once"
+        )

@@ -1,10 +1,11 @@
-"""Which layers each student keeps: fixed plans from the config, or a search scored against the teacher.
+"""The layer search: which layers a student keeps when the config leaves the choice to a search.
 
-:func:`resolve_layer_plans` turns the ``students`` config section into one :class:`LayerPlan` per student.
-Strategy ``search`` leaves the layers open; :func:`search_layer_plan` then builds every candidate from
-:func:`candidate_plans`, optionally trains it for a few steps with MSE on the cached teacher embeddings, scores it
-on dev texts (top-10 agreement with the teacher when the caller measures it, MSE and mean cosine to the teacher)
-and keeps the candidate with the highest agreement (the lowest MSE when agreement is not measured).
+:func:`~m3distill.students.layer_plan.resolve_layer_plans` gives a student of strategy ``search`` a
+:class:`~m3distill.students.layer_plan.LayerPlan` without layers; :func:`search_layer_plan` then builds every
+candidate from :func:`candidate_plans`, optionally trains it for a few steps with MSE on the cached teacher
+embeddings, scores it on dev texts (top-10 agreement with the teacher when the caller measures it, MSE and mean
+cosine to the teacher) and keeps the candidate with the highest agreement (the lowest MSE when agreement is not
+measured).
 """
 
 from __future__ import annotations
@@ -20,35 +21,12 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from m3distill.config import StudentsConfig
-from m3distill.errors import M3DistillError
-from m3distill.evaluation.alignment import embedding_error
-from m3distill.layout import student_name
+from m3distill.metrics import embedding_error
+from m3distill.models import num_layers
 from m3distill.students.build import build_student
-from m3distill.students.layer_plan import plan_layers, validate_layers
-from m3distill.teacher.loading import num_layers
+from m3distill.students.layer_plan import plan_layers
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """One student to build.
-
-    Attributes:
-        n_layers: how many teacher layers the student keeps.
-        strategy: ``uniform``, ``first``, ``last``, ``explicit`` or ``search``.
-        layers: the 0-based teacher layers kept, in order; ``None`` while a search has yet to choose them.
-    """
-
-    n_layers: int
-    strategy: str
-    layers: tuple[int, ...] | None
-
-    @property
-    def name(self) -> str:
-        """The student's folder name (see :func:`m3distill.layout.student_name`)."""
-        return student_name(self.layers if self.layers is not None else tuple(range(self.n_layers)))
 
 
 @dataclass(frozen=True)
@@ -79,52 +57,6 @@ class SearchResult:
             "n_dev_texts": self.n_dev_texts,
             "candidates": [{**asdict(score), "layers": list(score.layers)} for score in self.candidates],
         }
-
-
-def resolve_layer_plans(students: StudentsConfig, n_teacher_layers: int) -> list[LayerPlan]:
-    """One :class:`LayerPlan` per student asked for by ``students``, checked against the teacher.
-
-    Args:
-        students: the config section: ``explicit`` layer lists (they win), else ``layers`` counts with ``strategy``.
-        n_teacher_layers: the teacher's layer count.
-
-    Raises:
-        M3DistillError: a plan the teacher cannot serve, or two students that would share a folder name.
-    """
-    if students.explicit:
-        plans = [
-            LayerPlan(len(layers), "explicit", tuple(validate_layers(layers, n_teacher_layers)))
-            for layers in students.explicit
-        ]
-    elif students.strategy == "search":
-        for count in students.layers:
-            plan_layers(n_teacher_layers, count)  # the same range check as the fixed strategies
-        plans = [LayerPlan(count, "search", None) for count in students.layers]
-    else:
-        plans = [
-            LayerPlan(count, students.strategy, tuple(plan_layers(n_teacher_layers, count, students.strategy)))
-            for count in students.layers
-        ]
-    ensure_distinct_names(plans)
-    return plans
-
-
-def planned_student_names(students: StudentsConfig) -> list[str]:
-    """Folder names of the students ``students`` asks for, without loading the teacher (names need counts only)."""
-    if students.explicit:
-        return [student_name(layers) for layers in students.explicit]
-    return [student_name(tuple(range(count))) for count in students.layers]
-
-
-def ensure_distinct_names(plans: Sequence[LayerPlan]) -> None:
-    """Raise :class:`M3DistillError` when two plans would write the same student folder."""
-    names = [plan.name for plan in plans]
-    clashing = sorted({name for name in names if names.count(name) > 1})
-    if clashing:
-        raise M3DistillError(
-            f"two students would share the folder {clashing[0]}: students are named by their layer count, "
-            "so ask for each count once"
-        )
 
 
 def candidate_plans(n_teacher_layers: int, n_layers: int, n_candidates: int, *, seed: int = 0) -> list[list[int]]:

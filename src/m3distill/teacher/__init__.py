@@ -1,1 +1,1 @@
-"""The teacher: loading sentence-transformers models and caching the teacher's embeddings."""
+"""The teacher: its fingerprint and the cache of its embeddings (loading models: :mod:`m3distill.models`)."""

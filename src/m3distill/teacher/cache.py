@@ -44,8 +44,8 @@ from m3distill.atomic import atomic_path, write_json_atomic
 from m3distill.config import TeacherConfig
 from m3distill.data.dataset import load_synth_dataset
 from m3distill.errors import M3DistillError
+from m3distill.models import load_sentence_transformer
 from m3distill.teacher.fingerprint import TeacherFingerprint, check_fingerprint, teacher_fingerprint
-from m3distill.teacher.loading import load_sentence_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ def build_teacher_cache(
     model: SentenceTransformer | None = None,
     show_progress: bool = True,
     on_shard: Callable[[ShardInfo], None] | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> CacheSummary:
     """Embed every text of a dataset directory (contexts, questions, general; all splits) with the teacher.
 
@@ -131,6 +132,8 @@ def build_teacher_cache(
             max_seq_length must equal ``teacher.max_seq_length`` when that is set).
         show_progress: show a tqdm bar with texts/s.
         on_shard: called after each shard is written (progress hooks; tests use it to simulate a kill).
+        inputs: what the cache was made from (the teacher stage's fingerprint), recorded in the manifest so that
+            a later run can tell whether the cache is current (see :mod:`m3distill.stages.teacher`).
 
     Raises:
         M3DistillError: the dataset is missing or incomplete, or ``out_dir`` holds a cache of another teacher or
@@ -166,7 +169,7 @@ def build_teacher_cache(
                 on_shard(info)
     seconds = time.perf_counter() - started
 
-    _write_manifest(out_dir, fingerprint, teacher.dtype, shard_counts)
+    _write_manifest(out_dir, fingerprint, teacher.dtype, shard_counts, inputs)
     summary = CacheSummary(
         cache_dir=out_dir, n_texts=len(texts), n_computed=len(missing), n_reused=n_reused, n_shards=len(shard_counts),
         dim=fingerprint.dim, dtype=teacher.dtype, seconds=seconds,
@@ -401,10 +404,12 @@ def _write_shard(
     return ShardInfo(index=index, name=name, count=len(chunk))
 
 
-def _write_manifest(root: Path, fingerprint: TeacherFingerprint, dtype: str, shard_counts: dict[str, int]) -> None:
+def _write_manifest(root: Path, fingerprint: TeacherFingerprint, dtype: str, shard_counts: dict[str, int],
+                    inputs: dict[str, Any] | None = None) -> None:
     write_json_atomic(
         root / CACHE_MANIFEST_FILE,
         {
+            **({"inputs": inputs} if inputs is not None else {}),
             "format": CACHE_FORMAT_VERSION,
             "fingerprint": fingerprint.to_dict(),
             "dim": fingerprint.dim,

@@ -18,7 +18,7 @@ from typing import Any
 from sentence_transformers import SentenceTransformer
 
 from m3distill.errors import M3DistillError
-from m3distill.teacher.loading import local_model_folder, resolve_model_name
+from m3distill.models import local_model_folder, resolve_model_name
 
 logger = logging.getLogger(__name__)
 

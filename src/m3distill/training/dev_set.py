@@ -32,8 +32,7 @@ from sentence_transformers.sentence_transformer.evaluation import (
 
 from m3distill.data.dataset import SynthDataset
 from m3distill.errors import M3DistillError
-from m3distill.evaluation.alignment import row_cosines
-from m3distill.evaluation.retrieval import top_k_overlap
+from m3distill.metrics import row_cosines, top_k_overlap
 from m3distill.teacher.cache import TeacherCache
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
+from tqdm.auto import tqdm
+from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -39,18 +40,18 @@ from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from m3distill.config import DEFAULT_TRAINING_STEPS, M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
+from m3distill.models import count_parameters, load_sentence_transformer, num_layers
 from m3distill.students.build import build_student
-from m3distill.students.layer_plan import validate_layers
-from m3distill.students.search import (
+from m3distill.students.layer_plan import (
     LayerPlan,
     ensure_distinct_names,
     planned_student_names,
     resolve_layer_plans,
-    search_layer_plan,
+    validate_layers,
 )
+from m3distill.students.search import search_layer_plan
 from m3distill.teacher.cache import TeacherCache
 from m3distill.teacher.fingerprint import check_fingerprint, teacher_fingerprint
-from m3distill.teacher.loading import count_parameters, load_sentence_transformer, num_layers
 from m3distill.training.dev_set import (
     DEV_TOP_K,
     DevSet,
@@ -131,11 +132,16 @@ def read_student_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def completed_student_dirs(students_dir: str | Path) -> list[Path]:
-    """Finished student folders directly inside ``students_dir``, sorted by name."""
+    """Finished student folders directly inside ``students_dir``, sorted by name.
+
+    Hidden folders are left out: they are students on their way in or out (a temporary copy being written, or a
+    stale student kept aside until its retrained replacement is complete).
+    """
     root = Path(students_dir)
     if not root.is_dir():
         return []
-    return sorted(path for path in root.iterdir() if path.is_dir() and is_trained_student(path))
+    return sorted(path for path in root.iterdir()
+                  if path.is_dir() and not path.name.startswith(".") and is_trained_student(path))
 
 
 def planned_students_complete(config: M3DistillConfig, students_dir: str | Path) -> bool:
@@ -303,6 +309,8 @@ class _TrainingJob:
         layers, search = self._layers(plan, student_dir, resume=resume, write=is_main)
         student = build_student(self.teacher_model, layers)
         student.max_seq_length = self.training.max_seq_length or self.fingerprint["max_seq_length"]
+        if self.training.dropout is not None:
+            set_dropout(student, self.training.dropout)
         evaluator = dev_evaluator(self.dev, batch_size=self.training.batch_size)
         dev_before = dev_metrics(evaluator(student))
         logger.info("%s untrained: dev %s", plan.name, _format_metrics(dev_before))
@@ -320,7 +328,7 @@ class _TrainingJob:
                     plan.name, total_steps, self.training.batch_size, seen, len(self.train_texts),
                     seen / len(self.train_texts))
         timer = _StepTimer()
-        callbacks: list[TrainerCallback] = [timer]
+        callbacks: list[TrainerCallback] = [timer, _StudentProgress(plan.name, show_bar=self.show_progress)]
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -331,8 +339,9 @@ class _TrainingJob:
             model=student, args=args, train_dataset=self._train_dataset(),
             loss=self._loss(student), evaluator=evaluator, callbacks=callbacks,
         )
-        if not self.show_progress:
-            trainer.remove_callback(PrinterCallback)
+        # One bar per student and one line per dev evaluation instead of the Trainer's raw log dicts.
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=last)
         train_seconds = time.perf_counter() - started
@@ -448,10 +457,23 @@ class _TrainingJob:
         precision: str, n_parameters: int, dev_before: dict, dev_after: dict, timer: _StepTimer, train_seconds: float,
         resumed_from_step: int | None,
     ) -> dict[str, Any]:
+        from m3distill.stages.fingerprint import (
+            dataset_fingerprint,
+            plan_spec,
+            student_fingerprint,
+        )
+        from m3distill.stages.train import trained_student_record
+
         training = self.training
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         best = trainer.state.best_model_checkpoint
+        # What the student was made from: a later run retrains it (or refuses to reuse it) when any of it changed.
+        record = trained_student_record(student_fingerprint(
+            dataset_fingerprint(self.dataset.root), self.cache.manifest, training,
+            plan_spec(plan.n_layers, plan.strategy, plan.layers, self.search_settings),
+        ))
         return {
+            **record,
             "m3distill_version": __version__,
             "name": plan.name,
             "layers": layers,
@@ -530,6 +552,52 @@ class _StepTimer(TrainerCallback):
     @property
     def seconds_per_step(self) -> float:
         return self.seconds / self.steps if self.steps else 0.0
+
+
+class _StudentProgress(TrainerCallback):
+    """A step bar with the running loss (when ``show_bar``) and one logged line of dev metrics per evaluation."""
+
+    def __init__(self, name: str, *, show_bar: bool) -> None:
+        self.name = name
+        self.show_bar = show_bar
+        self.bar: Any = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.show_bar and state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.name, unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not state.is_world_process_zero or not metrics:
+            return
+        try:
+            line = _format_metrics({key: value for key, value in dev_metrics(metrics).items() if key != "mse_x100"})
+        except KeyError:  # not our dev evaluator's metrics
+            return
+        logger.info("%s step %d/%d: dev %s", self.name, state.global_step, state.max_steps, line)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def set_dropout(model: torch.nn.Module, rate: float) -> None:
+    """Set the rate of every dropout module of ``model`` to ``rate``.
+
+    The saved config keeps the teacher's rates, so whoever fine-tunes the student later gets the usual dropout.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
 
 
 def _schedule(training: TrainingConfig, n_train_texts: int) -> tuple[int, int, int]:

@@ -4,11 +4,13 @@ The API key is read from the environment variable *named* in the config and hand
 never written to the manifest, the cache or a log line (error messages are scrubbed of it too). When the variable
 is unset the dummy key ``EMPTY`` is sent, which local servers accept.
 
-Requests run ``concurrency`` at a time. Each has its own timeout and is retried with exponential backoff on 429,
-408/409, 5xx, timeouts and connection errors; the SDK's own retries are off so every attempt is ours and counted.
+Requests run ``concurrency`` at a time. Failed requests (429, 408/409, 5xx, timeouts, lost connections) are retried
+by the openai client itself: ``max_retries`` times, each attempt limited to ``timeout_s``, with the client's
+exponential backoff (which honours the server's Retry-After). A refused request (401, 404...) is not retried.
 Answers are cached on disk as they arrive (see :mod:`m3distill.data.questions.cache`). An answer in which no
-question can be found (an empty reply, or a 200 whose body has the wrong shape) is retried like a failure, is an
-error once retries run out, and is never cached: a cached answer without a question is asked again.
+question can be found (an empty reply, or a 200 whose body has the wrong shape) is asked again, up to
+``max_retries`` times, ``backoff_s`` apart (doubling); it is an error once those run out, and is never cached: a
+cached answer without a question is asked again.
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from tqdm.auto import tqdm
 
-from m3distill.config import LLMConfig
+from m3distill.config import LLMConfig, redact_url
 from m3distill.data.chunking import Context
-from m3distill.data.questions.base import EMPTY, PREAMBLE, GenerationResult, comparable, filter_questions
+from m3distill.data.questions.base import (
+    EMPTY,
+    PREAMBLE,
+    GenerationResult,
+    comparable,
+    filter_questions,
+)
 from m3distill.data.questions.cache import AnswerCache, answer_key
 from m3distill.errors import M3DistillError
 
@@ -44,7 +51,6 @@ DEFAULT_PROMPT_TEMPLATE = (
     "Text:\n{context}"
 )
 DUMMY_API_KEY = "EMPTY"
-_RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 _MAX_BACKOFF_S = 60.0
 _BULLET = re.compile(r"^(?:[-*•·‣▪–—>]+|\(?\d{1,3}[.):\]]|\(?[a-zA-Z][.)]|[QqFf]\d*\s*[:.)])\s*")
 _CODE_FENCE = re.compile(r"^```[\w-]*\s*|\s*```$")
@@ -83,7 +89,7 @@ class LLMQuestionGenerator:
         return {
             "name": self.name,
             "questions_per_context": self.questions_per_context,
-            "base_url": _without_credentials(self.config.base_url),
+            "base_url": redact_url(self.config.base_url),
             "model": self.config.model,
             "api_key_env": self.config.api_key_env,
             "prompt_template": self.prompt_template,
@@ -115,7 +121,7 @@ class LLMQuestionGenerator:
             progress.update(len(contexts) - len(todo))
             if todo:
                 logger.info("asking %s at %s for questions on %d contexts (%d cached)", self.config.model,
-                            _without_credentials(self.config.base_url), len(todo), len(contexts) - len(todo))
+                            redact_url(self.config.base_url), len(todo), len(contexts) - len(todo))
                 self._ask_all(contexts, todo, keys, answers, cache, progress)
         return self._filtered(contexts, [answer or "" for answer in answers])
 
@@ -155,7 +161,8 @@ class LLMQuestionGenerator:
                 if failure is not None:
                     raise failure
         except M3DistillError:
-            # Requests in flight stop retrying; wait for them and keep the answers that did arrive.
+            # Requests in flight ask no more once their call (with the client's retries) ends; wait for them and
+            # keep the answers that did arrive.
             self._stop.set()
             executor.shutdown(wait=True, cancel_futures=True)
             for future, index in pending.items():
@@ -164,7 +171,9 @@ class LLMQuestionGenerator:
             pending.clear()
             raise
         finally:
-            if pending:  # Ctrl-C: let the requests in flight give up instead of retrying, and do not wait for them
+            # Ctrl-C: do not wait here. Requests in flight ask no more after their current call, but that call runs
+            # to its end, the openai client's retries included (at most max_retries timeouts and backoffs).
+            if pending:
                 self._stop.set()
             executor.shutdown(wait=not pending, cancel_futures=True)
 
@@ -172,82 +181,81 @@ class LLMQuestionGenerator:
         import openai
 
         return openai.OpenAI(
-            base_url=self.config.base_url, api_key=self._api_key, max_retries=0, timeout=self.config.timeout_s
+            base_url=self.config.base_url, api_key=self._api_key, max_retries=self.config.max_retries,
+            timeout=self.config.timeout_s,
         )
 
     def _ask(self, client: Any, prompt: str) -> str:
-        """One answer, retried on transient failures; raises M3DistillError when retries run out."""
+        """One answer that holds a question; raises M3DistillError when the client's retries or ours run out.
+
+        The client retries failed requests itself (see the module docstring); this loop only asks again when an
+        answer arrived without a question in it.
+        """
         import openai
 
-        last_error: Exception | None = None
+        endpoint = redact_url(self.config.base_url)
+        last_problem = ""
         for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                self._stop.wait(min(self.config.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
             if self._stop.is_set():
                 raise M3DistillError("LLM request cancelled")
             if attempt:
-                with self._lock:
-                    self._stats["retries"] += 1
-            with self._lock:
-                self._stats["requests"] += 1
+                self._count(retries=1)
             try:
-                response = client.chat.completions.create(
+                raw = client.chat.completions.with_raw_response.create(
                     model=self.config.model,
                     messages=[{"role": "user", "content": prompt}],
                     temperature=self.config.temperature,
                 )
-            except (openai.APITimeoutError, openai.APIConnectionError) as error:
-                last_error = error
-            except openai.APIStatusError as error:
-                if error.status_code not in _RETRYABLE_STATUS and error.status_code < 500:
+                self._count_attempts(getattr(raw, "retries_taken", 0))
+                response = raw.parse()
+            except (openai.APITimeoutError, openai.APIConnectionError, openai.APIStatusError) as error:
+                refused = isinstance(error, openai.APIStatusError) and not _is_transient(error.status_code)
+                retries = _retries_taken(error)
+                if retries is None:  # a client that does not say: it retries transient failures max_retries times
+                    retries = 0 if refused else self.config.max_retries
+                self._count_attempts(retries)
+                if refused:
                     raise M3DistillError(self._scrub(
-                        f"the LLM endpoint {_without_credentials(self.config.base_url)} refused the request with "
-                        f"HTTP {error.status_code}: {_first_line(error)}{_status_hint(error.status_code, self.config)}"
+                        f"the LLM endpoint {endpoint} refused the request with HTTP {error.status_code}: "
+                        f"{_first_line(error)}{_status_hint(error.status_code, self.config)}"
                     )) from None
-                last_error = error
+                raise M3DistillError(self._scrub(
+                    f"the LLM endpoint {endpoint} still failed after {retries + 1} attempts "
+                    f"({_first_line(error)}); check the server and rerun: finished answers are kept in "
+                    f"{self.cache_path}"
+                )) from None
             except (openai.OpenAIError, ValueError) as error:  # e.g. a reply that is not JSON at all
                 raise M3DistillError(self._scrub(
-                    f"the LLM endpoint {_without_credentials(self.config.base_url)} replied with something other "
-                    f"than a chat completion: is the base URL right (it usually ends in /v1)? ({_first_line(error)})"
+                    f"the LLM endpoint {endpoint} replied with something other than a chat completion: is the base "
+                    f"URL right (it usually ends in /v1)? ({_first_line(error)})"
                 )) from None
-            else:
-                if not hasattr(response, "choices"):
-                    raise M3DistillError(
-                        f"the LLM endpoint {_without_credentials(self.config.base_url)} replied with something other "
-                        "than a chat completion: is the base URL right (it usually ends in /v1)?"
-                    )
-                choices = response.choices or []
-                message = getattr(choices[0], "message", None) if choices else None
-                answer = (getattr(message, "content", None) or "") if message is not None else ""
-                if _has_question(answer):
-                    return answer
-                last_error = _NoQuestion(
-                    "the reply held no question" if choices else "the reply held no choices"
+            if not hasattr(response, "choices"):
+                raise M3DistillError(
+                    f"the LLM endpoint {endpoint} replied with something other than a chat completion: is the base "
+                    "URL right (it usually ends in /v1)?"
                 )
-            if attempt < self.config.max_retries:
-                delay = self._backoff(attempt, last_error)
-                logger.debug("LLM request failed (%s); retry %d in %.2fs", _first_line(last_error), attempt + 1, delay)
-                self._stop.wait(delay)
-        if isinstance(last_error, _NoQuestion):
-            raise M3DistillError(self._scrub(
-                f"the LLM endpoint {_without_credentials(self.config.base_url)} answered "
-                f"{self.config.max_retries + 1} times without a question ({last_error}): is it an OpenAI-compatible "
-                f"chat endpoint and {self.config.model!r} a chat model? Fix it and rerun: finished answers are kept "
-                f"in {self.cache_path}"
-            ))
+            choices = response.choices or []
+            message = getattr(choices[0], "message", None) if choices else None
+            answer = (getattr(message, "content", None) or "") if message is not None else ""
+            if _has_question(answer):
+                return answer
+            last_problem = "the reply held no question" if choices else "the reply held no choices"
+            logger.debug("LLM answer without a question (%s); asking again", last_problem)
         raise M3DistillError(self._scrub(
-            f"the LLM endpoint {_without_credentials(self.config.base_url)} still failed after "
-            f"{self.config.max_retries + 1} attempts ({_first_line(last_error)}); check the server and rerun: "
-            f"finished answers are kept in {self.cache_path}"
+            f"the LLM endpoint {endpoint} answered {self.config.max_retries + 1} times without a question "
+            f"({last_problem}): is it an OpenAI-compatible chat endpoint and {self.config.model!r} a chat model? "
+            f"Fix it and rerun: finished answers are kept in {self.cache_path}"
         ))
 
-    def _backoff(self, attempt: int, error: Exception | None) -> float:
-        delay = self.config.backoff_s * 2**attempt
-        response = getattr(error, "response", None)
-        retry_after = getattr(response, "headers", {}).get("retry-after") if response is not None else None
-        try:
-            delay = max(delay, float(retry_after)) if retry_after is not None else delay
-        except ValueError:
-            pass  # an HTTP date instead of seconds: our own backoff will do
-        return min(delay, _MAX_BACKOFF_S)
+    def _count_attempts(self, retries_taken: int) -> None:
+        """Count one call to the client, which sent ``retries_taken`` more requests than one."""
+        self._count(requests=1 + retries_taken, retries=retries_taken)
+
+    def _count(self, **counts: int) -> None:
+        with self._lock:
+            self._stats.update(counts)
 
     def _scrub(self, message: str) -> str:
         if self._api_key != DUMMY_API_KEY and len(self._api_key) >= 4:
@@ -275,10 +283,6 @@ class LLMQuestionGenerator:
         stats["missing"] = self.questions_per_context * len(contexts) - sum(map(len, questions))
         _warn_if_mostly_unusable(questions, self.config.model)
         return GenerationResult(questions=questions, dropped=+dropped, stats=stats)
-
-
-class _NoQuestion(Exception):
-    """An answer that arrived (HTTP 200) but holds no question: treated like a failed request, never cached."""
 
 
 def _has_question(answer: str) -> bool:
@@ -340,13 +344,18 @@ def _json_questions(text: str) -> list[str] | None:
     return None
 
 
-def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+def _is_transient(status: int) -> bool:
+    """Statuses the openai client retries by itself (so it already has, when they reach us)."""
+    return status in (408, 409, 429) or status >= 500
+
+
+def _retries_taken(error: Exception) -> int | None:
+    """How many times the openai client retried the request that failed, from the retry number it sends."""
+    request = getattr(error, "request", None)
+    try:
+        return int(request.headers["x-stainless-retry-count"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _first_line(error: BaseException | None) -> str:

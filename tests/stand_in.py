@@ -4,6 +4,9 @@ bge-m3 is an XLM-RoBERTa-large encoder (24 layers, 1024 hidden, 16 heads, 4096 i
 and L2 normalisation. Speed and file layout depend on that shape alone, so benchmarks and tests use a random
 model of the same architecture: no hub access needed. The tokenizer is borrowed from the packaged MiniLM teacher
 (the vocabulary size only changes the embedding table, not the work per token).
+
+A test and benchmark helper, not part of the shipped package: tests import it as ``stand_in`` (pytest puts tests/
+on ``sys.path``), benchmarks after adding tests/ to ``sys.path``.
 """
 
 from __future__ import annotations

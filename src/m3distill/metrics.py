@@ -1,6 +1,11 @@
-"""How closely a student's embeddings follow the teacher's on the test split.
+"""The metric definitions: every metric's name and how it is computed, written here once.
 
-Two views, both computed on embeddings both models made of the *same* test texts:
+Evaluation (:mod:`m3distill.evaluation`), the dev evaluation during training (:mod:`m3distill.training.dev_set`),
+the layer search (:mod:`m3distill.students.search`) and the report all import them from here; the stages keep
+only the orchestration (which texts, which models, which search backend).
+
+**Alignment** of a student with the teacher, computed on embeddings both models made of the *same* texts
+(flat names with the ``alignment_`` prefix):
 
 * Embedding error: mean squared error per element (and x100, the figure sentence-transformers' ``MSEEvaluator``
   logs) and the mean cosine between the student's and the teacher's embedding of each text.
@@ -10,6 +15,14 @@ Two views, both computed on embeddings both models made of the *same* test texts
 
 Pairs are drawn by :func:`draw_similarity_pairs`: every test question with its own context (matching) plus
 ``negatives_per_question`` other test contexts drawn uniformly at random without replacement (non-matching).
+
+**Retrieval** (flat names with the index kind as prefix, e.g. ``exact_overlap@10``):
+
+* ``{index}_overlap@k`` (between two models): |top-k of A ∩ top-k of B| / k, averaged over questions
+  (:func:`top_k_overlap`).
+* ``{index}_recall@k``, ``{index}_mrr@10``, ``{index}_ndcg@10`` (per model): ground truth with each question's own
+  context as its one relevant context, computed by ir-measures (R@k, RR@10, nDCG@10; :func:`ground_truth_metrics`).
+* ``hnsw_vs_exact_overlap@k`` (per model): the overlap of a model's HNSW top-k with its own exact top-k (HNSW recall).
 """
 
 from __future__ import annotations
@@ -18,7 +31,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import ir_measures
 import numpy as np
+from ir_measures import RR, R, nDCG
 from scipy.stats import pearsonr, spearmanr
 
 logger = logging.getLogger(__name__)
@@ -29,6 +44,23 @@ MSE_X100 = f"{ALIGNMENT_PREFIX}_mse_x100"
 MEAN_COSINE = f"{ALIGNMENT_PREFIX}_mean_cosine"
 PEARSON_COSINE = f"{ALIGNMENT_PREFIX}_pearson_cosine"
 SPEARMAN_COSINE = f"{ALIGNMENT_PREFIX}_spearman_cosine"
+
+# Speed and size (measured by m3distill.evaluation.speed)
+SPEED_PREFIX = "speed"
+TEXTS_PER_S = f"{SPEED_PREFIX}_texts_per_s"
+TEXTS_PER_S_MIN = f"{TEXTS_PER_S}_min"
+TEXTS_PER_S_MAX = f"{TEXTS_PER_S}_max"
+SPEEDUP = f"{SPEED_PREFIX}_speedup_vs_teacher"
+SPEEDUP_MIN = f"{SPEEDUP}_min"
+SPEEDUP_MAX = f"{SPEEDUP}_max"
+LAYER_RATIO = f"{SPEED_PREFIX}_layer_ratio"
+SPEEDUP_SUSPECT = f"{SPEED_PREFIX}_speedup_suspect"
+PARAMETERS = f"{SPEED_PREFIX}_parameters"
+WEIGHTS_BYTES = f"{SPEED_PREFIX}_weights_bytes"
+SIZE_ON_DISK = f"{SPEED_PREFIX}_size_on_disk_bytes"
+PEAK_MEMORY = f"{SPEED_PREFIX}_peak_memory_increase_bytes"
+MEMORY_MEASURE = f"{SPEED_PREFIX}_memory_measure"
+SECONDS_PER_RUN = f"{SPEED_PREFIX}_seconds_per_run"
 
 PAIRS_DESCRIPTION = (
     "Each test question is paired with its own context (a matching pair) and with {negatives} other test "
@@ -158,8 +190,101 @@ def alignment_metrics(
     return metrics
 
 
+# Retrieval. MRR and nDCG are cut off at the 10th result.
+GROUND_TRUTH_CUTOFF = 10
+
+
+def overlap_metric(index: str, k: int) -> str:
+    """Name of the P@k overlap between two models' top-k lists."""
+    return f"{index}_overlap@{k}"
+
+
+def recall_metric(index: str, k: int) -> str:
+    """Name of Recall@k against each question's own context."""
+    return f"{index}_recall@{k}"
+
+
+def mrr_metric(index: str) -> str:
+    """Name of MRR@10 against each question's own context."""
+    return f"{index}_mrr@{GROUND_TRUTH_CUTOFF}"
+
+
+def ndcg_metric(index: str) -> str:
+    """Name of nDCG@10 against each question's own context."""
+    return f"{index}_ndcg@{GROUND_TRUTH_CUTOFF}"
+
+
+QUERY_SIDE = "query_side"
+
+
+def query_side_index(index: str) -> str:
+    """Metric prefix of a student's questions searched in the teacher's index (the query-side stand-in)."""
+    return f"{QUERY_SIDE}_{index}"
+
+
+def query_side_overlap_metric(index: str, k: int) -> str:
+    """Name of the P@k overlap of the query-side stand-in's top-k with the teacher's own top-k."""
+    return overlap_metric(query_side_index(index), k)
+
+
+def hnsw_vs_exact_metric(k: int) -> str:
+    """Name of the overlap of a model's HNSW top-k with its exact top-k."""
+    return f"hnsw_vs_exact_overlap@{k}"
+
+
+def top_k_overlap(top_a: np.ndarray, top_b: np.ndarray, k: int) -> float:
+    """P@k overlap: |top-k of A ∩ top-k of B| / k, averaged over questions.
+
+    Args:
+        top_a: model A's ranked context rows, one row per question (at least k columns).
+        top_b: model B's, same questions in the same order.
+        k: the cut-off.
+    """
+    if top_a.shape[0] != top_b.shape[0]:
+        raise ValueError("both top-k arrays must hold the same questions")
+    if top_a.shape[0] == 0:
+        raise ValueError("no questions to compare")
+    if min(top_a.shape[1], top_b.shape[1]) < k:
+        raise ValueError(f"k={k} is deeper than the retrieved lists ({min(top_a.shape[1], top_b.shape[1])})")
+    shared = [len(_valid(a[:k]) & _valid(b[:k])) for a, b in zip(top_a, top_b)]
+    return float(np.mean(shared) / k)
+
+
+def ground_truth_metrics(top: np.ndarray, relevant: Sequence[int], ks: Sequence[int], index: str) -> dict[str, float]:
+    """Recall@k for each k, MRR@10 and nDCG@10 with each question's own context as its one relevant context.
+
+    Args:
+        top: ranked context rows, one row per question.
+        relevant: the row of each question's own context.
+        ks: cut-offs for Recall@k.
+        index: index kind, the metrics' name prefix.
+
+    Computed by ir-measures; documents are scored by rank so its tie-breaking cannot reorder our lists.
+    """
+    if len(top) != len(relevant):
+        raise ValueError("one relevant context per question is needed")
+    depth = top.shape[1]
+    qrels = [ir_measures.Qrel(str(q), str(int(context)), 1) for q, context in enumerate(relevant)]
+    run = [
+        ir_measures.ScoredDoc(str(q), str(int(context)), float(depth - rank))
+        for q, row in enumerate(top)
+        for rank, context in enumerate(row)
+        if context >= 0
+    ]
+    measures = {recall_metric(index, k): R @ k for k in ks}
+    measures[mrr_metric(index)] = RR @ GROUND_TRUTH_CUTOFF
+    measures[ndcg_metric(index)] = nDCG @ GROUND_TRUTH_CUTOFF
+    # ir-measures averages over the questions in qrels, so a question with an empty list counts as a miss.
+    values = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
+    return {name: float(values.get(measure, 0.0)) for name, measure in measures.items()}
+
+
 def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
     embeddings = np.asarray(embeddings, dtype=np.float64)
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     # A zero vector has no direction; treat its cosine with anything as 0 instead of NaN.
     return embeddings / np.where(norms == 0, 1.0, norms)
+
+
+def _valid(row: np.ndarray) -> set[int]:
+    return {int(x) for x in row if x >= 0}

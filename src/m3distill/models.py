@@ -1,4 +1,5 @@
-"""Loading any sentence-transformers model (folder or hub id) with errors a user can act on."""
+"""Model helpers every stage shares: loading any sentence-transformers model (folder or hub id) with errors a user
+can act on, choosing the device, and inspecting a model (parameters, layer stack)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from sentence_transformers import SentenceTransformer
 
 from m3distill.errors import M3DistillError
@@ -17,14 +19,37 @@ _LAYER_STACK_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers", "l
 
 
 def resolve_device(device: str | None) -> str:
-    """``device`` as given, or the best available one: cuda, then mps, then cpu."""
-    if device:
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """``device`` as given, once checked to exist on this machine, or the best available one: cuda, mps, cpu.
+
+    Raises:
+        M3DistillError: ``device`` is not a device name torch knows, or names one this machine lacks (``cuda``
+            without a usable CUDA GPU, ``cuda:2`` with two GPUs, ``mps`` off Apple silicon).
+    """
+    if not device:
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if _mps_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise M3DistillError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps, or leave it unset") from None
+    unset = "set the device to cpu (--device cpu) or leave it unset to use the best one available"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "no CUDA GPU is usable on this machine" if torch.version.cuda else "this torch has no CUDA support"
+            raise M3DistillError(f"device {device!r} asked for, but {why}; {unset}")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise M3DistillError(
+                f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); {unset}"
+            )
+    elif parsed.type == "mps" and not _mps_available():
+        raise M3DistillError(f"device {device!r} asked for, but Apple's MPS is not available here; {unset}")
+    return device
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 # Hub ids that resolve to a model some installed package ships, so they load with no network.
@@ -64,7 +89,7 @@ def local_model_folder(name_or_path: str | Path, revision: str | None = None) ->
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(str(name_or_path), revision=revision, local_files_only=True))
-    except Exception as error:  # not cached, not a hub id, or an unreadable cache: all mean "not here"
+    except Exception as error:  # noqa: BLE001 (not cached, not a hub id, an unreadable cache: all mean "not here")
         logger.debug("no local copy of %s (%s)", name_or_path, error)
         return None
 
@@ -88,8 +113,9 @@ def load_sentence_transformer(
         max_seq_length: override the model's maximum sequence length.
 
     Raises:
-        M3DistillError: the folder does not exist or is not a sentence-transformers model, or the hub id cannot
-            be fetched (no network, unknown id).
+        M3DistillError: the folder does not exist, is not a sentence-transformers model (or is a student whose
+            training never finished) or holds damaged weights; the hub id cannot be fetched (no network, unknown
+            id); or ``device`` is not on this machine.
     """
     name = resolve_model_name(name_or_path)
     path = Path(name).expanduser()
@@ -97,16 +123,23 @@ def load_sentence_transformer(
         if not path.is_dir():
             raise M3DistillError(f"model path {path} is a file; expected a sentence-transformers model folder")
         if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+            from m3distill.training.distill import is_m3distill_student_dir
+
+            if is_m3distill_student_dir(path):  # training started here but never saved the student
+                raise M3DistillError(
+                    f"{path} is an unfinished student: rerun `m3distill train` with --resume to finish it"
+                )
             raise M3DistillError(
                 f"{path} is not a sentence-transformers model folder (no modules.json or config.json inside)"
             )
         name = str(path)
     elif name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise M3DistillError(f"model folder not found: {name}")
+    device = resolve_device(device)
     try:
         model = SentenceTransformer(
             name,
-            device=resolve_device(device),
+            device=device,
             revision=revision if not path.exists() else None,
             trust_remote_code=trust_remote_code,
         )
@@ -118,12 +151,22 @@ def load_sentence_transformer(
             f"(no network, or an unknown id). Download it on a machine with network access and pass the folder. "
             f"Cause: {str(error).splitlines()[0]}"
         ) from error
+    except SafetensorError as error:
+        # A truncated or damaged weights file (a copy cut short, a full disk while saving).
+        raise M3DistillError(
+            f"the weights of {name} are damaged or truncated ({_first_line(error)}): copy the model again or, for "
+            "a student, train it again"
+        ) from error
     except (ValueError, KeyError) as error:
-        raise M3DistillError(f"could not load model {name!r}: {str(error).splitlines()[0]}") from error
+        raise M3DistillError(f"could not load model {name!r}: {_first_line(error)}") from error
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
     logger.info("loaded %s (%d parameters) on %s", name, count_parameters(model), model.device)
     return model
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def count_parameters(model: torch.nn.Module) -> int:

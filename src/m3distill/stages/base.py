@@ -1,0 +1,89 @@
+"""What every stage is: inputs, outputs, one fingerprint, ``status()`` / ``is_current()`` and ``run()``.
+
+The pipeline and the standalone commands hold the same stage objects, so they decide alike: a current output is
+reused, a missing one is made, and a stale one (outputs present, fingerprint different) is redone by the pipeline
+and refused by a standalone command with one line naming what changed and the flag that redoes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from m3distill.errors import M3DistillError
+from m3distill.stages.fingerprint import Fingerprint
+
+logger = logging.getLogger(__name__)
+
+State = Literal["missing", "current", "stale"]
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """Where a stage's outputs stand.
+
+    Attributes:
+        state: ``missing`` (none, or unfinished: the stage makes or resumes them), ``current`` (made from the
+            same inputs and settings: reused) or ``stale`` (made from other ones: redone or refused).
+        reason: for ``stale``, what changed, e.g. ``training.max_steps is 10 now, 6 when it was made``.
+    """
+
+    state: State
+    reason: str = ""
+
+    @property
+    def current(self) -> bool:
+        return self.state == "current"
+
+
+class Stage(ABC):
+    """One step of the pipeline, reading and writing folders of the run directory."""
+
+    name: ClassVar[str]
+    redo_flag: ClassVar[str] = "--force"
+
+    @property
+    @abstractmethod
+    def inputs(self) -> dict[str, Path | str | None]:
+        """What the stage reads, by name."""
+
+    @property
+    @abstractmethod
+    def outputs(self) -> dict[str, Path]:
+        """What the stage writes, by name."""
+
+    @abstractmethod
+    def fingerprint(self) -> Fingerprint:
+        """Its own settings and the fingerprints or contents of what it reads (computed now, from the inputs)."""
+
+    @abstractmethod
+    def status(self) -> StageStatus:
+        """Whether the outputs are missing, current or stale, compared with the fingerprint they record."""
+
+    def is_current(self) -> bool:
+        """True when the outputs exist and were made from the current inputs and settings."""
+        return self.status().current
+
+    def check_inputs(self) -> None:
+        """Raise :class:`M3DistillError` when an input is missing; called before any output is touched."""
+
+    @abstractmethod
+    def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True) -> Any:
+        """Bring the outputs up to date and return the stage's typed result.
+
+        Args:
+            replace_stale: redo outputs made from other inputs (the pipeline); without it they are refused.
+            force: redo the outputs even when they are current.
+            show_progress: show progress bars.
+        """
+
+    def refuse_if_stale(self, status: StageStatus, *, replace_stale: bool, force: bool) -> None:
+        """The standalone rule: a stale output is never silently reused nor silently replaced."""
+        if status.state == "stale" and not (replace_stale or force):
+            where = next(iter(self.outputs.values()))
+            raise M3DistillError(
+                f"{where} is out of date: {status.reason}; pass {self.redo_flag} to redo it, or choose another output"
+            )

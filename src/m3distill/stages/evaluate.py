@@ -1,0 +1,205 @@
+"""The evaluate stage: the teacher and its students measured, the report written
+(:func:`m3distill.evaluation.evaluate.evaluate_models`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from m3distill.atomic import write_json_atomic
+from m3distill.config import M3DistillConfig
+from m3distill.errors import M3DistillError
+from m3distill.layout import REPORT_JSON_FILE
+from m3distill.stages.base import Stage, StageStatus
+from m3distill.stages.fingerprint import (
+    CONTENTS,
+    Fingerprint,
+    dataset_fingerprint,
+    flatten,
+    read_json,
+    teacher_identity,
+)
+
+logger = logging.getLogger(__name__)
+
+# Written into the report folder after report.json: what the report was made from.
+REPORT_INPUTS_FILE = "inputs.json"
+# Evaluation settings that change how results are fetched, not what they are.
+_EVALUATION_LOGISTICS = ("qdrant_api_key_env",)
+
+
+@dataclass
+class EvaluationResult:
+    """What the evaluate stage did.
+
+    Attributes:
+        report_dir: the folder holding report.json, report.md and the plots.
+        report: the report (the content of report.json).
+        skipped: student folders left out, with why (unfinished, not a student).
+        teacher_from_cache: whether the teacher's embeddings came from the teacher cache.
+    """
+
+    report_dir: Path
+    report: Any
+    skipped: dict[str, str] = field(default_factory=dict)
+    teacher_from_cache: bool = False
+
+
+class EvaluateStage(Stage):
+    """The report on the teacher and the students.
+
+    ``students`` names the models: folders, or models held in memory by name. When it is None, every finished
+    student in ``students_dir`` is evaluated and the others are named in one line of the log. The teacher's
+    embeddings come from ``cache_dir`` when that cache was made by the same teacher, in float32.
+    """
+
+    name = "evaluate"
+
+    def __init__(
+        self,
+        config: M3DistillConfig,
+        dataset_dir: str | Path,
+        out_dir: str | Path,
+        *,
+        students_dir: str | Path | None = None,
+        students: Sequence[str | Path] | Mapping[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+        teacher_model: Any = None,
+    ) -> None:
+        self.config = config
+        self.dataset_dir = Path(dataset_dir)
+        self.out_dir = Path(out_dir)
+        self.students_dir = Path(students_dir) if students_dir is not None else None
+        self.students = students
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.teacher_model = teacher_model
+
+    @property
+    def inputs(self) -> dict[str, Path | str | None]:
+        return {"dataset": self.dataset_dir, "teacher": self.config.teacher.model, "students": self.students_dir,
+                "teacher_cache": self.cache_dir}
+
+    @property
+    def outputs(self) -> dict[str, Path]:
+        return {"report": self.out_dir}
+
+    @cached_property
+    def selection(self) -> tuple[list[Path], dict[str, Any], dict[str, str]]:
+        """(student folders, students in memory by name, skipped folder -> why)."""
+        if isinstance(self.students, Mapping):
+            folders = [Path(value) for value in self.students.values() if isinstance(value, (str, Path))]
+            in_memory = {name: value for name, value in self.students.items() if not isinstance(value, (str, Path))}
+            return folders, in_memory, {}
+        if self.students is not None:
+            return [Path(path) for path in self.students], {}, {}
+        finished, skipped = _finished_students(self.students_dir)
+        return finished, {}, skipped
+
+    def fingerprint(self) -> Fingerprint:
+        from m3distill.teacher.fingerprint import hash_model_files
+        from m3distill.training import STUDENT_METADATA_FILE
+
+        folders, in_memory, _ = self.selection
+        students: dict[str, Any] = {}
+        for folder in folders:
+            metadata = read_json(folder / STUDENT_METADATA_FILE) or {}
+            students[f"students.{folder.name}" + CONTENTS] = (
+                metadata.get("trained") or (hash_model_files(folder) if folder.is_dir() else None)
+            )
+        for name in in_memory:
+            students[f"students.{name}"] = "in memory"
+        teacher = teacher_identity(self.config.teacher) if self.teacher_model is None else {"teacher": "in memory"}
+        settings = self.config.evaluation.model_dump(mode="json", exclude=set(_EVALUATION_LOGISTICS))
+        return Fingerprint({"dataset" + CONTENTS: dataset_fingerprint(self.dataset_dir), **teacher, **students,
+                            **flatten("evaluation", settings)})
+
+    def status(self) -> StageStatus:
+        if not (self.out_dir / REPORT_JSON_FILE).is_file():
+            return StageStatus("missing")
+        recorded = read_json(self.out_dir / REPORT_INPUTS_FILE) or {}
+        fingerprint = self.fingerprint()
+        if recorded.get("fingerprint") == fingerprint.digest:
+            return StageStatus("current")
+        return StageStatus("stale", fingerprint.change(recorded.get("inputs")))
+
+    def check_inputs(self) -> None:
+        from m3distill.data.dataset import require_complete_dataset
+
+        require_complete_dataset(self.dataset_dir)
+
+    def run(self, *, replace_stale: bool = True, force: bool = False, show_progress: bool = True) -> EvaluationResult:
+        """Evaluate and write the report; the old report is replaced only once the new one is complete.
+
+        An evaluation is always run when asked for: its output is a measurement, and the old one stays whole
+        until the new one is written, so there is nothing to refuse.
+        """
+        from m3distill.evaluation.evaluate import evaluate_models
+
+        self.check_inputs()
+        folders, in_memory, skipped = self.selection
+        if skipped:
+            logger.warning("evaluating %d finished student(s); skipped %s", len(folders),
+                           "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+        if not folders and not in_memory:
+            logger.warning("no finished student to evaluate: the report covers the teacher alone")
+        fingerprint = self.fingerprint()
+        used_cache: list[bool] = []
+
+        def teacher_embeddings(texts: list[str]):
+            found = self._cached_teacher_embeddings(texts)
+            used_cache.append(found is not None)
+            return found
+
+        report = evaluate_models(
+            self.dataset_dir, self.config.teacher, folders, self.config.evaluation, self.out_dir,
+            show_progress=show_progress, teacher_embeddings=teacher_embeddings, student_models=in_memory,
+            teacher_model=self.teacher_model,
+        )
+        write_json_atomic(self.out_dir / REPORT_INPUTS_FILE, fingerprint.to_record())
+        return EvaluationResult(report_dir=self.out_dir, report=report, skipped=skipped,
+                                teacher_from_cache=any(used_cache))
+
+    def _cached_teacher_embeddings(self, texts: list[str]):
+        """The teacher stage's embeddings of ``texts``, or None so that the evaluation encodes them itself.
+
+        Used only when the cache records the same teacher as this evaluation's (files, revision, sequence length)
+        and float32 storage: the evaluation must see exactly what the teacher computes.
+        """
+        from m3distill.teacher.cache import CACHE_MANIFEST_FILE, TeacherCache
+
+        if self.cache_dir is None or self.teacher_model is not None:
+            return None
+        manifest = read_json(self.cache_dir / CACHE_MANIFEST_FILE)
+        if manifest is None:
+            return None
+        recorded = (manifest.get("inputs") or {}).get("inputs") or {}
+        wanted = {**teacher_identity(self.config.teacher), "teacher.dtype": "float32"}
+        if any(recorded.get(name) != value for name, value in wanted.items()):
+            logger.info("evaluating without the teacher cache %s: it was made by another teacher or dtype",
+                        self.cache_dir)
+            return None
+        try:
+            return TeacherCache.open(self.cache_dir).get(texts)
+        except M3DistillError as error:
+            logger.info("evaluating without the teacher cache: %s", error)
+            return None
+
+
+def _finished_students(students_dir: Path | None) -> tuple[list[Path], dict[str, str]]:
+    """The finished students in ``students_dir``, and every other visible folder there with why it is left out."""
+    from m3distill.training import completed_student_dirs
+    from m3distill.training.distill import RUN_FILE
+
+    if students_dir is None or not students_dir.is_dir():
+        return [], {}
+    finished = completed_student_dirs(students_dir)
+    skipped = {}
+    for folder in sorted(students_dir.iterdir()):
+        if folder.is_dir() and not folder.name.startswith(".") and folder not in finished:
+            skipped[folder.name] = ("unfinished: rerun train with --resume" if (folder / RUN_FILE).is_file()
+                                    else "not an m3distill student")
+    return finished, skipped

@@ -1,0 +1,115 @@
+"""The teacher stage: every dataset text embedded once (:func:`m3distill.teacher.cache.build_teacher_cache`)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from functools import cached_property
+from pathlib import Path
+
+from m3distill.config import M3DistillConfig, TeacherConfig
+from m3distill.errors import M3DistillError
+from m3distill.stages.base import Stage, StageStatus
+from m3distill.stages.fingerprint import (
+    CONTENTS,
+    Fingerprint,
+    dataset_fingerprint,
+    read_json,
+    teacher_identity,
+)
+
+logger = logging.getLogger(__name__)
+
+_DATASET_PART = "dataset" + CONTENTS
+
+
+class TeacherStage(Stage):
+    """The teacher cache of a dataset.
+
+    The fingerprint is the dataset's plus the teacher's identity (its files, or hub id and revision), its maximum
+    sequence length and the storage dtype. A cache behind only on the dataset is extended (the texts it already
+    holds stay valid); a cache of another teacher is cleared first (pipeline) or refused (standalone).
+    """
+
+    name = "teacher"
+
+    def __init__(self, config: M3DistillConfig | TeacherConfig, dataset_dir: str | Path, out_dir: str | Path) -> None:
+        self.teacher = config.teacher if isinstance(config, M3DistillConfig) else config
+        self.dataset_dir = Path(dataset_dir)
+        self.out_dir = Path(out_dir)
+
+    @property
+    def inputs(self) -> dict[str, Path | str | None]:
+        return {"dataset": self.dataset_dir, "teacher": self.teacher.model}
+
+    @property
+    def outputs(self) -> dict[str, Path]:
+        return {"teacher_cache": self.out_dir}
+
+    @cached_property
+    def teacher_parts(self) -> dict:
+        """The teacher's identity parts (its files hashed once per stage object)."""
+        return {**teacher_identity(self.teacher), "teacher.dtype": self.teacher.dtype}
+
+    def fingerprint(self) -> Fingerprint:
+        return Fingerprint({_DATASET_PART: dataset_fingerprint(self.dataset_dir), **self.teacher_parts})
+
+    def _recorded(self) -> dict | None:
+        from m3distill.teacher.cache import CACHE_MANIFEST_FILE, is_complete_cache
+
+        if not is_complete_cache(self.out_dir):
+            return None
+        return read_json(self.out_dir / CACHE_MANIFEST_FILE) or {}
+
+    def status(self) -> StageStatus:
+        manifest = self._recorded()
+        if manifest is None:
+            return StageStatus("missing")
+        fingerprint = self.fingerprint()
+        if manifest.get("inputs", {}).get("fingerprint") == fingerprint.digest:
+            return StageStatus("current")
+        return StageStatus("stale", fingerprint.change(manifest.get("inputs", {}).get("inputs")))
+
+    def _teacher_changed(self) -> bool:
+        """True when the cache holds another teacher's embeddings (so it cannot be extended, only replaced)."""
+        from m3distill.teacher.cache import CACHE_TEACHER_FILE
+
+        recorded = ((self._recorded() or {}).get("inputs") or {}).get("inputs")
+        if recorded is None:
+            # No recorded inputs: build_teacher_cache compares the teacher's full fingerprint itself.
+            return False
+        return any(recorded.get(name) != value for name, value in self.teacher_parts.items()) and (
+            self.out_dir / CACHE_TEACHER_FILE
+        ).is_file()
+
+    def check_inputs(self) -> None:
+        from m3distill.data.dataset import require_complete_dataset
+
+        require_complete_dataset(self.dataset_dir)
+
+    def clear(self) -> None:
+        """Remove the cache so that it is rebuilt, only when it carries m3distill's marker."""
+        from m3distill.teacher.cache import CACHE_MANIFEST_FILE, CACHE_TEACHER_FILE
+
+        if not self.out_dir.exists():
+            return
+        if not any((self.out_dir / marker).is_file() for marker in (CACHE_TEACHER_FILE, CACHE_MANIFEST_FILE)):
+            raise M3DistillError(
+                f"{self.out_dir} is not a teacher cache m3distill wrote (no {CACHE_TEACHER_FILE}); it is left alone: "
+                "move it away or choose another output folder"
+            )
+        logger.info("removing %s to rebuild the teacher cache", self.out_dir)
+        shutil.rmtree(self.out_dir)
+
+    def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True):
+        """Build, resume or extend the cache; returns :class:`m3distill.teacher.cache.CacheSummary`."""
+        from m3distill.teacher.cache import build_teacher_cache
+
+        self.check_inputs()
+        if force or self._teacher_changed():
+            status = self.status()
+            self.refuse_if_stale(status, replace_stale=replace_stale, force=force)
+            self.clear()
+        # Shards are keyed by text: a dataset that changed only gets its new texts embedded.
+        return build_teacher_cache(self.dataset_dir, self.teacher, self.out_dir, show_progress=show_progress,
+                                   inputs=self.fingerprint().to_record())

@@ -1,0 +1,169 @@
+"""The train stage: one distilled student per layer plan (:func:`m3distill.training.train_students`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from m3distill.config import M3DistillConfig
+from m3distill.errors import M3DistillError
+from m3distill.stages.base import Stage, StageStatus
+from m3distill.stages.fingerprint import (
+    Fingerprint,
+    dataset_fingerprint,
+    digest_of,
+    plan_spec,
+    student_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+# A stale student waits here, beside its folder, until its replacement is complete.
+_ASIDE_SUFFIX = ".replaced"
+
+
+@dataclass
+class TrainResult:
+    """What the train stage did: one :class:`~m3distill.training.StudentResult` per planned student."""
+
+    out_dir: Path
+    students: list = field(default_factory=list)
+
+
+class TrainStage(Stage):
+    """Students of ``config.students`` trained with ``config.training`` on a dataset and its teacher cache.
+
+    Each student's fingerprint (the dataset's, the cache's teacher, the training settings and its own plan) is
+    written into its metadata (``m3distill_student.json``); a finished student whose fingerprint differs is
+    retrained (pipeline, or ``--force``) and refused otherwise. The old student stays whole beside the new one
+    until the new one is complete.
+    """
+
+    name = "train"
+
+    def __init__(self, config: M3DistillConfig, dataset_dir: str | Path, cache_dir: str | Path, out_dir: str | Path,
+                 *, resume: bool = True) -> None:
+        self.config = config
+        self.dataset_dir = Path(dataset_dir)
+        self.cache_dir = Path(cache_dir)
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+
+    @property
+    def inputs(self) -> dict[str, Path | str | None]:
+        return {"dataset": self.dataset_dir, "teacher_cache": self.cache_dir}
+
+    @property
+    def outputs(self) -> dict[str, Path]:
+        return {"students": self.out_dir}
+
+    def planned(self) -> dict[str, dict]:
+        """The students the config asks for: folder name -> plan as the fingerprint sees it."""
+        from m3distill.layout import student_name
+
+        students = self.config.students
+        if students.explicit:
+            return {student_name(layers): plan_spec(len(layers), "explicit", layers, students)
+                    for layers in students.explicit}
+        return {student_name(tuple(range(count))): plan_spec(count, students.strategy, None, students)
+                for count in students.layers}
+
+    def student_fingerprints(self) -> dict[str, Fingerprint]:
+        """The fingerprint each planned student must record to be current."""
+        from m3distill.teacher.cache import TeacherCache
+
+        manifest = TeacherCache.read_manifest(self.cache_dir)
+        dataset = dataset_fingerprint(self.dataset_dir)
+        return {name: student_fingerprint(dataset, manifest, self.config.training, spec)
+                for name, spec in self.planned().items()}
+
+    def fingerprint(self) -> Fingerprint:
+        return Fingerprint({name: fingerprint.digest for name, fingerprint in self.student_fingerprints().items()})
+
+    def student_statuses(self) -> dict[str, StageStatus]:
+        """Each planned student's status: missing (absent or unfinished), current or stale."""
+        from m3distill.teacher.cache import is_complete_cache
+        from m3distill.training import is_trained_student, read_student_metadata
+
+        if not is_complete_cache(self.cache_dir):
+            return {name: StageStatus("missing") for name in self.planned()}
+        statuses = {}
+        for name, fingerprint in self.student_fingerprints().items():
+            folder = self.out_dir / name
+            if not is_trained_student(folder):
+                statuses[name] = StageStatus("missing")
+                continue
+            metadata = read_student_metadata(folder)
+            if metadata.get("fingerprint") == fingerprint.digest:
+                statuses[name] = StageStatus("current")
+            else:
+                statuses[name] = StageStatus("stale", f"{name}: {fingerprint.change(metadata.get('inputs'))}")
+        return statuses
+
+    def status(self) -> StageStatus:
+        statuses = self.student_statuses().values()
+        stale = [status for status in statuses if status.state == "stale"]
+        if stale:
+            return StageStatus("stale", "; ".join(status.reason for status in stale))
+        return StageStatus("current" if all(status.current for status in statuses) else "missing")
+
+    def check_inputs(self) -> None:
+        from m3distill.data.dataset import require_complete_dataset
+        from m3distill.teacher.cache import is_complete_cache
+
+        require_complete_dataset(self.dataset_dir)
+        if not is_complete_cache(self.cache_dir):
+            raise M3DistillError(f"the teacher cache {self.cache_dir} is missing or incomplete; run teacher first")
+
+    def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True) -> TrainResult:
+        """Train the missing and stale students (all with ``force``); current ones are reported as skipped."""
+        from m3distill.training import is_trained_student, train_students
+
+        self.check_inputs()
+        statuses = self.student_statuses()
+        for name, status in statuses.items():
+            if status.state == "stale" and not (replace_stale or force):
+                raise M3DistillError(
+                    f"{self.out_dir / name} is out of date: {status.reason.split(': ', 1)[1]}; pass "
+                    f"{self.redo_flag} to retrain it, or choose another --out"
+                )
+        redo = [name for name, status in statuses.items() if status.state == "stale" or (force and status.current)]
+        aside = {name: self._set_aside(self.out_dir / name) for name in redo}
+        try:
+            results = train_students(
+                self.dataset_dir, self.cache_dir, teacher=self.config.teacher, students=self.config.students,
+                training=self.config.training, out_dir=self.out_dir, resume=self.resume, show_progress=show_progress,
+            )
+        except BaseException:
+            for name, old in aside.items():
+                if not (self.out_dir / name).exists():  # nothing of the new one yet: the old one goes back
+                    os.replace(old, self.out_dir / name)
+            raise
+        # The replaced students, including any an interrupted earlier retrain left aside, go once the new are whole.
+        for name in statuses:
+            old = self._aside_path(self.out_dir / name)
+            if old.exists() and is_trained_student(self.out_dir / name):
+                shutil.rmtree(old)
+        return TrainResult(out_dir=self.out_dir, students=results)
+
+    @staticmethod
+    def _aside_path(folder: Path) -> Path:
+        return folder.with_name(f".{folder.name}{_ASIDE_SUFFIX}")
+
+    def _set_aside(self, folder: Path) -> Path:
+        """Move a finished student out of the way of its replacement (it has m3distill's marker: it is ours)."""
+        aside = self._aside_path(folder)
+        if aside.exists():
+            shutil.rmtree(aside)  # an older stale copy of the same student, left by an interrupted retrain
+        logger.info("retraining %s; the old student stays in %s until the new one is complete", folder.name, aside)
+        os.replace(folder, aside)
+        return aside
+
+
+def trained_student_record(training_fingerprint: Fingerprint) -> dict:
+    """The fields a finished student's metadata carries: its fingerprint, and a token new at every training,
+    so that an evaluation of the old weights is not taken for one of the new."""
+    return {**training_fingerprint.to_record(), "trained": digest_of([training_fingerprint.digest, os.urandom(16).hex()])}
