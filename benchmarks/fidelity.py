@@ -38,7 +38,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from m3distill.config import LossConfig, M3DistillConfig, StudentsConfig, TrainingConfig, load_config  # noqa: E402
+from m3distill.config import (  # noqa: E402
+    DEFAULT_TRAINING_STEPS,
+    LossConfig,
+    M3DistillConfig,
+    StudentsConfig,
+    TrainingConfig,
+    load_config,
+)
 from m3distill.data.dataset import load_synth_dataset  # noqa: E402
 from m3distill.data.synth import synthesize  # noqa: E402
 from m3distill.metrics import (  # noqa: E402
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset_dir, cache_dir = _prepare(config, work)
     default = TrainingConfig(max_steps=args.max_steps) if args.max_steps else TrainingConfig()
     default = default.model_copy(update={"max_seq_length": config.training.max_seq_length})
-    budget = default.max_steps
+    budget = default.max_steps or DEFAULT_TRAINING_STEPS
     wanted = set(args.rows.split(","))
     counts = [int(n) for n in args.layers.split(",")]
 

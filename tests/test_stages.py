@@ -139,6 +139,15 @@ def test_standalone_evaluate_skips_unfinished_students_and_reuses_the_teacher_ca
     assert len(skipped) == 1 and "student-2L (unfinished: rerun train with --resume)" in skipped[0]
     assert encoded == [STUDENT]  # the teacher's embeddings came from the teacher cache
 
+    # The students folder itself, passed where student folders are expected, means the finished students in it.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="m3distill"):
+        assert main(["-q", "evaluate", "--config", str(config_file), "--students", str(layout.students),
+                     "--out", str(copy_of_run / "report-2")]) == 0
+    report = json.loads((copy_of_run / "report-2" / REPORT_JSON_FILE).read_text(encoding="utf-8"))
+    assert [model["name"] for model in report["models"]] == ["teacher", STUDENT]
+    assert any("student-2L (unfinished" in record.getMessage() for record in caplog.records)
+
 
 def test_the_report_is_stale_once_a_student_is_retrained_even_with_the_same_settings(tmp_path):
     """Retraining gives new weights from the same inputs: a report of the old weights must not count as current."""

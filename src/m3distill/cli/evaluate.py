@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from m3distill.cli._common import add_config_argument, resolve_config
+from m3distill.cli._common import add_config_argument, resolve_config, show_progress
 from m3distill.cli._flags import add_config_flags
 from m3distill.errors import M3DistillError
 from m3distill.layout import REPORT_MD_FILE, RunLayout
@@ -52,7 +51,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else layout.report
     stage = EvaluateStage(config, args.data or layout.dataset, out_dir, students_dir=layout.students,
                           students=args.students, cache_dir=args.cache or layout.teacher_cache)
-    report = stage.run(show_progress=os.environ.get("TQDM_DISABLE") != "1").report
+    report = stage.run(show_progress=show_progress(args)).report
     k, index = report.quality_k, report.retrieval.indexes[0]
     overlaps = report.overlap_with_teacher(overlap_metric(index, k))
     against_teacher = ", ".join(f"{model.name} {overlaps[model.name]:.2f}" for model in report.students)

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from m3distill.cli._common import show_progress
 from m3distill.cli._flags import add_config_flags, flag_value
 from m3distill.layout import REPORT_MD_FILE
 from m3distill.pipeline import (
@@ -85,7 +86,7 @@ def _finish(result: PipelineResult, seconds: float) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    result = run_pipeline(demo_config(args.out), force=args.force, show_progress=not args.quiet,
+    result = run_pipeline(demo_config(args.out), force=args.force, show_progress=show_progress(args),
                           on_stage=_progress_printer(args.quiet))
     return _finish(result, time.perf_counter() - started)
 
@@ -93,5 +94,5 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = run_config_file(args.config, force=args.force, run_dir=flag_value(args, "run_dir"),
-                             show_progress=not args.quiet, on_stage=_progress_printer(args.quiet))
+                             show_progress=show_progress(args), on_stage=_progress_printer(args.quiet))
     return _finish(result, time.perf_counter() - started)

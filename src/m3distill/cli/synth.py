@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from m3distill.cli._common import add_config_argument, resolve_config
+from m3distill.cli._common import add_config_argument, resolve_config, show_progress
 from m3distill.cli._flags import add_config_flags
 from m3distill.layout import RunLayout
 
@@ -51,7 +50,7 @@ def run_synth(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     out_dir = args.out or RunLayout(config.run_dir).dataset
     summary = SynthStage(config, out_dir).run(
-        force=args.overwrite, show_progress=logging.getLogger().getEffectiveLevel() <= logging.INFO
+        force=args.overwrite, show_progress=show_progress(args)
     )
     print(f"m3distill synth: {summary.line()}")
     return 0

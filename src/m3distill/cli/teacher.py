@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from m3distill.cli._common import add_config_argument, resolve_config
+from m3distill.cli._common import add_config_argument, resolve_config, show_progress
 from m3distill.cli._flags import add_config_flags
 from m3distill.layout import RunLayout
 
@@ -44,7 +43,7 @@ def run_teacher(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     layout = RunLayout(config.run_dir)
     summary = TeacherStage(config, args.data or layout.dataset, args.out or layout.teacher_cache).run(
-        force=args.force, show_progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,
+        force=args.force, show_progress=show_progress(args),
     )
     print(
         f"m3distill teacher: {summary.cache_dir}: {summary.n_texts} texts ({summary.n_computed} embedded, "

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
-from m3distill.cli._common import add_config_argument, resolve_config
+from m3distill.cli._common import add_config_argument, resolve_config, show_progress
 from m3distill.cli._flags import add_config_flags, flag_value
 from m3distill.layout import RunLayout
 
@@ -58,7 +57,7 @@ def run_train(args: argparse.Namespace) -> int:
             "teacher": config.teacher.model_copy(update={"model": cache_fingerprint(cache_dir).name})
         })
     stage = TrainStage(config, args.data or layout.dataset, cache_dir, args.out or layout.students, resume=args.resume)
-    results = stage.run(force=args.force, show_progress=logging.getLogger().getEffectiveLevel() <= logging.INFO).students
+    results = stage.run(force=args.force, show_progress=show_progress(args)).students
     parts = [
         f"{r.name} (layers {','.join(map(str, r.layers))}, {r.n_parameters / 1e6:.1f}M params"
         f"{', already trained' if r.skipped else f', {r.global_step} steps, {r.seconds_per_step:.2f} s/step'}) "

@@ -95,7 +95,15 @@ class EvaluateStage(Stage):
             in_memory = {name: value for name, value in self.students.items() if not isinstance(value, (str, Path))}
             return folders, in_memory, {}
         if self.students is not None:
-            return [Path(path) for path in self.students], {}, {}
+            folders, skipped = [], {}
+            for path in map(Path, self.students):
+                if _holds_students(path):  # a students folder given where one student was expected: take its students
+                    finished, left_out = _finished_students(path)
+                    folders += finished
+                    skipped.update(left_out)
+                else:
+                    folders.append(path)
+            return folders, {}, skipped
         finished, skipped = _finished_students(self.students_dir)
         return finished, {}, skipped
 
@@ -187,6 +195,17 @@ class EvaluateStage(Stage):
         except M3DistillError as error:
             logger.info("evaluating without the teacher cache: %s", error)
             return None
+
+
+def _holds_students(path: Path) -> bool:
+    """True for a folder that is not a model itself but holds models or students (``students/``, not
+    ``student-2L/``)."""
+    from m3distill.training.distill import RUN_FILE
+
+    markers = ("modules.json", "config.json", RUN_FILE)
+    if not path.is_dir() or any((path / marker).is_file() for marker in markers):
+        return False
+    return any(child.is_dir() and any((child / marker).is_file() for marker in markers) for child in path.iterdir())
 
 
 def _finished_students(students_dir: Path | None) -> tuple[list[Path], dict[str, str]]:
