@@ -41,17 +41,23 @@ class Fingerprint:
         return {"fingerprint": self.digest, "inputs": self.parts}
 
     def change(self, recorded_parts: Mapping[str, Any] | None) -> str:
-        """One phrase naming what differs between ``recorded_parts`` (stored with the output) and this fingerprint."""
+        """One phrase naming what differs between ``recorded_parts`` (stored with the output) and this fingerprint:
+        every difference, up to three, then how many more."""
         if not isinstance(recorded_parts, Mapping):
             return "it records no fingerprint (made by an earlier m3distill or interrupted)"
+        changes = []
         for name in sorted(set(self.parts) | set(recorded_parts)):
             now, then = self.parts.get(name), recorded_parts.get(name)
             if now == then:
                 continue
             if name.endswith(CONTENTS):
-                return f"{name[: -len(CONTENTS)]} contents changed"
-            return f"{name} is {_short(now)} now, {_short(then)} when it was made"
-        return "it was made from other inputs"
+                changes.append(f"{name[: -len(CONTENTS)]} contents changed")
+            else:
+                changes.append(f"{name} is {_short(now)} now, {_short(then)} when it was made")
+        if not changes:
+            return "it was made from other inputs"
+        more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+        return ", ".join(changes[:3]) + more
 
 
 def digest_of(value: Any) -> str:
