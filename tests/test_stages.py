@@ -19,7 +19,7 @@ from m3distill.config import M3DistillConfig
 from m3distill.layout import REPORT_JSON_FILE, RunLayout
 from m3distill.pipeline import STAGES, run_pipeline
 from m3distill.stages import EvaluateStage, TrainStage
-from m3distill.training import read_student_metadata
+from m3distill.training import is_trained_student, read_student_metadata
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +109,14 @@ def test_train_with_a_changed_setting_is_refused_alone_and_retrained_by_the_pipe
     # Standalone with --force retrains a current student too.
     assert main(["-q", "train", "--config", str(config_file), "--force"]) == 0
     assert "8 steps" in capsys.readouterr().out
+
+    # A folder of the user's where a retrain sets the old student aside is refused, never removed.
+    users = run_dir / "students" / f".{STUDENT}.replaced"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["-q", "train", "--config", str(config_file), "--force"]) == 2
+    assert "m3distill did not write it" in capsys.readouterr().err
+    assert (users / "notes.txt").read_text(encoding="utf-8") == "mine" and is_trained_student(student)
 
 
 def test_standalone_evaluate_skips_unfinished_students_and_reuses_the_teacher_cache(copy_of_run, capsys, caplog,

@@ -146,7 +146,7 @@ class TrainStage(Stage):
         for name in statuses:
             old = self._aside_path(self.out_dir / name)
             if old.exists() and is_trained_student(self.out_dir / name):
-                shutil.rmtree(old)
+                _remove_our_student(old)
         return TrainResult(out_dir=self.out_dir, students=results)
 
     @staticmethod
@@ -157,10 +157,19 @@ class TrainStage(Stage):
         """Move a finished student out of the way of its replacement (it has m3distill's marker: it is ours)."""
         aside = self._aside_path(folder)
         if aside.exists():
-            shutil.rmtree(aside)  # an older stale copy of the same student, left by an interrupted retrain
+            _remove_our_student(aside)  # an older stale copy of the same student, left by an interrupted retrain
         logger.info("retraining %s; the old student stays in %s until the new one is complete", folder.name, aside)
         os.replace(folder, aside)
         return aside
+
+
+def _remove_our_student(folder: Path) -> None:
+    """Delete a set-aside student, only when it carries m3distill's student marker; anything else is the user's."""
+    from m3distill.training.distill import is_m3distill_student_dir
+
+    if not is_m3distill_student_dir(folder):
+        raise M3DistillError(f"{folder} is in the way of a retrain but m3distill did not write it; move it away")
+    shutil.rmtree(folder)
 
 
 def trained_student_record(training_fingerprint: Fingerprint) -> dict:
