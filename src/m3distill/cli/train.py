@@ -46,12 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler: resolve the config, run the train stage, print the one-line summary."""
+    from m3distill.data.dataset import require_complete_dataset
     from m3distill.stages import TrainStage
     from m3distill.teacher.cache import cache_fingerprint
 
     config = resolve_config(args)
     layout = RunLayout(config.run_dir)
     cache_dir = args.cache or layout.teacher_cache
+    require_complete_dataset(args.data or layout.dataset)  # the first input first: a missing dataset is named as such
     if flag_value(args, "teacher.model") is None:
         config = config.model_copy(update={
             "teacher": config.teacher.model_copy(update={"model": cache_fingerprint(cache_dir).name})
