@@ -176,6 +176,10 @@ def test_rebuilding_the_teacher_cache_removes_only_a_folder_that_carries_m3disti
     with pytest.raises(M3DistillError, match="not a teacher cache m3distill wrote"):
         stage.clear()
     _assert_intact(layout.teacher_cache, cache_files)
+    (layout.teacher_cache / "manifest.json").write_text("{}", encoding="utf-8")  # a name anyone's folder may hold
+    with pytest.raises(M3DistillError, match="not a teacher cache m3distill wrote"):
+        stage.clear()
+    _assert_intact(layout.teacher_cache, cache_files)
 
 
 # --- train ---------------------------------------------------------------------------------------------------------

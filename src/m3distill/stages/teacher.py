@@ -89,11 +89,12 @@ class TeacherStage(Stage):
 
     def clear(self) -> None:
         """Remove the cache so that it is rebuilt, only when it carries m3distill's marker."""
-        from m3distill.teacher.cache import CACHE_MANIFEST_FILE, CACHE_TEACHER_FILE
+        from m3distill.teacher.cache import CACHE_TEACHER_FILE
 
         if not self.out_dir.exists():
             return
-        if not any((self.out_dir / marker).is_file() for marker in (CACHE_TEACHER_FILE, CACHE_MANIFEST_FILE)):
+        # teacher.json is written before any shard; a "manifest.json" alone is too common a name to prove anything.
+        if not (self.out_dir / CACHE_TEACHER_FILE).is_file():
             raise M3DistillError(
                 f"{self.out_dir} is not a teacher cache m3distill wrote (no {CACHE_TEACHER_FILE}); it is left alone: "
                 "move it away or choose another output folder"
