@@ -23,7 +23,8 @@ from m3distill.data.dataset import (
 )
 from m3distill.evaluation import evaluate as evaluate_module
 from m3distill.evaluation.evaluate import EMBEDDINGS_CACHE_DIRNAME, evaluate_models
-from m3distill.evaluation.speed import (
+from m3distill.evaluation.speed import size_on_disk, speed_texts
+from m3distill.metrics import (
     LAYER_RATIO,
     PARAMETERS,
     SIZE_ON_DISK,
@@ -31,8 +32,6 @@ from m3distill.evaluation.speed import (
     SPEEDUP_MAX,
     SPEEDUP_MIN,
     SPEEDUP_SUSPECT,
-    size_on_disk,
-    speed_texts,
 )
 from m3distill.layout import (
     CONTEXTS_FILE,

@@ -16,7 +16,11 @@ from m3distill.cli import main
 from m3distill.config import EvaluationConfig, SpeedConfig, TeacherConfig
 from m3distill.errors import M3DistillError
 from m3distill.evaluation.evaluate import evaluate_models
-from m3distill.evaluation.speed import LAYER_RATIO, SPEEDUP, SPEEDUP_SUSPECT
+from m3distill.metrics import (
+    LAYER_RATIO,
+    SPEEDUP,
+    SPEEDUP_SUSPECT,
+)
 from m3distill.layout import REPORT_JSON_FILE, REPORT_MD_FILE
 from m3distill.report import (
     REPORT_SCHEMA_VERSION,

@@ -8,6 +8,14 @@ import torch
 
 from m3distill.config import SpeedConfig
 from m3distill.evaluation.speed import (
+    interleaved_throughput,
+    is_suspect_speedup,
+    measure_speed,
+    speed_figures,
+    speedup_limit,
+    spread,
+)
+from m3distill.metrics import (
     LAYER_RATIO,
     MEMORY_MEASURE,
     PARAMETERS,
@@ -19,12 +27,6 @@ from m3distill.evaluation.speed import (
     TEXTS_PER_S,
     TEXTS_PER_S_MAX,
     TEXTS_PER_S_MIN,
-    interleaved_throughput,
-    is_suspect_speedup,
-    measure_speed,
-    speed_figures,
-    speedup_limit,
-    spread,
 )
 
 

@@ -50,7 +50,6 @@ from m3distill.evaluation.retrieval import (
     search_depth,
 )
 from m3distill.evaluation.speed import (
-    SIZE_ON_DISK,
     device_description,
     measure_speed,
     size_on_disk,
@@ -58,6 +57,7 @@ from m3distill.evaluation.speed import (
 )
 from m3distill.layout import REPORT_JSON_FILE, SPLITS
 from m3distill.metrics import (
+    SIZE_ON_DISK,
     PAIRS_DESCRIPTION,
     SimilarityPairs,
     alignment_metrics,

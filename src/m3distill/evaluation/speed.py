@@ -40,8 +40,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from m3distill.config import SpeedConfig
-from m3distill.metrics import (  # noqa: F401  (the speed metric names, imported from here by the report)
-    SPEED_PREFIX,
+from m3distill.metrics import (
     TEXTS_PER_S,
     TEXTS_PER_S_MIN,
     TEXTS_PER_S_MAX,
@@ -52,7 +51,6 @@ from m3distill.metrics import (  # noqa: F401  (the speed metric names, imported
     SPEEDUP_SUSPECT,
     PARAMETERS,
     WEIGHTS_BYTES,
-    SIZE_ON_DISK,
     PEAK_MEMORY,
     MEMORY_MEASURE,
     SECONDS_PER_RUN,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from m3distill.evaluation import speed
+from m3distill import metrics as metric_names
 from m3distill.metrics import (
     GROUND_TRUTH_CUTOFF,
     MEAN_COSINE,
@@ -104,25 +104,25 @@ def _speed_section(report: Report) -> list[str]:
     lines += _table(
         ["model", "layers", "parameters", "size on disk", "texts/s (min-max)", "speed-up (min-max)",
          "peak memory while encoding (+)"],
-        [[model.name, _integer(model.layers), _integer(model.metrics.get(speed.PARAMETERS)),
-          _bytes(model.metrics.get(speed.SIZE_ON_DISK)),
-          _with_range(model.metrics, speed.TEXTS_PER_S, speed.TEXTS_PER_S_MIN, speed.TEXTS_PER_S_MAX, _rate),
-          _with_range(model.metrics, speed.SPEEDUP, speed.SPEEDUP_MIN, speed.SPEEDUP_MAX, _times)
-          + (f" {_SUSPECT_MARK}" if model.metrics.get(speed.SPEEDUP_SUSPECT) else ""),
-          _bytes(model.metrics.get(speed.PEAK_MEMORY))]
+        [[model.name, _integer(model.layers), _integer(model.metrics.get(metric_names.PARAMETERS)),
+          _bytes(model.metrics.get(metric_names.SIZE_ON_DISK)),
+          _with_range(model.metrics, metric_names.TEXTS_PER_S, metric_names.TEXTS_PER_S_MIN, metric_names.TEXTS_PER_S_MAX, _rate),
+          _with_range(model.metrics, metric_names.SPEEDUP, metric_names.SPEEDUP_MIN, metric_names.SPEEDUP_MAX, _times)
+          + (f" {_SUSPECT_MARK}" if model.metrics.get(metric_names.SPEEDUP_SUSPECT) else ""),
+          _bytes(model.metrics.get(metric_names.PEAK_MEMORY))]
          for model in report.models],
     )
-    suspect = [model for model in report.models if model.metrics.get(speed.SPEEDUP_SUSPECT)]
+    suspect = [model for model in report.models if model.metrics.get(metric_names.SPEEDUP_SUSPECT)]
     if suspect:
         lines += [
             "",
             f"{_SUSPECT_MARK} Suspect: a speed-up above the layer ratio (teacher layers / student layers: "
-            + ", ".join(f"{_times(model.metrics.get(speed.LAYER_RATIO))} for {model.name}" for model in suspect)
+            + ", ".join(f"{_times(model.metrics.get(metric_names.LAYER_RATIO))} for {model.name}" for model in suspect)
             + "), which fewer layers of the same kind cannot give, means the machine was busy while timing; rerun "
             "the evaluation with more `speed.repeats` or a larger `speed.min_seconds_per_repeat`.",
         ]
     policy = report.speed
-    memory_measures = sorted({str(model.metrics.get(speed.MEMORY_MEASURE)) for model in report.models})
+    memory_measures = sorted({str(model.metrics.get(metric_names.MEMORY_MEASURE)) for model in report.models})
     if policy.order == "interleaved":
         timing = (
             f"After {policy.warmup_batches} warm-up batches and one untimed pass that measures memory, the models "

@@ -17,8 +17,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from m3distill.atomic import atomic_path
-from m3distill.evaluation.speed import SPEEDUP, SPEEDUP_MAX, SPEEDUP_MIN
-from m3distill.metrics import mrr_metric, overlap_metric
+from m3distill.metrics import (
+    SPEEDUP,
+    SPEEDUP_MAX,
+    SPEEDUP_MIN,
+    mrr_metric,
+    overlap_metric,
+)
 from m3distill.report.schema import Report
 
 P_AT_K_PLOT = "p_at_k.png"
