@@ -3,6 +3,7 @@
     python benchmarks/fidelity.py                         # seed vs default recipe (3, 2, 1 of 6 layers) + ablation
     python benchmarks/fidelity.py --rows default --layers 2
     python benchmarks/fidelity.py --max-steps 600 --work /tmp/fidelity
+    python benchmarks/fidelity.py --rows default,ablation --layers 2 --seeds 42,1,2   # mean ± sd over seeds
 
 On the bundled sample corpus with the packaged all-MiniLM-L6-v2 teacher (configs/demo.yaml's synth and teacher
 settings, plus crops so that the "+ crops" row can use them), it trains students with
@@ -20,6 +21,10 @@ P@50 of the student's top-k against the teacher's, the same with student-encoded
 teacher's context embeddings (query-side stand-in), MRR@10 as a share of the teacher's, Spearman of
 question-context cosines, mean cosine to the teacher, and training minutes.
 
+With ``--seeds`` every row is trained once per training seed (data order, anchor sample) and the table gives the
+mean and, in brackets, the spread (sample standard deviation) of each figure: a single run of a row moves by about
+±0.01 P@10, as much as some ingredients are worth.
+
 Everything goes into ``--work`` (a temporary folder by default): the dataset and teacher cache are reused across
 rows, and a row whose student is already trained there is not trained again.
 """
@@ -27,6 +32,7 @@ rows, and a row whose student is already trained there is not trained again.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", default="3,2,1", help="student layer counts for the seed and default rows")
     parser.add_argument("--ablation-layers", type=int, default=2, help="layer count of the ablation rows")
     parser.add_argument("--max-steps", type=int, help="step budget of every row (default: the default recipe's)")
+    parser.add_argument("--only", help="keep only rows whose recipe name contains one of these comma-separated words")
+    parser.add_argument("--seeds", default="42", help="training seeds, comma-separated; each row is trained per seed")
     args = parser.parse_args(argv)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="m3distill-fidelity-"))
@@ -136,15 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     if "additions" in wanted:
         runs += [(name, args.ablation_layers, default_layers, training) for name, training in additions(default).items()]
 
+    if args.only:
+        runs = [run for run in runs if any(word in run[0] for word in args.only.split(","))]
     evaluation = _TestSearch(config, dataset_dir, cache_dir)
     # Rows measured before in this work folder are reused while their student is still there (trained students are
     # skipped by train_students, and measuring one again gives the same figures).
     measured_file = work / "rows.json"
     measured = json.loads(measured_file.read_text()) if measured_file.is_file() else {}
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     results = []
-    for name, n_layers, strategy, training in runs:
+    for (name, n_layers, strategy, base_training), seed in itertools.product(runs, seeds):
+        training = base_training.model_copy(update={"seed": seed})
         slug = name.replace("- ", "minus ").replace("+ ", "plus ")
         folder = work / "students" / "".join(char if char.isalnum() else "_" for char in slug)
+        if seed != TrainingConfig().seed:  # the default seed keeps the folder names of runs without --seeds
+            folder = folder.with_name(f"{folder.name}_seed{seed}")
         key = f"{folder.name}/{n_layers}"
         if key in measured and is_trained_student(folder / measured[key]["student"]):
             row = measured[key]
@@ -157,18 +171,31 @@ def main(argv: list[str] | None = None) -> int:
                    **evaluation.measure(result.path)}
             measured[key] = row
             measured_file.write_text(json.dumps(measured, indent=1))
-        results.append(row)
-        print(json.dumps(row), flush=True)
+        results.append({**row, "seed": seed})
+        print(json.dumps(results[-1]), flush=True)
 
     print(f"\nsample corpus, all-MiniLM-L6-v2 teacher (6 layers), {budget} steps x {default.batch_size} texts per "
-          f"student; test split: {evaluation.n_questions} questions among {evaluation.n_contexts} contexts\n")
+          f"student; test split: {evaluation.n_questions} questions among {evaluation.n_contexts} contexts"
+          + (f"; mean (sd) over seeds {args.seeds}" if len(seeds) > 1 else "") + "\n")
     print("| recipe | student | steps | P@10 | P@50 | P@10 query-side | MRR@10 / teacher's | Spearman | mean cosine | minutes |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in results:
-        print(f"| {row['recipe']} | {row['layers']}L {row['kept']} | {row['steps']} | {row['p@10']:.3f} | {row['p@50']:.3f} | "
-              f"{row['query_side_p@10']:.3f} | {row['mrr_share']:.1%} | {row['spearman']:.3f} | "
-              f"{row['mean_cosine']:.3f} | {row['minutes']:.1f} |")
+    for start in range(0, len(results), len(seeds)):
+        group = results[start : start + len(seeds)]
+        first = group[0]
+        cells = [_cell([row[key] for row in group], share=key == "mrr_share")
+                 for key in ("p@10", "p@50", "query_side_p@10", "mrr_share", "spearman", "mean_cosine")]
+        print(f"| {first['recipe']} | {first['layers']}L {first['kept']} | {first['steps']} | {' | '.join(cells)} | "
+              f"{np.mean([row['minutes'] for row in group]):.1f} |")
     return 0
+
+
+def _cell(values: list[float], share: bool = False) -> str:
+    """A figure over seeds: the mean, and the sample standard deviation in brackets when there are several."""
+    scale, digits, unit = (100, 1, "%") if share else (1, 3, "")
+    text = f"{np.mean(values) * scale:.{digits}f}{unit}"
+    if len(values) > 1:
+        text += f" ({np.std(values, ddof=1) * scale:.{digits}f})"
+    return text
 
 
 def _prepare(config: M3DistillConfig, work: Path) -> tuple[Path, Path]:

@@ -49,6 +49,14 @@ def minilm_teacher(minilm_path):
 
 
 @pytest.fixture(scope="session")
+def m3_teacher_path(tmp_path_factory, minilm_path) -> Path:
+    """The M3 test teacher: a copy of the packaged MiniLM folder plus seeded bge-m3 sparse and ColBERT heads."""
+    from m3distill.m3 import make_m3_test_teacher
+
+    return make_m3_test_teacher(tmp_path_factory.mktemp("m3-teacher") / "minilm-m3", base=minilm_path)
+
+
+@pytest.fixture(scope="session")
 def tiny_xlmr_path(tmp_path_factory) -> Path:
     """A random 4-layer, 64-wide XLM-RoBERTa sentence-transformers folder with CLS pooling (bge-m3's shape, shrunk)."""
     return make_xlmr_stand_in(tmp_path_factory.mktemp("tiny-xlmr"), **TINY_SHAPE, max_seq_length=128)

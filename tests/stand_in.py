@@ -39,10 +39,12 @@ def make_xlmr_stand_in(
     intermediate_size: int = 4096,
     max_seq_length: int = 512,
     seed: int = 0,
+    m3_heads: bool = False,
 ) -> Path:
     """Save a random XLM-RoBERTa sentence-transformers model (CLS pooling, normalised) to ``out_dir``.
 
-    The defaults are bge-m3's shape; pass :data:`TINY_SHAPE` values for tests.
+    The defaults are bge-m3's shape; pass :data:`TINY_SHAPE` values for tests. With ``m3_heads`` the folder gets
+    seeded bge-m3 sparse and ColBERT head files too (an M3 model, see :mod:`m3distill.m3`).
     """
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
@@ -67,4 +69,8 @@ def make_xlmr_stand_in(
     model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu")
     model.save(str(out_dir))
     shutil.rmtree(backbone_dir)
+    if m3_heads:
+        from m3distill.m3 import attach_random_heads
+
+        attach_random_heads(out_dir, seed=seed)
     return out_dir

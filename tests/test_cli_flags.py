@@ -144,6 +144,9 @@ def test_aliases_lists_and_switches_reach_their_fields(config_file):
     evaluate = _resolve("evaluate", "--config", str(config_file), "--index", "hnsw", "--k", "20,10")
     assert evaluate.evaluation.index == ["exact", "hnsw"]  # HNSW is measured beside exact search
     assert evaluate.evaluation.k == [10, 20]
+    weighted = _resolve("evaluate", "--hybrid-weights", "1, 0.5,0.8")
+    assert weighted.evaluation.hybrid_weights == (1.0, 0.5, 0.8)
+    assert _resolve("train", "--loss-sparse", "0", "--loss-colbert", "2").training.loss.colbert == 2.0
 
 
 @pytest.mark.parametrize(
@@ -158,6 +161,8 @@ def test_aliases_lists_and_switches_reach_their_fields(config_file):
         (["teacher", "--dtype", "float8"], "--dtype"),
         (["teacher", "--batch-size", "many"], "--batch-size"),
         (["evaluate", "--index", "ivf"], "--index"),
+        (["evaluate", "--hybrid-weights", "1,0.3"], "--hybrid-weights"),
+        (["train", "--loss-sparse", "-1"], "--loss-sparse"),
         (["synth", "--max-tokens", "4"], "--max-tokens"),
     ],
 )

@@ -158,3 +158,27 @@ def test_a_run_directory_in_use_is_refused(sample_dir, tmp_path):
     with _run_dir_lock(layout), pytest.raises(M3DistillError, match="is in use by m3distill process"):
         run_pipeline(config, show_progress=False)
     assert not layout.dataset.exists()
+
+
+def test_pipeline_on_an_m3_teacher_gives_students_with_heads_and_a_report_of_every_output(sample_dir, tmp_path):
+    from m3distill.config import M3DistillConfig
+    from m3distill.m3 import is_m3_model, make_m3_test_teacher
+    from m3distill.metrics import output_prefix, overlap_metric
+
+    teacher = make_m3_test_teacher(tmp_path / "teacher")
+    data = _tiny_config_data(sample_dir, tmp_path / "run")
+    data["teacher"]["model"] = str(teacher)
+    data["students"] = {"layers": [2], "strategy": "spread"}
+    result = run_pipeline(M3DistillConfig.model_validate(data), show_progress=False)
+    layout = RunLayout(tmp_path / "run")
+    student = layout.students / student_name([0, 5])
+    assert is_m3_model(student)
+    card = (student / "README.md").read_text(encoding="utf-8")
+    assert "BGEM3FlagModel" in card and "ColBERT" in card
+    report = json.loads((layout.report / REPORT_JSON_FILE).read_text(encoding="utf-8"))
+    assert report["retrieval"]["outputs"] == ["dense", "sparse", "colbert", "hybrid"]
+    [pair] = report["pairs"]
+    for output in ("sparse", "colbert", "hybrid"):
+        for k in (5, 10):
+            assert 0 <= pair["metrics"][overlap_metric(output_prefix(output), k)] <= 1
+    assert _statuses(result) == dict.fromkeys(STAGES, "ran")

@@ -132,9 +132,9 @@ def test_standalone_evaluate_skips_unfinished_students_and_reuses_the_teacher_ca
     encoded: list[str] = []
     real_encode = evaluate_module._encode_cached
 
-    def encode(model, texts, cache_dir, label, *args):
+    def encode(model, heads, texts, cache_dir, label, *args):
         encoded.append(label)
-        return real_encode(model, texts, cache_dir, label, *args)
+        return real_encode(model, heads, texts, cache_dir, label, *args)
 
     monkeypatch.setattr(evaluate_module, "_encode_cached", encode)
     config_file = _write_config(copy_of_run, _config(copy_of_run / "corpus", copy_of_run / "general", run_dir))

@@ -273,13 +273,13 @@ def test_students_train_without_dropout_by_default_and_keep_the_teachers_rate_on
                                                                                      tmp_path):
     assert TrainingConfig().dropout == 0.0
     seen: list[float] = []
-    real_trainer = distill.SentenceTransformerTrainer
+    real_init = distill._HeadsTrainer.__init__
 
-    def recording_trainer(*args, model, **kwargs):
+    def recording_init(self, *args, model, **kwargs):
         seen.extend(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
-        return real_trainer(*args, model=model, **kwargs)
+        real_init(self, *args, model=model, **kwargs)
 
-    monkeypatch.setattr(distill, "SentenceTransformerTrainer", recording_trainer)
+    monkeypatch.setattr(distill._HeadsTrainer, "__init__", recording_init)
     for rate, out in ((None, tmp_path / "teacher-rate"), (0.0, tmp_path / "off")):
         seen.clear()
         training = TrainingConfig(max_steps=2, batch_size=8, max_dev_texts=20, dropout=rate)

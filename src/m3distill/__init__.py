@@ -11,6 +11,11 @@ directory's), deciding exactly as the ``m3distill`` commands do, and returning a
     trained = m3distill.train(config)             # -> TrainResult
     result = m3distill.evaluate(config)           # -> EvaluationResult
     m3distill.run_pipeline(config)                # all four, skipping what is current -> PipelineResult
+
+bge-m3's three outputs (dense, sparse, ColBERT) of any M3 model folder, a teacher or a student of one::
+
+    model = SentenceTransformer(folder)
+    out = m3distill.encode_m3(model, m3distill.load_m3_heads(model, folder), texts)   # -> M3Embeddings
 """
 
 from __future__ import annotations
@@ -134,16 +139,31 @@ def run(config: M3DistillConfig, *, force: Iterable[str] = (), show_progress: bo
     return run_pipeline(config, force=force, show_progress=show_progress, on_stage=on_stage)
 
 
+_M3_NAMES = ("M3Embeddings", "encode_m3", "load_m3_heads")
+
+
+def __getattr__(name: str):
+    # The M3 helpers need torch; importing them only when asked keeps `import m3distill` light.
+    if name in _M3_NAMES:
+        from m3distill import m3
+
+        return getattr(m3, name)
+    raise AttributeError(f"module 'm3distill' has no attribute {name!r}")
+
+
 __all__ = [
     "EvaluationResult",
+    "M3Embeddings",
     "M3DistillConfig",
     "M3DistillError",
     "PipelineResult",
     "TrainResult",
     "__version__",
     "demo_config",
+    "encode_m3",
     "evaluate",
     "load_config",
+    "load_m3_heads",
     "run",
     "run_pipeline",
     "synth",

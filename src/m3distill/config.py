@@ -159,6 +159,14 @@ class LossConfig(_Section):
         0.0, ge=0, description="MSE of the last hidden states, token by token (online teacher: one teacher "
         "forward pass per step).",
     )
+    sparse: float = Field(
+        1.0, ge=0, description="M3 teachers only: MSE between the student's and the teacher's sparse weights, token "
+        "by token (online teacher). Ignored for a dense-only teacher.",
+    )
+    colbert: float = Field(
+        1.0, ge=0, description="M3 teachers only: 1 - cosine between the student's and the teacher's ColBERT "
+        "vectors, token by token (online teacher). Ignored for a dense-only teacher.",
+    )
     temperature: float = Field(0.05, gt=0, description="Softmax temperature of in_batch_kl.")
     anchor_temperature: float = Field(0.05, gt=0, description="Softmax temperature of anchor_kl.")
     n_anchors: int = Field(4096, ge=1, description="Anchors for anchor_kl: a seeded sample of the training texts.")
@@ -274,6 +282,10 @@ class EvaluationConfig(_Section):
     hnsw_ef_construct: int = Field(100, ge=4, description="HNSW candidates while building the graph.")
     hnsw_ef: int = Field(128, ge=1, description="HNSW candidates while searching (Qdrant uses at least the top-k).")
     batch_size: int = Field(32, ge=1, description="Texts per batch when encoding for alignment and retrieval.")
+    hybrid_weights: tuple[float, float, float] = Field(
+        (1.0, 0.3, 1.0), description="M3 models: weights of the dense, sparse and ColBERT scores in the hybrid "
+        "score (FlagEmbedding's default 1 : 0.3 : 1).",
+    )
     device: str | None = Field(None, description="cpu, cuda, cuda:1, mps; auto when unset.")
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
     seed: int = Field(42, description="Random seed of the negative pairs.")
@@ -284,6 +296,13 @@ class EvaluationConfig(_Section):
         if not value or any(k < 1 for k in value):
             raise ValueError("k must be a non-empty list of positive integers, e.g. [10, 20, 30, 40, 50]")
         return sorted(set(value))
+
+    @field_validator("hybrid_weights")
+    @classmethod
+    def _weights_usable(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(weight < 0 for weight in value) or sum(value) <= 0:
+            raise ValueError("hybrid_weights must be three weights >= 0, not all 0, e.g. 1, 0.3, 1")
+        return value
 
     @field_validator("index")
     @classmethod

@@ -23,6 +23,24 @@ Pairs are drawn by :func:`draw_similarity_pairs`: every test question with its o
 * ``{index}_recall@k``, ``{index}_mrr@10``, ``{index}_ndcg@10`` (per model): ground truth with each question's own
   context as its one relevant context, computed by ir-measures (R@k, RR@10, nDCG@10; :func:`ground_truth_metrics`).
 * ``hnsw_vs_exact_overlap@k`` (per model): the overlap of a model's HNSW top-k with its own exact top-k (HNSW recall).
+
+**M3 outputs** (models with bge-m3's sparse and ColBERT heads, see :mod:`m3distill.m3`): retrieval by each output
+beyond dense (:data:`M3_RETRIEVAL_OUTPUTS`: ``sparse``, ``colbert``, ``hybrid``; exact search) is measured as above
+with the output's name as the prefix (:func:`output_prefix`): ``sparse_overlap@10``, ``colbert_mrr@10``,
+``hybrid_recall@20``. Sparse search ranks only the contexts that share a token with the question, so its lists
+can be shorter than k: ``{output}_overlap@k`` divides by the longer of the two lists instead of k
+(:data:`M3_OVERLAP_SHORT_LISTS`), so two models that return the same contexts agree fully. Alignment of each output with the teacher's:
+
+* ``alignment_sparse_spearman``: per text, the Spearman correlation of the student's and the teacher's weights over
+  the token ids both give a weight, averaged over the texts where they share at least two ids (and neither gives
+  them all the same weight); ``alignment_sparse_texts`` counts those texts.
+* ``alignment_sparse_mass_covered``: per text, the share of the teacher's total weight that falls on token ids the
+  student also weights, averaged over the texts the teacher gives any weight (:func:`sparse_alignment_metrics`).
+* ``alignment_colbert_pearson``, ``alignment_colbert_spearman``: over the same (question, context) pairs as the
+  dense correlations, the student's ColBERT (MaxSim) score of each pair against the teacher's.
+* ``alignment_colbert_token_cosine``: per text, the mean cosine of the student's and the teacher's vector of each
+  token, averaged over the texts where both have the same number of vectors of the same width
+  (:func:`colbert_alignment_metrics`).
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import ir_measures
 import numpy as np
@@ -190,6 +209,100 @@ def alignment_metrics(
     return metrics
 
 
+# Alignment of the M3 outputs (sparse lexical weights and ColBERT multi-vectors).
+SPARSE_SPEARMAN = f"{ALIGNMENT_PREFIX}_sparse_spearman"
+SPARSE_TEXTS = f"{ALIGNMENT_PREFIX}_sparse_texts"
+SPARSE_MASS_COVERED = f"{ALIGNMENT_PREFIX}_sparse_mass_covered"
+COLBERT_PEARSON = f"{ALIGNMENT_PREFIX}_colbert_pearson"
+COLBERT_SPEARMAN = f"{ALIGNMENT_PREFIX}_colbert_spearman"
+COLBERT_TOKEN_COSINE = f"{ALIGNMENT_PREFIX}_colbert_token_cosine"
+
+
+def sparse_alignment_metrics(
+    student: Sequence[dict[int, float]], teacher: Sequence[dict[int, float]]
+) -> dict[str, float | int | None]:
+    """Alignment of a student's sparse lexical weights with the teacher's, as ``alignment_sparse_*`` metrics.
+
+    Args:
+        student: the student's weights of each text (token id -> weight, as :func:`m3distill.m3.encode_m3` gives).
+        teacher: the teacher's weights of the same texts in the same order.
+
+    * ``alignment_sparse_spearman``: per text, the Spearman correlation of the two models' weights over the token
+      ids both weight, averaged over the texts with at least two shared ids where neither model gives all of them
+      the same weight (``None`` when no text qualifies); ``alignment_sparse_texts`` is the number of those texts.
+    * ``alignment_sparse_mass_covered``: per text, the teacher's weight on the ids the student also weights over
+      the teacher's total weight, averaged over the texts the teacher weights at all (``None`` when none): 1.0 when
+      the student keeps every token the teacher finds lexically useful, whatever the weights.
+    """
+    if len(student) != len(teacher):
+        raise ValueError(f"student has {len(student)} texts, teacher {len(teacher)}: encode the same texts")
+    correlations, covered = [], []
+    for student_weights, teacher_weights in zip(student, teacher):
+        shared = sorted(set(student_weights) & set(teacher_weights))
+        total = float(sum(teacher_weights.values()))
+        if total > 0:
+            covered.append(sum(teacher_weights[token] for token in shared) / total)
+        if len(shared) < 2:
+            continue
+        teacher_values = np.array([teacher_weights[token] for token in shared], dtype=np.float64)
+        student_values = np.array([student_weights[token] for token in shared], dtype=np.float64)
+        if np.ptp(teacher_values) == 0 or np.ptp(student_values) == 0:
+            continue  # a correlation with a constant is undefined
+        correlations.append(float(spearmanr(teacher_values, student_values)[0]))
+    return {
+        SPARSE_SPEARMAN: float(np.mean(correlations)) if correlations else None,
+        SPARSE_TEXTS: len(correlations),
+        SPARSE_MASS_COVERED: float(np.mean(covered)) if covered else None,
+    }
+
+
+def colbert_alignment_metrics(
+    student: Sequence[np.ndarray],
+    teacher: Sequence[np.ndarray],
+    pairs: SimilarityPairs,
+    *,
+    text_rows: Sequence[int] | None = None,
+) -> dict[str, float | None]:
+    """Alignment of a student's ColBERT multi-vectors with the teacher's, as ``alignment_colbert_*`` metrics.
+
+    Args:
+        student: the student's ColBERT vectors of each text, (tokens, dim) each.
+        teacher: the teacher's vectors of the same texts in the same order.
+        pairs: (question, context) pairs as text rows (see :func:`draw_similarity_pairs`); the same pairs as the
+            dense correlations.
+        text_rows: texts the token-wise cosine is averaged over (the test texts); all texts when ``None``.
+
+    * ``alignment_colbert_pearson`` / ``alignment_colbert_spearman``: correlation of the student's MaxSim score
+      (:func:`m3distill.m3.colbert_score`) of each pair with the teacher's; ``None`` with fewer than two pairs or
+      when a model gives every pair the same score.
+    * ``alignment_colbert_token_cosine``: per text, the mean cosine between the two models' vectors of the same
+      token, averaged over the texts where both have as many vectors of the same width (same tokenizer and head
+      width); ``None`` when there is no such text.
+    """
+    # Imported here: the score lives with the M3 model code, which pulls in torch.
+    from m3distill.m3 import colbert_score
+
+    if len(student) != len(teacher):
+        raise ValueError(f"student has {len(student)} texts, teacher {len(teacher)}: encode the same texts")
+    metrics: dict[str, float | None] = {COLBERT_PEARSON: None, COLBERT_SPEARMAN: None, COLBERT_TOKEN_COSINE: None}
+    student_scores = np.array([colbert_score(student[left], student[right])
+                               for left, right in zip(pairs.left, pairs.right)], dtype=np.float64)
+    teacher_scores = np.array([colbert_score(teacher[left], teacher[right])
+                               for left, right in zip(pairs.left, pairs.right)], dtype=np.float64)
+    if len(pairs) >= 2 and np.ptp(student_scores) > 0 and np.ptp(teacher_scores) > 0:
+        metrics[COLBERT_PEARSON] = float(pearsonr(teacher_scores, student_scores)[0])
+        metrics[COLBERT_SPEARMAN] = float(spearmanr(teacher_scores, student_scores)[0])
+    else:
+        logger.warning("fewer than two pairs, or one model gives every pair the same ColBERT score: "
+                       "ColBERT correlations are left out")
+    rows = range(len(teacher)) if text_rows is None else text_rows
+    token_cosines = [float(np.mean(row_cosines(student[row], teacher[row]))) for row in rows
+                     if student[row].shape == teacher[row].shape and len(teacher[row])]
+    if token_cosines:
+        metrics[COLBERT_TOKEN_COSINE] = float(np.mean(token_cosines))
+    return metrics
+
+
 # Retrieval. MRR and nDCG are cut off at the 10th result.
 GROUND_TRUTH_CUTOFF = 10
 
@@ -227,18 +340,41 @@ def query_side_overlap_metric(index: str, k: int) -> str:
     return overlap_metric(query_side_index(index), k)
 
 
+# The outputs of an M3 model searched beside dense (the names of m3distill.m3's outputs, plus their hybrid);
+# each is the prefix of its retrieval metrics. Dense keeps its index-kind prefixes (exact_, hnsw_).
+HYBRID = "hybrid"
+M3_RETRIEVAL_OUTPUTS = ("sparse", "colbert", HYBRID)
+# How their P@k treats a list shorter than k (see top_k_overlap): sparse search leaves out contexts without a shared
+# token, and a model that returns fewer contexts is not on that account less like another that returns the same.
+M3_OVERLAP_SHORT_LISTS: Literal["miss", "longer"] = "longer"
+
+
+def output_prefix(output: str) -> str:
+    """Metric prefix of retrieval by an M3 output (``sparse``, ``colbert`` or ``hybrid``): the output's name.
+
+    Use it with the name helpers above: ``overlap_metric(output_prefix("sparse"), 10)`` is ``sparse_overlap@10``.
+    """
+    if output not in M3_RETRIEVAL_OUTPUTS:
+        raise ValueError(f"unknown M3 output {output!r}; expected one of {M3_RETRIEVAL_OUTPUTS}")
+    return output
+
+
 def hnsw_vs_exact_metric(k: int) -> str:
     """Name of the overlap of a model's HNSW top-k with its exact top-k."""
     return f"hnsw_vs_exact_overlap@{k}"
 
 
-def top_k_overlap(top_a: np.ndarray, top_b: np.ndarray, k: int) -> float:
+def top_k_overlap(top_a: np.ndarray, top_b: np.ndarray, k: int, *,
+                  short_lists: Literal["miss", "longer"] = "miss") -> float:
     """P@k overlap: |top-k of A ∩ top-k of B| / k, averaged over questions.
 
     Args:
-        top_a: model A's ranked context rows, one row per question (at least k columns).
+        top_a: model A's ranked context rows, one row per question (at least k columns; -1 pads a short list).
         top_b: model B's, same questions in the same order.
         k: the cut-off.
+        short_lists: what a list shorter than k counts as. ``"miss"``: its empty places are misses, the share is
+            |A ∩ B| / k. ``"longer"``: the share is over the longer of the two lists, |A ∩ B| / max(|A|, |B|), and a
+            question both models return nothing for counts as agreement (1.0). Full lists give the same either way.
     """
     if top_a.shape[0] != top_b.shape[0]:
         raise ValueError("both top-k arrays must hold the same questions")
@@ -246,8 +382,17 @@ def top_k_overlap(top_a: np.ndarray, top_b: np.ndarray, k: int) -> float:
         raise ValueError("no questions to compare")
     if min(top_a.shape[1], top_b.shape[1]) < k:
         raise ValueError(f"k={k} is deeper than the retrieved lists ({min(top_a.shape[1], top_b.shape[1])})")
-    shared = [len(_valid(a[:k]) & _valid(b[:k])) for a, b in zip(top_a, top_b)]
-    return float(np.mean(shared) / k)
+    if short_lists not in ("miss", "longer"):
+        raise ValueError(f"short_lists must be 'miss' or 'longer', got {short_lists!r}")
+    shares = []
+    for a, b in zip(top_a, top_b):
+        found_a, found_b = _valid(a[:k]), _valid(b[:k])
+        longer = max(len(found_a), len(found_b))
+        if short_lists == "miss":
+            shares.append(len(found_a & found_b) / k)
+        else:
+            shares.append(len(found_a & found_b) / longer if longer else 1.0)
+    return float(np.mean(shares))
 
 
 def ground_truth_metrics(top: np.ndarray, relevant: Sequence[int], ks: Sequence[int], index: str) -> dict[str, float]:

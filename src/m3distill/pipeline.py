@@ -167,14 +167,29 @@ def _run_dir_lock(layout: RunLayout) -> Iterator[None]:
         lock.release()
 
 
-def demo_config(run_dir: str | Path = "m3distill-demo") -> M3DistillConfig:
-    """configs/demo.yaml with the corpus pointed at the bundled sample, wherever m3distill is installed."""
+M3_DEMO_TEACHER_DIRNAME = "m3-test-teacher"
+
+
+def demo_config(run_dir: str | Path = "m3distill-demo", *, m3: bool = False) -> M3DistillConfig:
+    """configs/demo.yaml with the corpus pointed at the bundled sample, wherever m3distill is installed.
+
+    With ``m3`` the teacher is the M3 test teacher (the packaged all-MiniLM-L6-v2 plus seeded bge-m3 sparse and
+    ColBERT heads, see :func:`m3distill.m3.make_m3_test_teacher`), written into ``RUN_DIR/m3-test-teacher`` when it
+    is not there yet: the students then keep and train both heads, and the report covers all of bge-m3's outputs.
+    """
     config = load_config(bundled_config("demo.yaml"))
     sample = sample_corpus_dir()
     data = config.model_dump()
     data["run_dir"] = str(run_dir)
     data["synth"]["corpus"] = str(sample / "domain")
     data["synth"]["general"] = str(sample / "general")
+    if m3:
+        from m3distill.m3 import is_m3_model, make_m3_test_teacher
+
+        teacher_dir = Path(run_dir) / M3_DEMO_TEACHER_DIRNAME
+        if not is_m3_model(teacher_dir):
+            make_m3_test_teacher(teacher_dir, base=data["teacher"]["model"])
+        data["teacher"]["model"] = str(teacher_dir)
     return M3DistillConfig.model_validate(data)
 
 

@@ -83,10 +83,13 @@ def _without_none(annotation: Any) -> Any:
 def _value_parser(annotation: Any, metadata: list[Any]) -> Callable[[str], Any]:
     """An argparse ``type``: the text (split on commas for a list) validated as ``annotation`` by pydantic."""
     adapter = TypeAdapter(Annotated[(annotation, *metadata)] if metadata else annotation)
-    is_list = get_origin(annotation) is list
+    is_list = get_origin(annotation) in (list, tuple)
 
     def parse(text: str) -> Any:
         value = [part.strip() for part in text.split(",") if part.strip()] if is_list else text
+        if get_origin(annotation) is tuple and len(value) != len(get_args(annotation)):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected {len(get_args(annotation))} comma-separated values, got {len(value)}")
         try:
             return adapter.validate_python(value)
         except ValidationError as error:
@@ -102,6 +105,8 @@ def _metavar(annotation: Any, field: str) -> str | None:
         if get_origin(item) is Literal:
             return "{" + ",".join(map(str, get_args(item))) + "},..."
         return "N,N,..." if item is int else "X,X,..."
+    if get_origin(annotation) is tuple:
+        return ",".join("N" if item is int else "X" for item in get_args(annotation))
     if get_origin(annotation) is Literal:
         return None  # argparse shows the choices
     return {int: "N", float: "X"}.get(annotation, field.rsplit(".", 1)[-1].upper())
@@ -112,7 +117,7 @@ def _show_default(value: Any) -> str | None:
         return None
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value)
 

@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "A rerun resumes where the last one stopped.",
     )
     demo.add_argument("--out", default="m3distill-demo", metavar="DIR", help="run directory (default: %(default)s)")
+    demo.add_argument("--m3", action="store_true",
+                      help="use the M3 test teacher (MiniLM + seeded bge-m3 sparse and ColBERT heads): the students "
+                      "keep and train both heads and the report covers dense, sparse, ColBERT and hybrid search")
     _add_force(demo)
     demo.set_defaults(handler=_demo)
 
@@ -86,7 +89,7 @@ def _finish(result: PipelineResult, seconds: float) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    result = run_pipeline(demo_config(args.out), force=args.force, show_progress=show_progress(args),
+    result = run_pipeline(demo_config(args.out, m3=args.m3), force=args.force, show_progress=show_progress(args),
                           on_stage=_progress_printer(args.quiet))
     return _finish(result, time.perf_counter() - started)
 

@@ -9,6 +9,11 @@ then measures:
    Recall@k / MRR@10 / nDCG@10 (:mod:`m3distill.evaluation.retrieval`);
 3. speed, size and memory (:mod:`m3distill.evaluation.speed`);
 
+When the teacher is an **M3 model** (bge-m3's sparse and ColBERT head files beside it; see :mod:`m3distill.m3`),
+every model with head files is encoded with all its outputs in one forward pass, and 1. and 2. cover the sparse,
+ColBERT and hybrid outputs as well (exact search, metrics prefixed by the output's name). A student without head
+files is evaluated on dense alone.
+
 and writes the report (report.json, report.md, plots; see :mod:`m3distill.report`) into a folder beside
 ``OUT_DIR`` that replaces it in one rename once complete: a failed or killed evaluation leaves the previous report
 whole. Embeddings are cached in ``OUT_DIR/.embeddings-cache`` while the evaluation runs, so an interrupted
@@ -56,21 +61,36 @@ from m3distill.evaluation.speed import (
     speed_texts,
 )
 from m3distill.layout import REPORT_JSON_FILE, SPLITS
+from m3distill.m3 import (
+    DENSE,
+    HEAD_FILES,
+    M3_OUTPUTS,
+    M3Embeddings,
+    M3Heads,
+    encode_m3,
+    load_m3_heads,
+)
 from m3distill.metrics import (
-    SIZE_ON_DISK,
+    M3_OVERLAP_SHORT_LISTS,
+    M3_RETRIEVAL_OUTPUTS,
     PAIRS_DESCRIPTION,
+    SIZE_ON_DISK,
     SimilarityPairs,
     alignment_metrics,
+    colbert_alignment_metrics,
     draw_similarity_pairs,
     ground_truth_metrics,
     hnsw_vs_exact_metric,
+    output_prefix,
     overlap_metric,
     query_side_index,
     query_side_overlap_metric,
+    sparse_alignment_metrics,
     top_k_overlap,
 )
 from m3distill.models import (
     load_sentence_transformer,
+    local_model_folder,
     num_layers,
     resolve_device,
 )
@@ -119,6 +139,7 @@ def evaluate_models(
     teacher_embeddings: Callable[[list[str]], np.ndarray | None] | None = None,
     student_models: Mapping[str, SentenceTransformer] | None = None,
     teacher_model: SentenceTransformer | None = None,
+    teacher_heads: M3Heads | None = None,
 ) -> Report:
     """Evaluate the teacher and its students on a dataset's test split and write the report to ``out_dir``.
 
@@ -136,6 +157,8 @@ def evaluate_models(
             expensive encoding; the teacher is still loaded for the speed measurement.
         student_models: students held in memory, by name, evaluated after the folders of ``student_dirs``.
         teacher_model: the teacher held in memory, used instead of loading ``teacher.model``.
+        teacher_heads: the in-memory teacher's M3 heads (sparse and ColBERT), making it an M3 teacher; without
+            ``teacher_model`` the heads are read from the teacher's folder when it has head files.
 
     Returns the :class:`~m3distill.report.Report` (report.json holds ``report.to_json_dict()``). Raises
     :class:`M3DistillError`, before any encoding, for an incomplete dataset, an empty test split, a k larger than
@@ -162,16 +185,25 @@ def evaluate_models(
     timings: dict[str, float] = {}
     cache_dir = out_dir / EMBEDDINGS_CACHE_DIRNAME
 
+    if teacher_heads is not None and teacher_model is None:
+        raise ValueError("teacher_heads needs teacher_model; a teacher loaded from its folder brings its own heads")
+
     with _timed(timings, "load"):
-        models = {**_load_models(teacher, dict(zip(labels[1:], student_dirs)), device, teacher_model),
-                  **student_models}
+        folders = dict(zip(labels[1:], student_dirs))
+        models = {**_load_models(teacher, folders, device, teacher_model), **student_models}
+        heads = _load_heads(models, teacher, folders, teacher_model, teacher_heads)
     with _timed(timings, "encode"):
-        embeddings = _embed_all(models, data.questions + data.contexts, cache_dir, config.batch_size, show_progress,
-                                teacher_embeddings)
+        embeddings = _embed_all(models, heads, data.questions + data.contexts, cache_dir, config.batch_size,
+                                show_progress, teacher_embeddings)
     metrics: dict[str, dict[str, Any]] = {label: {} for label in labels}
     pairs = _measure_alignment(embeddings, data, config, metrics)
     with _timed(timings, "retrieval"):
         pair_reports, depth = _measure_retrieval(embeddings, data, config, backend, metrics, show_progress)
+    outputs = [DENSE]
+    if heads.get(TEACHER_LABEL) is not None:
+        outputs += list(M3_RETRIEVAL_OUTPUTS)
+        with _timed(timings, "retrieval_m3"):
+            _measure_m3_retrieval(embeddings, data, config, backend, metrics, pair_reports, depth, show_progress)
     del embeddings
     with _timed(timings, "speed"):
         layers = {label: _layers(model) for label, model in models.items()}
@@ -212,6 +244,8 @@ def evaluate_models(
             n_contexts=len(data.contexts),
             distractors=config.distractors,
             hnsw=HnswSettings(m=config.hnsw_m, ef_construct=config.hnsw_ef_construct, ef=config.hnsw_ef),
+            outputs=outputs,
+            hybrid_weights=tuple(config.hybrid_weights) if len(outputs) > 1 else None,
         ),
         speed=SpeedPolicy(
             n_texts=len(timed_texts),
@@ -262,33 +296,74 @@ def _load_models(teacher: TeacherConfig, students: dict[str, Path], device: str,
     return {TEACHER_LABEL: teacher_model, **loaded}
 
 
+def _load_heads(
+    models: dict[str, SentenceTransformer],
+    teacher: TeacherConfig,
+    student_folders: dict[str, Path],
+    teacher_model: SentenceTransformer | None,
+    teacher_heads: M3Heads | None,
+) -> dict[str, M3Heads | None]:
+    """Each model's M3 heads by label: ``None`` for a dense-only model, and for every model of a dense-only teacher.
+
+    The teacher's come from ``teacher_heads`` (in memory) or its folder; a student's from its folder. A student of
+    an M3 teacher without head files (or held in memory) is evaluated on dense alone, with a warning.
+    """
+    if teacher_model is not None:
+        found = teacher_heads
+    else:
+        found = load_m3_heads(models[TEACHER_LABEL], local_model_folder(teacher.model, teacher.revision))
+    heads: dict[str, M3Heads | None] = {label: None for label in models}
+    if found is None:
+        return heads
+    heads[TEACHER_LABEL] = found
+    logger.info("the teacher is an M3 model: evaluating its dense, sparse and ColBERT outputs")
+    for label, model in models.items():
+        if label == TEACHER_LABEL:
+            continue
+        heads[label] = load_m3_heads(model, student_folders[label]) if label in student_folders else None
+        if heads[label] is None:
+            logger.warning("%s has no M3 head files (%s): evaluated on its dense output alone", label,
+                           " and ".join(HEAD_FILES))
+    return heads
+
+
 def _embed_all(
     models: dict[str, SentenceTransformer],
+    heads: dict[str, M3Heads | None],
     texts: list[str],
     cache_dir: Path,
     batch_size: int,
     show_progress: bool,
     teacher_embeddings: Callable[[list[str]], np.ndarray | None] | None,
-) -> dict[str, np.ndarray]:
-    """Every model's embeddings of ``texts`` (questions, then contexts), encoded once per model."""
+) -> dict[str, M3Embeddings]:
+    """Every model's embeddings of ``texts`` (questions, then contexts), all its outputs from one encoding."""
     embeddings = {}
     for label, model in models.items():
         provided = teacher_embeddings(texts) if label == TEACHER_LABEL and teacher_embeddings is not None else None
-        if provided is None:
-            embeddings[label] = _encode_cached(model, texts, cache_dir, label, batch_size, show_progress)
-            continue
-        provided = np.asarray(provided, dtype=np.float32)
-        if provided.shape != (len(texts), model.get_embedding_dimension()):
-            raise ValueError(f"teacher_embeddings returned shape {provided.shape}; expected "
-                             f"({len(texts)}, {model.get_embedding_dimension()})")
-        logger.info("teacher: using %d provided embeddings", len(texts))
-        embeddings[label] = provided
+        if provided is not None:
+            provided = np.asarray(provided, dtype=np.float32)
+            if provided.shape != (len(texts), model.get_embedding_dimension()):
+                raise ValueError(f"teacher_embeddings returned shape {provided.shape}; expected "
+                                 f"({len(texts)}, {model.get_embedding_dimension()})")
+            logger.info("teacher: using %d provided embeddings", len(texts))
+            if heads[label] is None:
+                embeddings[label] = M3Embeddings(dense=provided)
+                continue
+        found = _encode_cached(model, heads[label], texts, cache_dir, label, batch_size, show_progress)
+        if provided is not None:
+            # The sparse and ColBERT outputs need the encoding; dense stays the provided one (the teacher cache's).
+            found.dense = provided
+        embeddings[label] = found
     return embeddings
 
 
-def _measure_alignment(embeddings: dict[str, np.ndarray], data: _TestData, config: EvaluationConfig,
+def _measure_alignment(embeddings: dict[str, M3Embeddings], data: _TestData, config: EvaluationConfig,
                        metrics: dict[str, dict[str, Any]]) -> SimilarityPairs:
-    """Add each student's alignment metrics to ``metrics``; returns the pairs the correlations used."""
+    """Add each student's alignment metrics to ``metrics``; returns the pairs the correlations used.
+
+    Students that share the teacher's M3 outputs get the sparse and ColBERT alignment too, on the same texts and
+    pairs as dense.
+    """
     n_questions = len(data.questions)
     pairs = draw_similarity_pairs(
         question_rows=np.arange(n_questions),
@@ -298,16 +373,21 @@ def _measure_alignment(embeddings: dict[str, np.ndarray], data: _TestData, confi
         seed=config.seed,
     )
     test_text_rows = np.concatenate([np.arange(n_questions), n_questions + data.test_context_rows])
+    teacher = embeddings[TEACHER_LABEL]
     for label, student in embeddings.items():
-        if label != TEACHER_LABEL:
-            metrics[label].update(
-                alignment_metrics(student, embeddings[TEACHER_LABEL], pairs, text_rows=test_text_rows)
-            )
+        if label == TEACHER_LABEL:
+            continue
+        metrics[label].update(alignment_metrics(student.dense, teacher.dense, pairs, text_rows=test_text_rows))
+        if _has_m3_outputs(student) and _has_m3_outputs(teacher):
+            metrics[label].update(sparse_alignment_metrics([student.sparse[row] for row in test_text_rows],
+                                                           [teacher.sparse[row] for row in test_text_rows]))
+            metrics[label].update(colbert_alignment_metrics(student.colbert, teacher.colbert, pairs,
+                                                            text_rows=test_text_rows))
     return pairs
 
 
 def _measure_retrieval(
-    embeddings: dict[str, np.ndarray],
+    embeddings: dict[str, M3Embeddings],
     data: _TestData,
     config: EvaluationConfig,
     backend: VectorSearchBackend,
@@ -320,7 +400,8 @@ def _measure_retrieval(
     depth = search_depth(config.k, len(data.contexts))
     tops: dict[str, dict[str, np.ndarray]] = {}
     for label in tqdm(list(embeddings), desc="Qdrant top-k", unit="model", disable=not show_progress):
-        found = backend.search(label, embeddings[label][n_questions:], embeddings[label][:n_questions], depth, indexes)
+        dense = embeddings[label].dense
+        found = backend.search(label, dense[n_questions:], dense[:n_questions], depth, indexes)
         tops[label] = found
         for index in indexes:
             metrics[label].update(ground_truth_metrics(found[index], data.own_context, config.k, index))
@@ -337,7 +418,7 @@ def _measure_retrieval(
 
 
 def _measure_query_side(
-    embeddings: dict[str, np.ndarray],
+    embeddings: dict[str, M3Embeddings],
     data: _TestData,
     config: EvaluationConfig,
     backend: VectorSearchBackend,
@@ -351,10 +432,11 @@ def _measure_query_side(
     student; these figures say what that gives. Students of another embedding width than the teacher's are skipped.
     """
     n_questions = len(data.questions)
-    teacher = embeddings[TEACHER_LABEL]
+    teacher = embeddings[TEACHER_LABEL].dense
     # The teacher's own exact top-k is the reference (its HNSW top-k when only HNSW ran).
     reference = tops[TEACHER_LABEL].get("exact", next(iter(tops[TEACHER_LABEL].values())))
-    for label, student in embeddings.items():
+    for label, embedded in embeddings.items():
+        student = embedded.dense
         if label == TEACHER_LABEL or student.shape[1] != teacher.shape[1]:
             continue
         found = backend.search(f"{label}-in-teacher", teacher[n_questions:], student[:n_questions], depth, ["exact"])
@@ -362,6 +444,45 @@ def _measure_query_side(
                                                    query_side_index("exact")))
         for k in config.k:
             metrics[label][query_side_overlap_metric("exact", k)] = top_k_overlap(found["exact"], reference, k)
+
+
+def _measure_m3_retrieval(
+    embeddings: dict[str, M3Embeddings],
+    data: _TestData,
+    config: EvaluationConfig,
+    backend: VectorSearchBackend,
+    metrics: dict[str, dict[str, Any]],
+    pair_reports: list[PairReport],
+    depth: int,
+    show_progress: bool,
+) -> None:
+    """Retrieval by the sparse, ColBERT and hybrid outputs (exact search) of every model that has them.
+
+    Adds each such model's ground-truth metrics (prefixed by the output) to ``metrics`` and, to the report of
+    every pair of such models, their P@k overlap per output.
+    """
+    n_questions = len(data.questions)
+    tops: dict[str, dict[str, np.ndarray]] = {}
+    with_outputs = [label for label, embedded in embeddings.items() if _has_m3_outputs(embedded)]
+    for label in tqdm(with_outputs, desc="Qdrant top-k (M3 outputs)", unit="model", disable=not show_progress):
+        embedded = embeddings[label]
+        found = backend.search_m3(label, embedded.rows(slice(n_questions, None)), embedded.rows(slice(0, n_questions)),
+                                  depth, outputs=list(M3_RETRIEVAL_OUTPUTS), hybrid_weights=config.hybrid_weights)
+        tops[label] = found
+        for output in M3_RETRIEVAL_OUTPUTS:
+            metrics[label].update(ground_truth_metrics(found[output], data.own_context, config.k,
+                                                       output_prefix(output)))
+    for pair in pair_reports:
+        if pair.a in tops and pair.b in tops:
+            pair.metrics.update({
+                overlap_metric(output_prefix(output), k): top_k_overlap(
+                    tops[pair.a][output], tops[pair.b][output], k, short_lists=M3_OVERLAP_SHORT_LISTS)
+                for output in M3_RETRIEVAL_OUTPUTS for k in config.k
+            })
+
+
+def _has_m3_outputs(embedded: M3Embeddings) -> bool:
+    return embedded.outputs == M3_OUTPUTS
 
 
 def _measure_speed(models: dict[str, SentenceTransformer], layers: dict[str, int | None], data: _TestData,
@@ -440,30 +561,73 @@ def _model_labels(student_dirs: Sequence[Path]) -> list[str]:
 
 
 def _encode_cached(
-    model: SentenceTransformer, texts: list[str], cache_dir: Path, label: str, batch_size: int, show_progress: bool
-) -> np.ndarray:
-    """Embeddings of ``texts``, from the cache when this model already encoded exactly these texts."""
-    cache_file = cache_dir / f"{label}-{_fingerprint(model, texts)}.npy"
+    model: SentenceTransformer, heads: M3Heads | None, texts: list[str], cache_dir: Path, label: str,
+    batch_size: int, show_progress: bool,
+) -> M3Embeddings:
+    """All outputs of ``model`` (with ``heads``) for ``texts``, from the cache when it already encoded exactly these.
+
+    Dense alone is cached as ``.npy``; every output of an M3 model as ``.m3.npz`` (arrays only, no pickle).
+    """
+    fingerprint = _fingerprint(model, texts, heads)
+    cache_file = cache_dir / (f"{label}-{fingerprint}.npy" if heads is None else f"{label}-{fingerprint}.m3.npz")
     if cache_file.is_file():
         logger.info("%s: reusing embeddings from %s", label, cache_file)
-        return np.load(cache_file)
-    logger.info("%s: encoding %d texts", label, len(texts))
-    embeddings = model.encode(texts, batch_size=batch_size, show_progress_bar=show_progress, convert_to_numpy=True)
-    embeddings = np.asarray(embeddings, dtype=np.float32)
+        if heads is None:
+            return M3Embeddings(dense=np.load(cache_file))
+        return _read_m3_cache(cache_file)
+    logger.info("%s: encoding %d texts%s", label, len(texts), "" if heads is None else " (dense, sparse, ColBERT)")
+    embeddings = encode_m3(model, heads, texts, batch_size=batch_size, show_progress=show_progress,
+                           desc=f"encode {label}")
+    embeddings.dense = np.asarray(embeddings.dense, dtype=np.float32)
     with atomic_path(cache_file) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, embeddings)
+        if heads is None:
+            np.save(handle, embeddings.dense)
+        else:
+            _write_m3_cache(handle, embeddings)
     return embeddings
 
 
-def _fingerprint(model: SentenceTransformer, texts: list[str]) -> str:
+def _write_m3_cache(handle, embeddings: M3Embeddings) -> None:
+    """Every output as flat arrays: sparse ids and weights and ColBERT vectors concatenated, with offsets per text."""
+    sparse_counts = [len(weights) for weights in embeddings.sparse]
+    colbert_counts = [len(vectors) for vectors in embeddings.colbert]
+    width = embeddings.colbert[0].shape[1] if embeddings.colbert else 0
+    np.savez(
+        handle,
+        dense=embeddings.dense,
+        sparse_offsets=np.concatenate([[0], np.cumsum(sparse_counts)]).astype(np.int64),
+        sparse_ids=np.array([token for weights in embeddings.sparse for token in weights], dtype=np.int64),
+        sparse_weights=np.array([weight for weights in embeddings.sparse for weight in weights.values()],
+                                dtype=np.float32),
+        colbert_offsets=np.concatenate([[0], np.cumsum(colbert_counts)]).astype(np.int64),
+        colbert_vectors=np.concatenate(embeddings.colbert).astype(np.float32) if embeddings.colbert
+        else np.zeros((0, width), np.float32),
+    )
+
+
+def _read_m3_cache(cache_file: Path) -> M3Embeddings:
+    with np.load(cache_file, allow_pickle=False) as stored:
+        offsets, ids, weights = stored["sparse_offsets"], stored["sparse_ids"], stored["sparse_weights"]
+        sparse = [dict(zip(ids[a:b].tolist(), weights[a:b].tolist())) for a, b in itertools.pairwise(offsets)]
+        offsets, vectors = stored["colbert_offsets"], stored["colbert_vectors"]
+        colbert = [np.ascontiguousarray(vectors[a:b]) for a, b in itertools.pairwise(offsets)]
+        return M3Embeddings(dense=stored["dense"], sparse=sparse, colbert=colbert)
+
+
+def _fingerprint(model: SentenceTransformer, texts: list[str], heads: M3Heads | None = None) -> str:
     # The weights' checksum would be exact but slow for big models; the parameter bytes of a few tensors plus
-    # shapes catch every realistic change (retraining, another layer plan) cheaply.
+    # shapes catch every realistic change (retraining, another layer plan) cheaply. The heads are small: all of them.
     digest = hashlib.sha256()
     digest.update(f"{model.max_seq_length}|{model.get_embedding_dimension()}".encode())
     parameters = list(model.parameters())
     for parameter in parameters[:: max(1, len(parameters) // 8)]:
         digest.update(str(tuple(parameter.shape)).encode())
         digest.update(parameter.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    if heads is not None:
+        digest.update(b"m3-heads")
+        for parameter in heads.parameters():
+            digest.update(str(tuple(parameter.shape)).encode())
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
     for text in texts:
         digest.update(text.encode("utf-8", errors="surrogatepass"))
         digest.update(b"\0")

@@ -15,6 +15,7 @@ from m3distill.metrics import (
     hnsw_vs_exact_metric,
     mrr_metric,
     ndcg_metric,
+    output_prefix,
     overlap_metric,
     query_side_index,
     query_side_overlap_metric,
@@ -23,6 +24,7 @@ from m3distill.metrics import (
 from m3distill.report.schema import MetricValue, Report
 
 _INDEX_TITLES = {"exact": "exact search", "hnsw": "HNSW search"}
+_OUTPUT_TITLES = {"sparse": "sparse lexical weights", "colbert": "ColBERT multi-vector", "hybrid": "hybrid"}
 _PHASE_ORDER = ("load", "encode", "retrieval", "speed")
 _SUSPECT_MARK = "(!)"
 
@@ -76,6 +78,7 @@ def render_markdown(report: Report, plot_files: dict[str, str]) -> str:
         )
         lines += ["", ("Contexts stay encoded by the teacher (an existing collection is kept); only the questions "
                        "are encoded by the student. P@k compares with the teacher's own top-k."), ""]
+    lines += _m3_retrieval_sections(report)
     lines += ["## Alignment with the teacher (test split)", ""]
     lines += _table(
         ["student", "MSE per element", "MSE x100 (MSEEvaluator)", "mean cosine", "Pearson (cosine sim.)",
@@ -89,14 +92,95 @@ def render_markdown(report: Report, plot_files: dict[str, str]) -> str:
     pairs = report.alignment_pairs
     lines += ["", f"{pairs.description} {pairs.n_matching} matching and {pairs.n_non_matching} non-matching pairs.",
               ""]
+    lines += _m3_alignment_sections(report)
     lines += _speed_section(report)
     if plot_files:
         lines += ["## Plots", ""]
         lines += [f"![{title}]({file})" for title, file in plot_files.items()]
         lines.append("")
-    lines += _guide()
+    lines += _guide(report)
     lines += _details(report)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _m3_outputs(report: Report) -> list[str]:
+    """The M3 outputs searched beside dense (none for a dense-only teacher)."""
+    return [output for output in report.retrieval.outputs if output in _OUTPUT_TITLES]
+
+
+def _output_title(report: Report, output: str) -> str:
+    if output == "hybrid" and report.retrieval.hybrid_weights is not None:
+        weights = ", ".join(f"{weight:g}" for weight in report.retrieval.hybrid_weights)
+        return f"hybrid: dense, sparse, ColBERT weighted {weights}"
+    return _OUTPUT_TITLES[output]
+
+
+def _m3_retrieval_sections(report: Report) -> list[str]:
+    """Per M3 output: P@k of every pair of models that both have it, and ground truth of every model that has it."""
+    ks = report.retrieval.k
+    lines: list[str] = []
+    for output in _m3_outputs(report):
+        prefix = output_prefix(output)
+        title = _output_title(report, output)
+        lines += [f"## Top-k overlap between models (P@k, {title}, exact search)", ""]
+        lines += _table(
+            ["model pair", *[f"P@{k}" for k in ks]],
+            [[f"{pair.a} vs {pair.b}", *[_fraction(pair.metrics.get(overlap_metric(prefix, k))) for k in ks]]
+             for pair in report.pairs if overlap_metric(prefix, ks[0]) in pair.metrics],
+        ) or ["(fewer than two models with this output: no pairs)"]
+        lines += ["", f"## Ground truth: each question's own context ({title}, exact search)", ""]
+        lines += _table(
+            ["model", *[f"Recall@{k}" for k in ks], f"MRR@{GROUND_TRUTH_CUTOFF}", f"nDCG@{GROUND_TRUTH_CUTOFF}"],
+            [[model.name, *[_fraction(model.metrics.get(recall_metric(prefix, k))) for k in ks],
+              _fraction(model.metrics.get(mrr_metric(prefix))), _fraction(model.metrics.get(ndcg_metric(prefix)))]
+             for model in report.models if mrr_metric(prefix) in model.metrics],
+        )
+        lines.append("")
+    dense_only = [model.name for model in report.models if _m3_outputs(report)
+                  and mrr_metric(output_prefix(_m3_outputs(report)[0])) not in model.metrics]
+    if dense_only:
+        lines += [f"Dense output only (no M3 head files): {', '.join(dense_only)}.", ""]
+    return lines
+
+
+def _m3_alignment_sections(report: Report) -> list[str]:
+    """Alignment of the students' sparse weights and ColBERT vectors with the teacher's (M3 teachers only)."""
+    students = [model for model in report.students if metric_names.COLBERT_TOKEN_COSINE in model.metrics]
+    if not _m3_outputs(report) or not students:
+        return []
+    lines = ["## Sparse lexical weights: alignment with the teacher (test split)", ""]
+    lines += _table(
+        ["student", "Spearman of shared-token weights", "texts compared", "teacher weight mass covered"],
+        [[model.name, _fraction(model.metrics.get(metric_names.SPARSE_SPEARMAN)),
+          _integer(model.metrics.get(metric_names.SPARSE_TEXTS)),
+          _fraction(model.metrics.get(metric_names.SPARSE_MASS_COVERED))]
+         for model in students],
+    )
+    lines += ["", "## ColBERT multi-vectors: alignment with the teacher (test split)", ""]
+    lines += _table(
+        ["student", "Pearson (MaxSim)", "Spearman (MaxSim)", "mean token cosine"],
+        [[model.name, _fraction(model.metrics.get(metric_names.COLBERT_PEARSON)),
+          _fraction(model.metrics.get(metric_names.COLBERT_SPEARMAN)),
+          _fraction(model.metrics.get(metric_names.COLBERT_TOKEN_COSINE))]
+         for model in students],
+    )
+    lines += ["", "ColBERT correlations use the same (question, context) pairs as the dense ones.", ""]
+    return lines
+
+
+def _m3_guide(report: Report) -> list[str]:
+    if not _m3_outputs(report):
+        return []
+    return [
+        ("- **M3 outputs** (sparse, ColBERT, hybrid): the same P@k and ground-truth figures for retrieval by each "
+         "of bge-m3's other outputs, scored as FlagEmbedding does (sparse: sum over shared tokens of the weight "
+         "products; ColBERT: MaxSim averaged over the question's vectors; hybrid: their weighted sum with dense), "
+         "with exact search."),
+        ("- **Sparse alignment**: per text, the Spearman correlation of the two models' weights over the tokens both "
+         "weight (texts with at least two such tokens), and the share of the teacher's weight on tokens the student "
+         "also weights. **ColBERT alignment**: Pearson/Spearman of the two models' MaxSim scores of the pairs, and "
+         "the mean cosine of the two models' vectors of the same token."),
+    ]
 
 
 def _speed_section(report: Report) -> list[str]:
@@ -157,7 +241,7 @@ def _summary(report: Report) -> str:
     )
 
 
-def _guide() -> list[str]:
+def _guide(report: Report) -> list[str]:
     return [
         "## How to read this",
         "",
@@ -169,6 +253,7 @@ def _guide() -> list[str]:
          "MRR@10: mean of 1/rank of that context (0 beyond rank 10); nDCG@10: the same with a logarithmic discount. "
          "Computed with ir-measures."),
         "- **HNSW recall**: overlap of a model's approximate (HNSW) top-k with its own exact top-k.",
+        *_m3_guide(report),
         ("- **MSE** (per element; x100 is the figure sentence-transformers' MSEEvaluator logs) and **mean cosine** "
          "compare the student's and the teacher's embedding of the same test text. **Pearson/Spearman** correlate "
          "the two models' cosine similarities of (question, context) pairs; 1.0 means the student ranks pairs "

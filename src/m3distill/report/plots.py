@@ -1,6 +1,8 @@
 """The report's PNG plots, drawn from the :class:`~m3distill.report.schema.Report` alone.
 
 * ``p_at_k.png``: P@k overlap against k, one line per model pair (exact search; HNSW dashed when measured).
+* ``p_at_k_{output}.png`` (M3 teachers): the same for retrieval by the sparse, ColBERT and hybrid outputs, one
+  line per pair of models that both have the output.
 * ``quality_vs_speed.png``: P@10 overlap with the teacher and MRR@10 against speed-up over the teacher, with
   the speed-up's min-max as horizontal error bars.
 
@@ -22,13 +24,20 @@ from m3distill.metrics import (
     SPEEDUP_MAX,
     SPEEDUP_MIN,
     mrr_metric,
+    output_prefix,
     overlap_metric,
 )
-from m3distill.report.schema import Report
+from m3distill.report.schema import PairReport, Report
 
 P_AT_K_PLOT = "p_at_k.png"
 QUALITY_VS_SPEED_PLOT = "quality_vs_speed.png"
 _DPI = 120
+_OUTPUT_NAMES = {"sparse": "sparse lexical weights", "colbert": "ColBERT multi-vector", "hybrid": "hybrid"}
+
+
+def output_p_at_k_plot(output: str) -> str:
+    """File name of the P@k plot of an M3 output (``sparse``, ``colbert`` or ``hybrid``)."""
+    return f"p_at_k_{output_prefix(output)}.png"
 
 
 def write_plots(report: Report, report_dir: str | Path) -> dict[str, str]:
@@ -38,6 +47,14 @@ def write_plots(report: Report, report_dir: str | Path) -> dict[str, str]:
     if report.pairs:
         _save(_p_at_k_figure(report), report_dir / P_AT_K_PLOT)
         written["P@k overlap against k for each model pair"] = P_AT_K_PLOT
+    for output in report.retrieval.outputs:
+        if output == "dense":
+            continue
+        pairs = [pair for pair in report.pairs if overlap_metric(output_prefix(output), report.retrieval.k[0])
+                 in pair.metrics]
+        if pairs:
+            _save(_output_p_at_k_figure(report, output, pairs), report_dir / output_p_at_k_plot(output))
+            written[f"P@k overlap against k for each model pair ({_OUTPUT_NAMES[output]})"] = output_p_at_k_plot(output)
     _save(_quality_vs_speed_figure(report), report_dir / QUALITY_VS_SPEED_PLOT)
     written["Quality against speed-up over the teacher"] = QUALITY_VS_SPEED_PLOT
     return written
@@ -71,6 +88,25 @@ def _p_at_k_figure(report: Report) -> Figure:
     axes.grid(True, alpha=0.3)
     search = "exact search" if indexes == ["exact"] else "exact (solid) and HNSW (dashed) search"
     axes.set_title(f"Top-k overlap between models, Qdrant {search}")
+    axes.legend(fontsize="small", loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def _output_p_at_k_figure(report: Report, output: str, pairs: list[PairReport]) -> Figure:
+    ks = report.retrieval.k
+    figure = _new_figure(7.5, 4.8)
+    axes = figure.subplots()
+    colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
+    for number, pair in enumerate(pairs):
+        values = [pair.metrics[overlap_metric(output_prefix(output), k)] for k in ks]
+        axes.plot(ks, values, "-", marker="o", color=colors[number % len(colors)], label=f"{pair.a} vs {pair.b}")
+    axes.set_xlabel("k (top-k contexts per question)")
+    axes.set_ylabel("P@k overlap")
+    axes.set_xticks(ks)
+    axes.set_ylim(0, 1.02)
+    axes.grid(True, alpha=0.3)
+    axes.set_title(f"Top-k overlap between models, {_OUTPUT_NAMES[output]}, Qdrant exact search")
     axes.legend(fontsize="small", loc="lower right")
     figure.tight_layout()
     return figure

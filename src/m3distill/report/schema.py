@@ -1,10 +1,10 @@
-"""The report as a typed object (:class:`Report`), its report.json schema (version 2), and reading it back.
+"""The report as a typed object (:class:`Report`), its report.json schema (version 3), and reading it back.
 
 report.json is the evaluation's single source of truth, ``Report.model_dump(mode="json")`` written with sorted
 keys; report.md and the plots are rendered from it alone (``m3distill report DIR``). Keys (lists keep their
 order)::
 
-    schema_version       2
+    schema_version       3
     m3distill_version    package version that wrote the report
     started_at           ISO-8601 UTC time the evaluation started; finished_at likewise; duration_s its length
     timings_s            {load, encode, retrieval, speed}: seconds spent in each phase
@@ -18,7 +18,10 @@ order)::
                           how the (question, context) pairs for the Pearson/Spearman figures were drawn
     retrieval            {backend: "qdrant-edge" | "qdrant-client", qdrant_url, indexes: ["exact", "hnsw"?],
                           k: [10, 20, ...], depth: contexts retrieved per question, n_questions, n_contexts,
-                          distractors: "all" | "test", hnsw: {m, ef_construct, ef}}
+                          distractors: "all" | "test", hnsw: {m, ef_construct, ef},
+                          outputs: the outputs searched, ["dense"] or (M3 teacher) ["dense", "sparse", "colbert",
+                          "hybrid"], hybrid_weights: [dense, sparse, ColBERT] weights of the hybrid score (null
+                          without hybrid)}
     speed                {n_texts, batch_size, repeats, warmup_batches, min_seconds_per_repeat, order}: the
                           timing policy; order "interleaved" (the models take turns in every repeat; see
                           m3distill.evaluation.speed) or "sequential" (reports migrated from version 1)
@@ -46,11 +49,17 @@ m3distill.metrics, speed's in m3distill.evaluation.speed):
                       above the layer ratio), speed_parameters, speed_weights_bytes, speed_size_on_disk_bytes
                       (null when unknown), speed_peak_memory_increase_bytes, speed_memory_measure (how memory
                       was measured)
-    pairs[].metrics   {index}_overlap@{k}: |top-k of a ∩ top-k of b| / k averaged over test questions
+                      M3 teacher, models with heads: {output}_recall@{k}, {output}_mrr@10, {output}_ndcg@10 for
+                                  output sparse, colbert, hybrid (exact search); students with heads also
+                                  alignment_sparse_spearman, alignment_sparse_texts, alignment_sparse_mass_covered,
+                                  alignment_colbert_pearson, alignment_colbert_spearman, alignment_colbert_token_cosine
+    pairs[].metrics   {index}_overlap@{k}: |top-k of a ∩ top-k of b| / k averaged over test questions;
+                      {output}_overlap@{k} likewise per M3 output, for pairs of models that both have it
 
 Versions: 1 had no spread, layer ratio or suspect flag and timed each model's repeats back to back; it is read
 by migrating it (speed.order "sequential", min_seconds_per_repeat null, the suspect flag worked out from the
-layers). A report of another version is refused with one line that says what to do.
+layers). 2 had no outputs or hybrid weights (it searched dense alone): it is read as outputs ["dense"] and
+hybrid_weights null. A report of another version is refused with one line that says what to do.
 """
 
 from __future__ import annotations
@@ -64,7 +73,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from m3distill.errors import M3DistillError
 from m3distill.layout import REPORT_DIRNAME, REPORT_JSON_FILE
 
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 
 MetricValue = float | int | bool | str | None
 """A metric is a number, a flag, a label (e.g. how memory was measured) or null when it could not be measured."""
@@ -126,6 +135,9 @@ class RetrievalSettings(_ReportPart):
     n_contexts: int
     distractors: Literal["all", "test"]
     hnsw: HnswSettings
+    # The outputs searched: dense alone, or (an M3 teacher) dense, sparse, ColBERT and their hybrid.
+    outputs: list[Literal["dense", "sparse", "colbert", "hybrid"]] = ["dense"]
+    hybrid_weights: tuple[float, float, float] | None = None  # dense, sparse, ColBERT; None without hybrid
 
 
 class SpeedPolicy(_ReportPart):
@@ -162,7 +174,7 @@ class PairReport(_ReportPart):
 class Report(_ReportPart):
     """A whole evaluation: what :func:`m3distill.evaluation.evaluate.evaluate_models` returns and report.json holds."""
 
-    schema_version: Literal[2] = REPORT_SCHEMA_VERSION
+    schema_version: Literal[3] = REPORT_SCHEMA_VERSION
     m3distill_version: str
     started_at: str
     finished_at: str
@@ -227,7 +239,7 @@ def is_complete_report(report_dir: str | Path) -> bool:
 
 
 def load_report(report_dir: str | Path) -> Report:
-    """Read report.json from ``report_dir`` (migrating a version-1 report), checked against the schema.
+    """Read report.json from ``report_dir`` (migrating a report of an older version), checked against the schema.
 
     Raises :class:`M3DistillError` with one line for a missing or unreadable file, a report of a version this
     m3distill does not read, or content that does not match its version's schema.
@@ -256,6 +268,8 @@ def report_from_json_dict(data: Any, source: str = "report") -> Report:
         )
     if version == 1:
         data = _migrate_v1(data)
+    if data["schema_version"] == 2:
+        data = _migrate_v2(data)
     try:
         return Report.model_validate(data)
     except ValidationError as error:
@@ -291,4 +305,14 @@ def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
         limit = speedup_limit(teacher_layers, model.get("layers"))
         metrics.setdefault(LAYER_RATIO, limit)
         metrics.setdefault(SPEEDUP_SUSPECT, is_suspect_speedup(metrics.get(SPEEDUP), limit))
+    return data
+
+
+def _migrate_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 -> 3: a version-2 evaluation searched the dense output alone."""
+    data = json.loads(json.dumps(data))  # a deep copy: the caller's dict stays as it was
+    data["schema_version"] = 3
+    if isinstance(data.get("retrieval"), dict):
+        data["retrieval"].setdefault("outputs", ["dense"])
+        data["retrieval"].setdefault("hybrid_weights", None)
     return data

@@ -4,16 +4,22 @@
       modules.json, model.safetensors, ...   loads with plain SentenceTransformer(path)
       README.md                      model card: teacher, kept layers, parameters, data, settings, dev metrics
       logs/                          TensorBoard events
+      sparse_linear.pt, colbert_linear.pt    M3 teachers only: the student's own (trained) bge-m3 heads
       m3distill_student.json         the same facts as the card; its presence marks the student complete
 
 While a student trains its folder holds ``run.json`` (the layers chosen, and the search scores), ``checkpoints/``
 (the Trainer's, every ``save_steps``) and ``logs/``. When training ends the finished folder replaces it in one
 rename, without the checkpoints unless ``training.keep_checkpoints``. Under ``torchrun`` every process trains
 (the Trainer's DDP) and only rank 0 writes.
+
+A student of an M3 teacher (one with bge-m3's sparse and ColBERT head files, see :mod:`m3distill.m3`) starts with
+copies of the teacher's heads and trains them with its layers (``training.loss.sparse`` / ``colbert``); the heads
+are saved in every checkpoint and in the finished folder, so it loads in FlagEmbedding's ``BGEM3FlagModel`` too.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -40,7 +46,9 @@ from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from m3distill.config import DEFAULT_TRAINING_STEPS, M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
-from m3distill.models import count_parameters, load_sentence_transformer, num_layers
+from m3distill.m3 import HEAD_FILES, M3_OUTPUTS, M3Embeddings, M3Heads, encode_m3, load_m3_heads
+from m3distill.metrics import row_cosines, sparse_alignment_metrics
+from m3distill.models import count_parameters, load_sentence_transformer, local_model_folder, num_layers
 from m3distill.students.build import build_student
 from m3distill.students.layer_plan import (
     LayerPlan,
@@ -60,7 +68,7 @@ from m3distill.training.dev_set import (
     dev_evaluator,
     dev_metrics,
 )
-from m3distill.training.losses import DistillationLoss
+from m3distill.training.losses import DistillationLoss, needs_online_teacher
 from m3distill.training.model_card import student_model_card
 from m3distill.training.sampler import ContextGroupedBatchSampler, LengthGroupedBatchSampler, register_text_groups
 
@@ -68,6 +76,7 @@ logger = logging.getLogger(__name__)
 
 STUDENT_METADATA_FILE = "m3distill_student.json"
 RUN_FILE = "run.json"
+_DEV_HEAD_TEXTS = 256
 CHECKPOINTS_DIRNAME = "checkpoints"
 LOGS_DIRNAME = "logs"
 
@@ -204,6 +213,11 @@ def train_students(
         )
     fingerprint = teacher_fingerprint(teacher_model, teacher.model, revision=teacher.revision)
     check_fingerprint(fingerprint, cache.fingerprint, where=f"teacher cache {cache_dir}")
+    teacher_heads = load_m3_heads(teacher_model, local_model_folder(teacher.model, teacher.revision))
+    if teacher_heads is not None:
+        teacher_heads.to(teacher_model.device)
+        logger.info("M3 teacher: the students keep and train the sparse and ColBERT heads (loss.sparse %g, "
+                    "loss.colbert %g)", training.loss.sparse, training.loss.colbert)
     n_teacher_layers = num_layers(teacher_model)
     plans = _resolve_plans(students, n_teacher_layers)
     search_settings = students if isinstance(students, StudentsConfig) else StudentsConfig()
@@ -222,7 +236,8 @@ def train_students(
         _check_resumable(out_dir / plan.name, resume)
 
     job = _TrainingJob(
-        dataset=dataset, cache=cache, teacher_model=teacher_model, fingerprint=fingerprint.to_dict(),
+        dataset=dataset, cache=cache, teacher_model=teacher_model, teacher_heads=teacher_heads,
+        fingerprint=fingerprint.to_dict(),
         train_texts=train_texts, train_embeddings=train_embeddings, dev=dev, training=training,
         search_settings=search_settings, show_progress=show_progress,
     )
@@ -293,6 +308,7 @@ class _TrainingJob:
     dataset: SynthDataset
     cache: TeacherCache
     teacher_model: SentenceTransformer
+    teacher_heads: M3Heads | None
     fingerprint: dict[str, Any]
     train_texts: list[str]
     train_embeddings: np.ndarray
@@ -300,6 +316,7 @@ class _TrainingJob:
     training: TrainingConfig
     search_settings: StudentsConfig
     show_progress: bool
+    _teacher_dev_outputs: M3Embeddings | None = None
 
     def train(self, plan: LayerPlan, student_dir: Path, *, resume: bool) -> StudentResult:
         if is_trained_student(student_dir):
@@ -311,8 +328,13 @@ class _TrainingJob:
         student.max_seq_length = self.training.max_seq_length or self.fingerprint["max_seq_length"]
         if self.training.dropout is not None:
             set_dropout(student, self.training.dropout)
+        # The student's heads start as the teacher's and train with its layers (an M3 teacher only).
+        heads = copy.deepcopy(self.teacher_heads).to(student.device) if self.teacher_heads is not None else None
+        if heads is not None:
+            heads.requires_grad_(True)
         evaluator = dev_evaluator(self.dev, batch_size=self.training.batch_size)
         dev_before = dev_metrics(evaluator(student))
+        heads_before = self._dev_head_metrics(student, heads)
         logger.info("%s untrained: dev %s", plan.name, _format_metrics(dev_before))
 
         checkpoints = student_dir / CHECKPOINTS_DIRNAME
@@ -335,9 +357,11 @@ class _TrainingJob:
             callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(student_dir / LOGS_DIRNAME))))
         if self.training.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=self.training.early_stopping_patience))
-        trainer = SentenceTransformerTrainer(
-            model=student, args=args, train_dataset=self._train_dataset(),
-            loss=self._loss(student), evaluator=evaluator, callbacks=callbacks,
+        if heads is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            callbacks.append(_AverageHeadGradients(heads))
+        trainer = _HeadsTrainer(
+            heads=heads, model=student, args=args, train_dataset=self._train_dataset(),
+            loss=self._loss(student, heads), evaluator=evaluator, callbacks=callbacks,
         )
         # One bar per student and one line per dev evaluation instead of the Trainer's raw log dicts.
         trainer.remove_callback(PrinterCallback)
@@ -347,16 +371,39 @@ class _TrainingJob:
         train_seconds = time.perf_counter() - started
         dev_after = _best_dev_metrics(trainer) or dev_metrics(evaluator(trainer.model))
         logger.info("%s trained: dev %s", plan.name, _format_metrics(dev_after))
+        heads_after = self._dev_head_metrics(trainer.model, heads)
+        if heads is not None:
+            logger.info("%s heads: dev %s (untrained: %s)", plan.name, _format_metrics(heads_after),
+                        _format_metrics(heads_before))
 
         metadata = self._metadata(
             plan, layers, search, trainer, precision=precision, n_parameters=count_parameters(student),
             dev_before=dev_before, dev_after=dev_after, timer=timer, train_seconds=train_seconds,
             resumed_from_step=int(Path(last).name.rsplit("-", 1)[-1]) if last else None,
         )
+        if heads is not None:
+            metadata["dev_heads_before"], metadata["dev_heads_after"] = heads_before, heads_after
         if trainer.is_world_process_zero():
-            self._write_student(trainer.model, student_dir, metadata)
+            self._write_student(trainer.model, student_dir, metadata, heads)
         trainer.accelerator.wait_for_everyone()
         return StudentResult.from_metadata(student_dir, metadata, skipped=False)
+
+    def _dev_head_metrics(self, student: SentenceTransformer, heads: M3Heads | None) -> dict[str, float | None]:
+        """How close the student's sparse and ColBERT outputs are to the teacher's on (up to 256) dev texts."""
+        if heads is None:
+            return {}
+        texts = self.dev.texts[:_DEV_HEAD_TEXTS]
+        if self._teacher_dev_outputs is None:
+            self._teacher_dev_outputs = encode_m3(self.teacher_model, self.teacher_heads, texts,
+                                                  batch_size=self.training.batch_size)
+        teacher = self._teacher_dev_outputs
+        outputs = encode_m3(student, heads, texts, batch_size=self.training.batch_size)
+        metrics = {key.removeprefix("alignment_"): value
+                   for key, value in sparse_alignment_metrics(outputs.sparse, teacher.sparse).items()}
+        cosines = [float(np.mean(row_cosines(mine, theirs))) for mine, theirs in zip(outputs.colbert, teacher.colbert)
+                   if mine.shape == theirs.shape and len(mine)]
+        metrics["colbert_token_cosine"] = float(np.mean(cosines)) if cosines else None
+        return metrics
 
     def _batch_sampler(self):
         # An in-batch similarity loss needs questions beside their own contexts; otherwise similar lengths batch best.
@@ -378,14 +425,16 @@ class _TrainingJob:
                                          self.dev.corpus_embeddings, batch_size=self.training.batch_size)
         return lambda model: next(iter(evaluator(model).values()))
 
-    def _loss(self, student: SentenceTransformer) -> DistillationLoss:
+    def _loss(self, student: SentenceTransformer, heads: M3Heads | None) -> DistillationLoss:
         config = self.training.loss
         anchors = None
         if config.anchor_kl:
             count = min(config.n_anchors, len(self.train_texts))
             rows = np.sort(np.random.default_rng(self.training.seed).choice(len(self.train_texts), count, replace=False))
             anchors = self.train_embeddings[rows]
-        return DistillationLoss(student, config, anchors=anchors, teacher=self.teacher_model if config.token else None)
+        online = needs_online_teacher(config, has_heads=heads is not None)
+        return DistillationLoss(student, config, anchors=anchors, teacher=self.teacher_model if online else None,
+                                heads=heads, teacher_heads=self.teacher_heads if heads is not None else None)
 
     def _layers(self, plan: LayerPlan, student_dir: Path, *, resume: bool, write: bool) -> tuple[list[int], dict | None]:
         """The plan's layers; for a search, the recorded choice when resuming, else a fresh search."""
@@ -481,6 +530,7 @@ class _TrainingJob:
             "search": search,
             "teacher": self.fingerprint,
             "parameters": {"student": n_parameters, "teacher": count_parameters(self.teacher_model)},
+            "outputs": list(M3_OUTPUTS if self.teacher_heads is not None else M3_OUTPUTS[:1]),
             "data": {
                 "dataset": str(self.dataset.root),
                 "teacher_cache": str(self.cache.root),
@@ -521,17 +571,62 @@ class _TrainingJob:
             "dev_after": dev_after,
         }
 
-    def _write_student(self, model: SentenceTransformer, student_dir: Path, metadata: dict[str, Any]) -> None:
+    def _write_student(self, model: SentenceTransformer, student_dir: Path, metadata: dict[str, Any],
+                       heads: M3Heads | None) -> None:
         # The finished folder replaces the training folder in one rename: a student is either complete or absent.
         _check_student_dir_is_ours(student_dir)
         with atomic_dir(student_dir, overwrite=True) as tmp:
             model.save(str(tmp), create_model_card=False)
+            if heads is not None:
+                heads.save(tmp)
             for kept in (LOGS_DIRNAME, CHECKPOINTS_DIRNAME if self.training.keep_checkpoints else None):
                 if kept and (student_dir / kept).is_dir():
                     shutil.copytree(student_dir / kept, tmp / kept)
             write_text_atomic(tmp / "README.md", student_model_card(metadata))
             write_json_atomic(tmp / STUDENT_METADATA_FILE, metadata)  # last: marks the student complete
         logger.info("wrote %s", student_dir)
+
+
+class _HeadsTrainer(SentenceTransformerTrainer):
+    """The Trainer, plus the student's M3 heads in every checkpoint: saved beside the weights, and loaded back on
+    resume and when the best checkpoint is restored at the end (the heads are the loss's parameters, which the
+    Trainer's own checkpoints leave out)."""
+
+    def __init__(self, *args, heads: M3Heads | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.heads = heads
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if self.heads is not None:
+            self.heads.save(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, checkpoint_path: str, *args, **kwargs) -> None:
+        super()._load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        if self.heads is None:
+            return
+        if not all((Path(checkpoint_path) / name).is_file() for name in HEAD_FILES):
+            raise M3DistillError(f"checkpoint {checkpoint_path} has no head files; delete the student folder and "
+                                 "train it again")
+        # Copied into the existing parameters: the optimizer holds them, so they must stay the same tensors.
+        self.heads.load_state_dict(M3Heads.load(checkpoint_path).state_dict())
+
+
+class _AverageHeadGradients(TrainerCallback):
+    """Under torchrun, average the heads' gradients over the processes before each optimizer step (DDP averages
+    the student's, but the heads belong to the loss, which DDP does not wrap)."""
+
+    def __init__(self, heads: M3Heads) -> None:
+        self.heads = heads
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        world = torch.distributed.get_world_size()
+        for parameter in self.heads.parameters():
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= world
 
 
 class _StepTimer(TrainerCallback):
@@ -683,4 +778,4 @@ def _rank() -> int:
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{key} {value:.4g}" for key, value in metrics.items())
+    return ", ".join(f"{key} {value:.4g}" for key, value in metrics.items() if value is not None)

@@ -11,9 +11,14 @@ Every term is a field of :class:`m3distill.config.LossConfig` with a weight (0 s
   from the training texts) instead of the batch: the student's text must sit among the corpus where the
   teacher's sits. It needs no extra forward pass, so thousands of anchors cost one small matrix product;
 - ``token``: MSE between the student's and the teacher's last hidden states, token by token (needs the teacher's
-  forward pass in every step: the online teacher).
+  forward pass in every step: the online teacher);
+- ``sparse`` and ``colbert`` (M3 teachers, see :mod:`m3distill.m3`): the student's own heads, trained with it,
+  against the teacher's heads on the teacher's hidden states, token by token: MSE of the sparse weights
+  (``relu(sparse_linear(h))``) and 1 - cosine of the ColBERT vectors. The student shares the teacher's tokenizer,
+  so token i of one is token i of the other. Online teacher too: ColBERT vectors (a vector per token, 4 KB per
+  token for bge-m3) do not fit a cache of a corpus, and the sparse weights come from the same forward pass.
 
-The cached teacher sentence embeddings arrive as the ``label`` column; only ``token`` needs the teacher model.
+The cached teacher sentence embeddings arrive as the ``label`` column; the token-level terms need the teacher model.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from sentence_transformers.sentence_transformer.losses import MSELoss
 from torch import Tensor, nn
 
 from m3distill.config import LossConfig
+from m3distill.m3 import M3Heads
 
 
 class DistillationLoss(nn.Module):
@@ -37,7 +43,11 @@ class DistillationLoss(nn.Module):
         model: the student being trained.
         config: the term weights and temperatures.
         anchors: the teacher's embeddings of the anchor texts, one row each (needed when ``config.anchor_kl > 0``).
-        teacher: the teacher model, run without gradients on each batch (needed when ``config.token > 0``).
+        teacher: the teacher model, run without gradients on each batch (needed by ``token``, and by ``sparse`` and
+            ``colbert`` when there are heads).
+        heads: the student's M3 heads (trained with it: they are this loss's parameters, so the Trainer's
+            optimizer updates them); ``None`` for a dense-only teacher, which switches ``sparse`` and ``colbert`` off.
+        teacher_heads: the teacher's M3 heads (needed with ``heads``).
     """
 
     def __init__(
@@ -47,19 +57,27 @@ class DistillationLoss(nn.Module):
         *,
         anchors: np.ndarray | None = None,
         teacher: SentenceTransformer | None = None,
+        heads: M3Heads | None = None,
+        teacher_heads: M3Heads | None = None,
     ) -> None:
         super().__init__()
         if config.anchor_kl > 0 and (anchors is None or len(anchors) == 0):
             raise ValueError("loss.anchor_kl > 0 needs the teacher's embeddings of the anchor texts")
-        if config.token > 0 and teacher is None:
-            raise ValueError("loss.token > 0 needs the teacher model (the online teacher)")
+        if needs_online_teacher(config, has_heads=heads is not None) and teacher is None:
+            raise ValueError("loss.token, or loss.sparse / loss.colbert with heads, needs the teacher model "
+                             "(the online teacher)")
+        if heads is not None and teacher_heads is None:
+            raise ValueError("the student's heads are trained against the teacher's: pass teacher_heads")
         self.model = model
         self.config = config
         self.mse = MSELoss(model)
-        self.teacher = teacher
-        if teacher is not None:
-            # Not frozen with requires_grad_(False): students are deep copies of the teacher and would inherit it.
-            teacher.eval()
+        self.heads = heads  # a submodule: the optimizer trains its parameters with the student's
+        # The teacher sits in a tuple so that its parameters are not this module's (the optimizer must not see them).
+        # Not frozen with requires_grad_(False): students are deep copies of the teacher and would inherit it.
+        self._teacher = (teacher, teacher_heads)
+        for frozen in self._teacher:
+            if frozen is not None:
+                frozen.eval()
         bank = torch.as_tensor(np.asarray(anchors, dtype=np.float32)) if anchors is not None else torch.empty(0)
         # A buffer follows the student to its device; it is not saved with the student (the loss is not saved).
         self.register_buffer("anchors", F.normalize(bank, dim=-1) if bank.numel() else bank, persistent=False)
@@ -89,16 +107,46 @@ class DistillationLoss(nn.Module):
                 loss = loss + config.anchor_kl * similarity_kl(
                     student_unit @ anchors.T, teacher_unit @ anchors.T, config.anchor_temperature
                 )
-        if config.token:
-            loss = loss + config.token * self._token_loss(inputs, output["token_embeddings"])
+        if needs_online_teacher(config, has_heads=self.heads is not None):
+            loss = loss + self._token_level_loss(inputs, output["token_embeddings"])
         return loss
 
-    def _token_loss(self, features: dict[str, Tensor], student_tokens: Tensor) -> Tensor:
+    @property
+    def teacher(self) -> SentenceTransformer | None:
+        return self._teacher[0]
+
+    def _token_level_loss(self, features: dict[str, Tensor], student_tokens: Tensor) -> Tensor:
+        """The online-teacher terms: hidden states, sparse weights and ColBERT vectors, token by token."""
+        config, (teacher, teacher_heads) = self.config, self._teacher
+        attention = features["attention_mask"]
         with torch.no_grad():
-            teacher_tokens = self.teacher(dict(features))["token_embeddings"]
-        mask = features["attention_mask"].unsqueeze(-1).to(student_tokens.dtype)
-        squared = ((student_tokens - teacher_tokens.to(student_tokens.dtype)) ** 2) * mask
-        return squared.sum() / (mask.sum() * student_tokens.shape[-1])
+            teacher_tokens = teacher(dict(features))["token_embeddings"].to(student_tokens.dtype)
+        mask = attention.to(student_tokens.dtype)
+        loss = student_tokens.new_zeros(())
+        if config.token:
+            squared = ((student_tokens - teacher_tokens) ** 2) * mask.unsqueeze(-1)
+            loss = loss + config.token * squared.sum() / (mask.sum() * student_tokens.shape[-1])
+        if self.heads is None:
+            return loss
+        if config.sparse:
+            with torch.no_grad():
+                teacher_weights = teacher_heads.sparse_weights(teacher_tokens)
+            squared = (self.heads.sparse_weights(student_tokens) - teacher_weights) ** 2
+            loss = loss + config.sparse * (squared * mask).sum() / mask.sum()
+        if config.colbert:
+            with torch.no_grad():
+                teacher_vectors = teacher_heads.colbert_vectors(teacher_tokens, attention)
+            student_vectors = self.heads.colbert_vectors(student_tokens, attention)
+            # Both are unit vectors (zero at padding), so the dot product is the cosine.
+            distance = 1 - (student_vectors * teacher_vectors).sum(dim=-1)
+            token_mask = mask[:, 1:]
+            loss = loss + config.colbert * (distance * token_mask).sum() / token_mask.sum().clamp(min=1)
+        return loss
+
+
+def needs_online_teacher(config: LossConfig, *, has_heads: bool) -> bool:
+    """Whether the loss runs the teacher on every batch: the token-level terms that are switched on."""
+    return bool(config.token or (has_heads and (config.sparse or config.colbert)))
 
 
 def similarity_kl(student_scores: Tensor, teacher_scores: Tensor, temperature: float) -> Tensor:

@@ -19,8 +19,52 @@ def _loss_terms(loss: dict[str, Any] | None) -> str:
     if not loss:
         return "MSE"
     names = {"mse": "MSE", "cosine": "cosine", "in_batch_kl": "in-batch similarity KL", "anchor_kl": "anchor similarity KL",
-             "token": "token-level hidden-state MSE (online teacher)"}
+             "token": "token-level hidden-state MSE (online teacher)",
+             "sparse": "sparse-weight MSE (online teacher)", "colbert": "ColBERT-vector cosine (online teacher)"}
     return "loss: " + " + ".join(f"{loss[key]:g} x {name}" for key, name in names.items() if loss.get(key))
+
+
+_HEAD_METRICS = (
+    ("sparse_spearman", "sparse: Spearman of the weights over the token ids both weight (mean over texts)"),
+    ("sparse_mass_covered", "sparse: share of the teacher's weight on token ids the student weights too"),
+    ("colbert_token_cosine", "ColBERT: cosine to the teacher's vector of the same token (mean)"),
+)
+
+
+def _outputs_section(metadata: dict[str, Any]) -> list[str]:
+    """Which of bge-m3's outputs the student has, how to get them, and how close each one stays on dev texts."""
+    outputs = metadata.get("outputs") or ["dense"]
+    if outputs == ["dense"]:
+        return []
+    pooling = metadata["teacher"]["pooling_mode"]
+    lines = [
+        "## Outputs",
+        "",
+        f"Like its teacher, this student has bge-m3's three outputs: **{', '.join(outputs)}**. The folder holds the "
+        "sparse and ColBERT heads (`sparse_linear.pt`, `colbert_linear.pt`, trained with the student), so "
+        "FlagEmbedding loads all three (sentence-transformers gives the dense one):",
+        "",
+        "```python",
+        "from FlagEmbedding import BGEM3FlagModel",
+        f"model = BGEM3FlagModel('path/to/this/folder', pooling_method='{pooling}')",
+        "out = model.encode(['a passage'], return_dense=True, return_sparse=True, return_colbert_vecs=True)",
+        "```",
+        "",
+        "or, with m3distill: `m3distill.encode_m3(model, m3distill.load_m3_heads(model, folder), texts)`.",
+        "",
+    ]
+    before, after = metadata.get("dev_heads_before") or {}, metadata.get("dev_heads_after") or {}
+    rows = [f"| {label} | {_maybe(before.get(key))} | {_maybe(after.get(key))} |"
+            for key, label in _HEAD_METRICS if key in after]
+    if rows:
+        lines += ["How close the sparse and ColBERT outputs stay to the teacher's on dev texts (dense: see *Dev "
+                  "metrics* below):", "", "| metric | heads copied, before training | after training |",
+                  "|---|---|---|", *rows, ""]
+    return lines
+
+
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def student_model_card(metadata: dict[str, Any]) -> str:
@@ -54,6 +98,7 @@ def student_model_card(metadata: dict[str, Any]) -> str:
         "embeddings = model.encode(['a question', 'a passage'])",
         "```",
         "",
+        *_outputs_section(metadata),
         "## Model",
         "",
         "| | |",

@@ -1,0 +1,356 @@
+"""bge-m3's three outputs: the dense vector, sparse lexical weights and ColBERT multi-vectors, from one forward pass.
+
+A model folder is an **M3 model** when it holds, beside its sentence-transformers files, the two head files that
+FlagEmbedding's ``BGEM3FlagModel`` loads: ``sparse_linear.pt`` (``Linear(hidden, 1)``) and ``colbert_linear.pt``
+(``Linear(hidden, colbert_dim)``, ``colbert_dim = hidden`` for bge-m3). From the encoder's last hidden states ``h``:
+
+- **dense**: the sentence-transformers embedding (for bge-m3: the normalised CLS vector, as FlagEmbedding's);
+- **sparse**: ``relu(sparse_linear(h))``, one weight per token; per text, the largest weight of each token id,
+  with the CLS, EOS, padding and unknown tokens left out and only weights above zero kept;
+- **ColBERT**: ``colbert_linear(h[:, 1:])`` (every token but the first), padding masked, each vector normalised
+  (as ``BGEM3FlagModel`` with its default ``normalize_embeddings=True``); one vector per token after the first, up
+  to and including the closing special token.
+
+The math is FlagEmbedding's (``M3Embedder``), so a student folder with the two head files loads in
+``BGEM3FlagModel`` and gives the same outputs; ``scripts/check_flagembedding.py`` checks that against
+FlagEmbedding itself. Scores, as FlagEmbedding computes them: dense cosine; sparse = the sum over shared token ids
+of the product of the weights; ColBERT = MaxSim averaged over the query's vectors (:func:`colbert_score`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from m3distill.atomic import atomic_dir, atomic_path
+from m3distill.errors import M3DistillError
+
+logger = logging.getLogger(__name__)
+
+SPARSE_HEAD_FILE = "sparse_linear.pt"
+COLBERT_HEAD_FILE = "colbert_linear.pt"
+HEAD_FILES = (SPARSE_HEAD_FILE, COLBERT_HEAD_FILE)
+# The output kinds of an M3 model, in FlagEmbedding's order; a dense-only model has the first alone.
+DENSE, SPARSE, COLBERT = "dense", "sparse", "colbert"
+M3_OUTPUTS = (DENSE, SPARSE, COLBERT)
+# The special tokens FlagEmbedding leaves out of the sparse weights (those a tokenizer has).
+_UNUSED_SPECIAL_TOKENS = ("cls_token", "eos_token", "pad_token", "unk_token")
+
+
+def is_m3_model(folder: str | Path | None) -> bool:
+    """Whether ``folder`` holds both of bge-m3's head files (an M3 model: dense, sparse and ColBERT outputs)."""
+    if folder is None:
+        return False
+    path = Path(folder)
+    return path.is_dir() and all((path / name).is_file() for name in HEAD_FILES)
+
+
+class M3Heads(nn.Module):
+    """bge-m3's sparse and ColBERT heads over an encoder's last hidden states.
+
+    Args:
+        hidden_size: the encoder's hidden size.
+        colbert_dim: width of the ColBERT vectors (``hidden_size`` when ``None``, as in bge-m3).
+    """
+
+    def __init__(self, hidden_size: int, colbert_dim: int | None = None) -> None:
+        super().__init__()
+        self.sparse_linear = nn.Linear(hidden_size, 1)
+        self.colbert_linear = nn.Linear(hidden_size, colbert_dim or hidden_size)
+
+    @classmethod
+    def load(cls, folder: str | Path, *, hidden_size: int | None = None) -> M3Heads:
+        """The heads saved in ``folder`` (its ``sparse_linear.pt`` and ``colbert_linear.pt``), on the CPU.
+
+        The files are read with ``weights_only=True``: a head file can hold tensors only, never code.
+
+        Raises:
+            M3DistillError: a head file is missing, unreadable, or does not hold a ``Linear`` of the expected
+                shape (input width ``hidden_size`` when given; one output for the sparse head).
+        """
+        folder = Path(folder)
+        states = {}
+        for name in HEAD_FILES:
+            path = folder / name
+            if not path.is_file():
+                raise M3DistillError(f"{folder} has no {name}; an M3 model needs both {' and '.join(HEAD_FILES)}")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # noqa: BLE001 (pickle, zip and unpickling errors all mean "not a head file")
+                raise M3DistillError(f"{path} is not a readable head file: {str(error).splitlines()[0]}") from error
+            if not isinstance(state, dict) or not isinstance(state.get("weight"), Tensor) or state["weight"].ndim != 2:
+                raise M3DistillError(f"{path} does not hold a Linear layer's weights (a 'weight' matrix)")
+            states[name] = state
+        sparse, colbert = states[SPARSE_HEAD_FILE]["weight"], states[COLBERT_HEAD_FILE]["weight"]
+        width = sparse.shape[1]
+        if sparse.shape[0] != 1:
+            raise M3DistillError(f"{folder / SPARSE_HEAD_FILE} has {sparse.shape[0]} outputs; the sparse head has 1")
+        if colbert.shape[1] != width or (hidden_size is not None and width != hidden_size):
+            raise M3DistillError(
+                f"the head files in {folder} take inputs of width {width} and {colbert.shape[1]}, but the encoder's "
+                f"hidden size is {hidden_size if hidden_size is not None else width}"
+            )
+        heads = cls(width, colbert.shape[0])
+        heads.sparse_linear.load_state_dict(states[SPARSE_HEAD_FILE])
+        heads.colbert_linear.load_state_dict(states[COLBERT_HEAD_FILE])
+        return heads
+
+    def save(self, folder: str | Path) -> None:
+        """Write the two head files into ``folder`` (each atomically), as FlagEmbedding saves them."""
+        folder = Path(folder)
+        for name, layer in ((SPARSE_HEAD_FILE, self.sparse_linear), (COLBERT_HEAD_FILE, self.colbert_linear)):
+            state = {key: value.detach().cpu().clone() for key, value in layer.state_dict().items()}
+            with atomic_path(folder / name) as tmp:
+                torch.save(state, tmp)
+
+    def sparse_weights(self, hidden: Tensor) -> Tensor:
+        """One weight per token, ``relu(sparse_linear(h))``: shape (batch, tokens)."""
+        return torch.relu(self.sparse_linear(hidden)).squeeze(-1)
+
+    def colbert_vectors(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """ColBERT vectors of every token but the first, padding zeroed, normalised: (batch, tokens - 1, dim)."""
+        vectors = self.colbert_linear(hidden[:, 1:]) * attention_mask[:, 1:, None].to(hidden.dtype)
+        return F.normalize(vectors, dim=-1)
+
+
+def unused_token_ids(tokenizer) -> set[int]:
+    """Token ids FlagEmbedding leaves out of sparse weights: the tokenizer's CLS, EOS, padding and unknown tokens."""
+    ids = set()
+    for name in _UNUSED_SPECIAL_TOKENS:
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None:
+                ids.add(int(token_id))
+    return ids
+
+
+@dataclass
+class M3Embeddings:
+    """Every output of a model for a list of texts, one entry per text in order.
+
+    ``sparse`` and ``colbert`` are ``None`` for a dense-only model.
+    """
+
+    dense: np.ndarray  # (texts, dim) float32
+    sparse: list[dict[int, float]] | None = None  # token id -> weight, weights > 0 only
+    colbert: list[np.ndarray] | None = None  # (tokens, colbert_dim) float32 each, unit rows
+
+    def __len__(self) -> int:
+        return len(self.dense)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return M3_OUTPUTS if self.sparse is not None and self.colbert is not None else (DENSE,)
+
+    def rows(self, rows: Sequence[int] | slice) -> M3Embeddings:
+        """The embeddings of the texts at ``rows`` (a slice or row numbers)."""
+        picked = range(len(self))[rows] if isinstance(rows, slice) else [int(row) for row in rows]
+        return M3Embeddings(
+            dense=self.dense[list(picked)],
+            sparse=None if self.sparse is None else [self.sparse[row] for row in picked],
+            colbert=None if self.colbert is None else [self.colbert[row] for row in picked],
+        )
+
+
+class M3Model:
+    """A sentence-transformers model with bge-m3's heads: all three outputs from one forward pass.
+
+    Args:
+        model: the sentence-transformers model (its embedding is the dense output).
+        heads: the sparse and ColBERT heads over its last hidden states.
+    """
+
+    def __init__(self, model: SentenceTransformer, heads: M3Heads) -> None:
+        self.model = model
+        self.heads = heads.to(model.device)
+        self.unused_ids = torch.tensor(sorted(unused_token_ids(model.tokenizer)), dtype=torch.long)
+
+    @classmethod
+    def from_folder(cls, model: SentenceTransformer, folder: str | Path) -> M3Model:
+        """``model`` with the heads saved in ``folder`` (the folder ``model`` was loaded from)."""
+        return cls(model, M3Heads.load(folder, hidden_size=_hidden_size(model)))
+
+    def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The model's outputs for tokenized ``features``, plus ``sparse_weights`` (batch, tokens) and
+        ``colbert_vectors`` (batch, tokens - 1, dim)."""
+        output = self.model(dict(features))
+        hidden = output["token_embeddings"]
+        output["sparse_weights"] = self.heads.sparse_weights(hidden)
+        output["colbert_vectors"] = self.heads.colbert_vectors(hidden, output["attention_mask"])
+        return output
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32, show_progress: bool = False,
+               desc: str = "M3 encode") -> M3Embeddings:
+        """Dense, sparse and ColBERT outputs of ``texts`` (see the module's docstring for the math)."""
+        texts = list(texts)
+        was_training = self.model.training
+        self.model.eval()
+        self.heads.eval()
+        # Longest first, as FlagEmbedding does: fewer padded tokens per batch.
+        order = np.argsort([-len(text) for text in texts], kind="stable")
+        dense: list[np.ndarray | None] = [None] * len(texts)
+        sparse: list[dict[int, float] | None] = [None] * len(texts)
+        colbert: list[np.ndarray | None] = [None] * len(texts)
+        starts = range(0, len(texts), batch_size)
+        try:
+            for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
+                rows = order[start : start + batch_size]
+                features = self.model.preprocess([texts[row] for row in rows])
+                features = {key: value.to(self.model.device) if isinstance(value, Tensor) else value
+                            for key, value in features.items()}
+                output = self.forward(features)
+                ids, mask = features["input_ids"], features["attention_mask"]
+                weights = output["sparse_weights"].float()
+                keep = (weights > 0) & (mask > 0) & ~torch.isin(ids, self.unused_ids.to(ids.device))
+                vectors = output["colbert_vectors"].float().cpu().numpy()
+                lengths = mask.sum(dim=1).cpu().tolist()
+                embeddings = output["sentence_embedding"].float().cpu().numpy()
+                for position, row in enumerate(rows):
+                    dense[row] = embeddings[position]
+                    sparse[row] = _max_weight_per_id(ids[position][keep[position]], weights[position][keep[position]])
+                    colbert[row] = np.ascontiguousarray(vectors[position, : int(lengths[position]) - 1])
+        finally:
+            self.model.train(was_training)
+        return M3Embeddings(dense=np.stack(dense).astype(np.float32) if texts else np.zeros((0, 0), np.float32),
+                            sparse=sparse, colbert=colbert)
+
+    def save_heads(self, folder: str | Path) -> None:
+        self.heads.save(folder)
+
+
+def _max_weight_per_id(ids: Tensor, weights: Tensor) -> dict[int, float]:
+    result: dict[int, float] = {}
+    for token_id, weight in zip(ids.cpu().tolist(), weights.cpu().tolist()):
+        if weight > result.get(token_id, 0.0):
+            result[token_id] = weight
+    return result
+
+
+def _hidden_size(model: SentenceTransformer) -> int | None:
+    from m3distill.models import transformer_backbone
+
+    config = getattr(transformer_backbone(model), "config", None)
+    return getattr(config, "hidden_size", None)
+
+
+def load_m3_heads(model: SentenceTransformer, folder: str | Path | None) -> M3Heads | None:
+    """The heads in ``folder`` when it is an M3 model (checked against ``model``'s hidden size), else ``None``."""
+    if not is_m3_model(folder):
+        return None
+    return M3Heads.load(folder, hidden_size=_hidden_size(model))
+
+
+def encode_m3(model: SentenceTransformer, heads: M3Heads | None, texts: Sequence[str], *, batch_size: int = 32,
+              show_progress: bool = False, desc: str = "encode") -> M3Embeddings:
+    """All outputs ``model`` has for ``texts``: dense only without heads, dense + sparse + ColBERT with them."""
+    if heads is None:
+        dense = model.encode(list(texts), batch_size=batch_size, show_progress_bar=show_progress,
+                             convert_to_numpy=True)
+        return M3Embeddings(dense=np.asarray(dense, dtype=np.float32))
+    return M3Model(model, heads).encode(texts, batch_size=batch_size, show_progress=show_progress, desc=desc)
+
+
+# Scores, as FlagEmbedding computes them.
+
+def sparse_score(query: dict[int, float], document: dict[int, float]) -> float:
+    """Lexical matching score: the sum over shared token ids of the product of the two weights."""
+    if len(document) < len(query):
+        query, document = document, query
+    return float(sum(weight * document[token] for token, weight in query.items() if token in document))
+
+
+def colbert_score(query: np.ndarray, document: np.ndarray) -> float:
+    """MaxSim averaged over the query's vectors: mean over query tokens of the best dot product in the document."""
+    if len(query) == 0 or len(document) == 0:
+        return 0.0
+    return float((query @ document.T).max(axis=1).sum() / len(query))
+
+
+def hybrid_score(dense: float, sparse: float, colbert: float, weights: Sequence[float]) -> float:
+    """FlagEmbedding's hybrid score: the weighted mean of the three scores (dense, sparse, ColBERT).
+
+    FlagEmbedding divides the weighted sum by the sum of the weights; the search ranks by the weighted sum, which
+    orders the contexts of a question the same way.
+    """
+    return float((weights[0] * dense + weights[1] * sparse + weights[2] * colbert) / sum(weights))
+
+
+def attach_random_heads(folder: str | Path, *, seed: int = 0, colbert_dim: int | None = None) -> M3Heads:
+    """Write seeded random M3 heads into a sentence-transformers ``folder``, making it an M3 model.
+
+    For tests and demos: an M3 teacher from any sentence-transformers folder (the packaged all-MiniLM-L6-v2 or
+    the bge-m3-shaped stand-in), the same for the same ``seed``. The sparse head's bias is set so that about
+    half of the tokens get a weight above zero, as in a trained bge-m3.
+    """
+    import json
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    hidden = int(config["hidden_size"])
+    generator = torch.Generator().manual_seed(seed)
+    heads = M3Heads(hidden, colbert_dim)
+    with torch.no_grad():
+        for layer in (heads.sparse_linear, heads.colbert_linear):
+            bound = 1 / np.sqrt(hidden)
+            layer.weight.copy_((torch.rand(layer.weight.shape, generator=generator) * 2 - 1) * bound * 4)
+            layer.bias.zero_()
+    heads.save(folder)
+    return heads
+
+
+def make_m3_test_teacher(out_dir: str | Path, *, base: str | Path = "sentence-transformers/all-MiniLM-L6-v2",
+                         seed: int = 0) -> Path:
+    """The M3 test teacher: a copy of the sentence-transformers folder ``base`` (by default the packaged
+    all-MiniLM-L6-v2) in ``out_dir`` with seeded random heads (:func:`attach_random_heads`). ``out_dir`` must not
+    exist yet."""
+    from m3distill.models import local_model_folder
+
+    out_dir = Path(out_dir)
+    source = local_model_folder(base)
+    if source is None:
+        raise M3DistillError(f"no local copy of {base} to build the M3 test teacher from")
+    if out_dir.exists():
+        raise M3DistillError(f"{out_dir} exists; the M3 test teacher is written to a new folder")
+    with atomic_dir(out_dir) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        _name_sep_as_eos(tmp)
+        attach_random_heads(tmp, seed=seed)
+    return out_dir
+
+
+def _name_sep_as_eos(folder: Path) -> None:
+    """Give a BERT tokenizer (no EOS token) ``[SEP]`` as its EOS token, as bge-m3's ``</s>`` is both.
+
+    FlagEmbedding's ``compute_score`` indexes by the EOS token's id and fails on a tokenizer without one; with it,
+    the closing ``[SEP]`` is left out of the sparse weights as bge-m3 leaves out ``</s>``.
+    """
+    import json
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        if settings.get("eos_token") is None and settings.get("sep_token") is not None:
+            settings["eos_token"] = settings["sep_token"]
+            path.chmod(0o644)
+            path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def copy_head_files(source: str | Path, target: str | Path) -> None:
+    """Copy an M3 model's two head files from ``source`` into ``target`` (each atomically)."""
+    for name in HEAD_FILES:
+        with atomic_path(Path(target) / name) as tmp:
+            shutil.copyfile(Path(source) / name, tmp)
