@@ -87,6 +87,11 @@ def ablations(default: TrainingConfig) -> dict[str, TrainingConfig]:
     for term in terms:
         if getattr(loss, term) and sum(bool(getattr(loss, other)) for other in terms) > 1:
             rows[f"- {term} loss"] = default.model_copy(update={"loss": loss.model_copy(update={term: 0.0})})
+        elif getattr(loss, term) and term != "mse":  # the only term: the seed's MSE in its place
+            rows[f"- {term} loss (MSE instead)"] = default.model_copy(
+                update={"loss": loss.model_copy(update={term: 0.0, "mse": 1.0})})
+    if not loss.anchor_kl:
+        rows["+ anchor_kl loss (0.1)"] = default.model_copy(update={"loss": loss.model_copy(update={"anchor_kl": 0.1})})
     for kind, name in (("crops", "- crops"), ("general", "- general text")):
         if kind in default.texts:
             rows[name] = default.model_copy(update={"texts": [k for k in default.texts if k != kind]})
@@ -96,8 +101,9 @@ def ablations(default: TrainingConfig) -> dict[str, TrainingConfig]:
         rows["- dropout 0 (teacher's rate)"] = default.model_copy(update={"dropout": None})
     if default.best_metric != "spearman":
         rows["- top-k selection (spearman)"] = default.model_copy(update={"best_metric": "spearman"})
-    if "crops" not in default.texts:
-        rows["+ crops"] = default.model_copy(update={"texts": [*default.texts, "crops"]})
+    for kind, name in (("crops", "+ crops"), ("general", "+ general text")):
+        if kind not in default.texts:
+            rows[name] = default.model_copy(update={"texts": [*default.texts, kind]})
     return rows
 
 

@@ -124,7 +124,8 @@ def test_terms_that_need_more_than_the_labels_say_so(batch):
         DistillationLoss(student, _only(token=1.0))
     with pytest.raises(ValueError, match="every loss weight is 0"):
         _only()
-    assert (LossConfig().cosine, LossConfig().anchor_kl, LossConfig().mse) == (1.0, 0.1, 0.0)  # the default recipe
+    assert (LossConfig().cosine, LossConfig().anchor_kl, LossConfig().mse) == (1.0, 0.0, 0.0)  # the default recipe
+    assert (LossConfig().sparse, LossConfig().colbert) == (1.0, 1.0)  # M3 teachers: the heads train by default
 
 
 def test_teacher_top_k_evaluator_equals_numpy_exact_search(minilm_teacher):

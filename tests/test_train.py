@@ -75,7 +75,7 @@ def test_two_layer_student_gets_closer_to_the_teacher(small_dataset, minilm_cach
     cut = build_student(minilm_teacher, result.layers)
     assert metadata["parameters"]["student"] == count_parameters(reloaded) == count_parameters(cut)
     assert metadata["parameters"]["teacher"] == count_parameters(minilm_teacher)
-    assert metadata["data"]["train_texts"] == len(load_synth_dataset(small_dataset).texts(["train"]))
+    assert metadata["data"]["train_texts"] == len(load_synth_dataset(small_dataset).texts(["train"], training.texts))
     assert metadata["training"]["train_loss_last"] < metadata["training"]["train_loss_first"]
     card = (folder / "README.md").read_text()
     assert "before training" in card and f"{after['spearman_cosine']:.4f}" in card and "Layer search" in card
