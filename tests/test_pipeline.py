@@ -182,3 +182,11 @@ def test_pipeline_on_an_m3_teacher_gives_students_with_heads_and_a_report_of_eve
         for k in (5, 10):
             assert 0 <= pair["metrics"][overlap_metric(output_prefix(output), k)] <= 1
     assert _statuses(result) == dict.fromkeys(STAGES, "ran")
+
+    # New teacher heads leave the dense teacher cache current but make the students (trained against the old
+    # heads) and the report stale.
+    from m3distill.m3 import attach_random_heads
+
+    attach_random_heads(teacher, seed=1)
+    again = run_pipeline(M3DistillConfig.model_validate(data), show_progress=False)
+    assert _statuses(again) == {"synth": "skipped", "teacher": "skipped", "train": "ran", "evaluate": "ran"}

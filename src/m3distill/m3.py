@@ -87,7 +87,11 @@ class M3Heads(nn.Module):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:  # noqa: BLE001 (pickle, zip and unpickling errors all mean "not a head file")
-                raise M3DistillError(f"{path} is not a readable head file: {str(error).splitlines()[0]}") from error
+                # torch's own message advises weights_only=False, which would run whatever code the file holds.
+                raise M3DistillError(
+                    f"{path} is not a readable head file (a torch file holding only a Linear layer's tensors, as "
+                    f"FlagEmbedding saves them; {type(error).__name__}): copy it again from the model it came from"
+                ) from error
             if not isinstance(state, dict) or not isinstance(state.get("weight"), Tensor) or state["weight"].ndim != 2:
                 raise M3DistillError(f"{path} does not hold a Linear layer's weights (a 'weight' matrix)")
             states[name] = state
@@ -347,6 +351,22 @@ def _name_sep_as_eos(folder: Path) -> None:
             settings["eos_token"] = settings["sep_token"]
             path.chmod(0o644)
             path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def head_files_sha256(folder: str | Path | None) -> str | None:
+    """SHA-256 over an M3 model's two head files, or ``None`` for a folder that is not an M3 model.
+
+    Students trained against a teacher's heads are current only for those heads; the teacher cache (dense) does not
+    depend on them, so they are fingerprinted here, apart from the model's other files.
+    """
+    import hashlib
+
+    if not is_m3_model(folder):
+        return None
+    digest = hashlib.sha256()
+    for name in HEAD_FILES:
+        digest.update(name.encode() + b"\0" + (Path(folder) / name).read_bytes())
+    return digest.hexdigest()
 
 
 def copy_head_files(source: str | Path, target: str | Path) -> None:

@@ -145,7 +145,7 @@ _TRAINING_LOGISTICS = ("device", "keep_checkpoints", "save_total_limit", "save_s
 
 
 def student_fingerprint(dataset: str | None, cache_manifest: Mapping[str, Any], training: Any,
-                        plan: Mapping[str, Any]) -> Fingerprint:
+                        plan: Mapping[str, Any], teacher_heads: str | None = None) -> Fingerprint:
     """What a trained student is made from: the dataset, the teacher cache, the training settings and its plan.
 
     Args:
@@ -153,11 +153,15 @@ def student_fingerprint(dataset: str | None, cache_manifest: Mapping[str, Any], 
         cache_manifest: the teacher cache's manifest.
         training: the :class:`~m3distill.config.TrainingConfig`.
         plan: :func:`plan_spec` of the student.
+        teacher_heads: :func:`m3distill.m3.head_files_sha256` of an M3 teacher (``None`` for a dense-only one):
+            its students are trained against those heads, which the cache does not cover.
     """
     settings = training.model_dump(mode="json", exclude=set(_TRAINING_LOGISTICS))
+    heads = {} if teacher_heads is None else {"teacher.heads" + CONTENTS: teacher_heads}
     return Fingerprint({
         "dataset" + CONTENTS: dataset,
         **cache_identity(cache_manifest),
+        **heads,
         **flatten("training", settings),
         **flatten("student", dict(plan)),
     })

@@ -75,9 +75,14 @@ class TrainStage(Stage):
         """The fingerprint each planned student must record to be current."""
         from m3distill.teacher.cache import TeacherCache
 
+        from m3distill.m3 import head_files_sha256
+        from m3distill.models import local_model_folder
+
         manifest = TeacherCache.read_manifest(self.cache_dir)
         dataset = dataset_fingerprint(self.dataset_dir)
-        return {name: student_fingerprint(dataset, manifest, self.config.training, spec)
+        teacher = self.config.teacher
+        heads = head_files_sha256(local_model_folder(teacher.model, teacher.revision))
+        return {name: student_fingerprint(dataset, manifest, self.config.training, spec, heads)
                 for name, spec in self.planned().items()}
 
     def fingerprint(self) -> Fingerprint:

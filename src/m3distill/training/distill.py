@@ -46,7 +46,15 @@ from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from m3distill.config import DEFAULT_TRAINING_STEPS, M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
-from m3distill.m3 import HEAD_FILES, M3_OUTPUTS, M3Embeddings, M3Heads, encode_m3, load_m3_heads
+from m3distill.m3 import (
+    HEAD_FILES,
+    M3_OUTPUTS,
+    M3Embeddings,
+    M3Heads,
+    encode_m3,
+    head_files_sha256,
+    load_m3_heads,
+)
 from m3distill.metrics import row_cosines, sparse_alignment_metrics
 from m3distill.models import count_parameters, load_sentence_transformer, local_model_folder, num_layers
 from m3distill.students.build import build_student
@@ -213,7 +221,8 @@ def train_students(
         )
     fingerprint = teacher_fingerprint(teacher_model, teacher.model, revision=teacher.revision)
     check_fingerprint(fingerprint, cache.fingerprint, where=f"teacher cache {cache_dir}")
-    teacher_heads = load_m3_heads(teacher_model, local_model_folder(teacher.model, teacher.revision))
+    teacher_folder = local_model_folder(teacher.model, teacher.revision)
+    teacher_heads = load_m3_heads(teacher_model, teacher_folder)
     if teacher_heads is not None:
         teacher_heads.to(teacher_model.device)
         logger.info("M3 teacher: the students keep and train the sparse and ColBERT heads (loss.sparse %g, "
@@ -237,6 +246,7 @@ def train_students(
 
     job = _TrainingJob(
         dataset=dataset, cache=cache, teacher_model=teacher_model, teacher_heads=teacher_heads,
+        teacher_heads_sha256=head_files_sha256(teacher_folder) if teacher_heads is not None else None,
         fingerprint=fingerprint.to_dict(),
         train_texts=train_texts, train_embeddings=train_embeddings, dev=dev, training=training,
         search_settings=search_settings, show_progress=show_progress,
@@ -309,6 +319,7 @@ class _TrainingJob:
     cache: TeacherCache
     teacher_model: SentenceTransformer
     teacher_heads: M3Heads | None
+    teacher_heads_sha256: str | None
     fingerprint: dict[str, Any]
     train_texts: list[str]
     train_embeddings: np.ndarray
@@ -519,7 +530,7 @@ class _TrainingJob:
         # What the student was made from: a later run retrains it (or refuses to reuse it) when any of it changed.
         record = trained_student_record(student_fingerprint(
             dataset_fingerprint(self.dataset.root), self.cache.manifest, training,
-            plan_spec(plan.n_layers, plan.strategy, plan.layers, self.search_settings),
+            plan_spec(plan.n_layers, plan.strategy, plan.layers, self.search_settings), self.teacher_heads_sha256,
         ))
         return {
             **record,
