@@ -180,11 +180,6 @@ class M3Model:
         self.heads = heads.to(model.device)
         self.unused_ids = torch.tensor(sorted(unused_token_ids(model.tokenizer)), dtype=torch.long)
 
-    @classmethod
-    def from_folder(cls, model: SentenceTransformer, folder: str | Path) -> M3Model:
-        """``model`` with the heads saved in ``folder`` (the folder ``model`` was loaded from)."""
-        return cls(model, M3Heads.load(folder, hidden_size=_hidden_size(model)))
-
     def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """The model's outputs for tokenized ``features``, plus ``sparse_weights`` (batch, tokens) and
         ``colbert_vectors`` (batch, tokens - 1, dim)."""
@@ -229,9 +224,6 @@ class M3Model:
             self.model.train(was_training)
         return M3Embeddings(dense=np.stack(dense).astype(np.float32) if texts else np.zeros((0, 0), np.float32),
                             sparse=sparse, colbert=colbert)
-
-    def save_heads(self, folder: str | Path) -> None:
-        self.heads.save(folder)
 
 
 def _max_weight_per_id(ids: Tensor, weights: Tensor) -> dict[int, float]:
