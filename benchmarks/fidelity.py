@@ -61,6 +61,7 @@ from m3distill.metrics import (  # noqa: E402
     draw_similarity_pairs,
     ground_truth_metrics,
     mrr_metric,
+    row_cosines,
     top_k_overlap,
 )
 from m3distill.models import load_sentence_transformer  # noqa: E402
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="m3distill-fidelity-"))
     config = load_config(REPO / "configs" / "demo.yaml")
-    dataset_dir, cache_dir = _prepare(config, work)
+    dataset_dir, cache_dir = prepare_sample_run(config, work)
     default = TrainingConfig(max_steps=args.max_steps) if args.max_steps else TrainingConfig()
     default = default.model_copy(update={"max_seq_length": config.training.max_seq_length})
     budget = default.max_steps or DEFAULT_TRAINING_STEPS
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only:
         runs = [run for run in runs if any(word in run[0] for word in args.only.split(","))]
-    evaluation = _TestSearch(config, dataset_dir, cache_dir)
+    evaluation = TestSearch(config, dataset_dir, cache_dir)
     # Rows measured before in this work folder are reused while their student is still there (trained students are
     # skipped by train_students, and measuring one again gives the same figures).
     measured_file = work / "rows.json"
@@ -204,7 +205,7 @@ def _cell(values: list[float], share: bool = False) -> str:
     return text
 
 
-def _prepare(config: M3DistillConfig, work: Path) -> tuple[Path, Path]:
+def prepare_sample_run(config: M3DistillConfig, work: Path) -> tuple[Path, Path]:
     sample = REPO / "data" / "sample"
     synth = config.synth.model_copy(update={"corpus": str(sample / "domain"), "general": str(sample / "general"),
                                             "crop_sentences": True, "crop_spans": 2})
@@ -215,8 +216,8 @@ def _prepare(config: M3DistillConfig, work: Path) -> tuple[Path, Path]:
     return dataset_dir, cache_dir
 
 
-class _TestSearch:
-    """The test questions and every context, with the teacher's top-k from the cache."""
+class TestSearch:
+    """The test questions and every context, with the teacher's top-k from the cache (also used by serving.py)."""
 
     def __init__(self, config: M3DistillConfig, dataset_dir: Path, cache_dir: Path):
         dataset = load_synth_dataset(dataset_dir)
@@ -227,7 +228,7 @@ class _TestSearch:
         self.questions = list(questions["text"])
         self.own = np.array([row_of[context_id] for context_id in questions["context_id"]])
         self.teacher_q, self.teacher_c = cache.get(self.questions), cache.get(self.contexts)
-        self.teacher_top = _top(self.teacher_q, self.teacher_c)
+        self.teacher_top = top_k_rows(self.teacher_q, self.teacher_c)
         self.teacher_mrr = ground_truth_metrics(self.teacher_top, self.own, [10], "exact")[mrr_metric("exact")]
         test_rows = np.flatnonzero(dataset.contexts["split"].to_numpy() == "test")
         n = len(self.questions)
@@ -236,13 +237,31 @@ class _TestSearch:
         self.n_questions, self.n_contexts = n, len(self.contexts)
         self.batch_size = config.evaluation.batch_size
 
+    def top(self, encoded: np.ndarray, k: int = 50) -> np.ndarray:
+        """The top-k contexts of every test question, from a model's embeddings of questions + contexts."""
+        return top_k_rows(encoded[: self.n_questions], encoded[self.n_questions :], k)
+
+    def fidelity(self, encoded: np.ndarray, reference: np.ndarray, reference_top: np.ndarray) -> dict[str, float]:
+        """P@10 against the teacher and against a reference model (its fp32 self), MRR@10 as a share of the
+        teacher's, and the mean cosine to the reference's embeddings, from embeddings of questions + contexts."""
+        top = self.top(encoded)
+        mrr = ground_truth_metrics(top, self.own, [10], "exact")[mrr_metric("exact")]
+        return {
+            "p@10": top_k_overlap(top, self.teacher_top, 10), "p@10_self": top_k_overlap(top, reference_top, 10),
+            "mrr_share": mrr / self.teacher_mrr, "cosine_to_fp32": float(np.mean(row_cosines(encoded, reference))),
+        }
+
+    def speed_texts(self) -> list[str]:
+        """The test texts: the test questions and the test contexts."""
+        return self.questions + [self.contexts[row - self.n_questions] for row in self.test_text_rows[self.n_questions :]]
+
     def measure(self, student_dir: Path) -> dict[str, float]:
         student = load_sentence_transformer(student_dir, device="cpu")
         encoded = student.encode(self.questions + self.contexts, batch_size=self.batch_size, convert_to_numpy=True,
                                  show_progress_bar=False)
         q, c = encoded[: self.n_questions], encoded[self.n_questions :]
-        top = _top(q, c)
-        query_side = _top(q, self.teacher_c)
+        top = top_k_rows(q, c)
+        query_side = top_k_rows(q, self.teacher_c)
         teacher_all = np.concatenate([self.teacher_q, self.teacher_c])
         aligned = alignment_metrics(encoded, teacher_all, self.pairs, text_rows=self.test_text_rows)
         mrr = ground_truth_metrics(top, self.own, [10], "exact")[mrr_metric("exact")]
@@ -254,7 +273,7 @@ class _TestSearch:
         }
 
 
-def _top(queries: np.ndarray, contexts: np.ndarray, k: int = 50) -> np.ndarray:
+def top_k_rows(queries: np.ndarray, contexts: np.ndarray, k: int = 50) -> np.ndarray:
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     c = contexts / np.linalg.norm(contexts, axis=1, keepdims=True)
     return np.argsort(-(q @ c.T), axis=1, kind="stable")[:, :k]

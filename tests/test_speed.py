@@ -8,6 +8,9 @@ import torch
 
 from m3distill.config import SpeedConfig
 from m3distill.evaluation.speed import (
+    ONNX_RUNTIME,
+    TORCH_RUNTIME,
+    TimedModel,
     interleaved_throughput,
     is_suspect_speedup,
     measure_speed,
@@ -19,6 +22,7 @@ from m3distill.metrics import (
     LAYER_RATIO,
     MEMORY_MEASURE,
     PARAMETERS,
+    WEIGHTS_BYTES,
     SECONDS_PER_RUN,
     SPEEDUP,
     SPEEDUP_MAX,
@@ -150,3 +154,68 @@ def test_measure_speed_warms_every_model_up_before_the_timed_turns():
     assert all(metrics[name][TEXTS_PER_S] > 0 for name in models)
     with pytest.raises(ValueError, match="not among the timed models"):
         measure_speed(models, ["text"], config, teacher="nobody", layers={})
+
+
+def test_another_runtime_may_beat_the_layer_ratio_without_being_suspect():
+    # An int8 ONNX export of a 2-layer student can honestly run 4x a 6-layer torch teacher (ratio 3): fused kernels
+    # and int8 matrix products are not "fewer layers of the same kind". The same figure from torch is suspect.
+    throughput = {"teacher": [10.0], "student": [40.0], "student (int8)": [40.0]}
+    runtimes = {"teacher": TORCH_RUNTIME, "student": TORCH_RUNTIME, "student (int8)": ONNX_RUNTIME}
+    figures = speed_figures(throughput, "teacher", {"teacher": 6, "student": 2, "student (int8)": 2}, n_texts=10,
+                            runtimes=runtimes)
+    assert figures["student"][SPEEDUP_SUSPECT] is True
+    assert figures["student (int8)"][SPEEDUP_SUSPECT] is False
+    assert figures["student (int8)"][SPEEDUP] == 4.0 and figures["student (int8)"][LAYER_RATIO] == 3.0
+
+
+def test_a_model_on_another_device_than_the_teacher_gets_texts_per_s_but_no_speed_up():
+    # ONNX on the CPU against a teacher on a GPU: the ratio would compare the hardware.
+    throughput = {"teacher": [100.0, 120.0], "student (onnx)": [30.0, 40.0]}
+    figures = speed_figures(throughput, "teacher", {"teacher": 6, "student (onnx)": 2}, n_texts=10,
+                            runtimes={"teacher": TORCH_RUNTIME, "student (onnx)": ONNX_RUNTIME},
+                            devices={"teacher": "cuda", "student (onnx)": "cpu"})
+    onnx = figures["student (onnx)"]
+    assert (onnx[TEXTS_PER_S], onnx[TEXTS_PER_S_MIN], onnx[TEXTS_PER_S_MAX]) == (35.0, 30.0, 40.0)
+    assert onnx[SPEEDUP] is None and onnx[SPEEDUP_MIN] is None and onnx[SPEEDUP_MAX] is None
+    assert onnx[SPEEDUP_SUSPECT] is False and figures["teacher"][SPEEDUP] == 1.0
+
+
+def test_measure_speed_times_anything_that_encodes_in_the_same_turns():
+    calls: list[tuple[str, int]] = []
+
+    def onnx_encode(texts, batch_size):
+        calls.append(("student (onnx)", len(texts)))
+
+    models = {
+        "teacher": FakeModel("teacher", calls),
+        "student (onnx)": TimedModel(encode=onnx_encode, device=torch.device("cpu"), parameters=6,
+                                     weights_bytes=1234, runtime=ONNX_RUNTIME, keeps_memory=True),
+    }
+    config = SpeedConfig(n_texts=4, batch_size=2, repeats=2, warmup_batches=1, min_seconds_per_repeat=0)
+    metrics = measure_speed(models, ["text"] * 4, config, teacher="teacher",
+                            layers={"teacher": 4, "student (onnx)": 4})
+    # onnxruntime keeps what a pass allocated: its memory pass comes before its warm-up, or it would read as 0.
+    untimed = [("teacher", 2), ("teacher", 4), ("student (onnx)", 4), ("student (onnx)", 2)]
+    assert calls == untimed + [("teacher", 4), ("student (onnx)", 4)] * 2
+    onnx = metrics["student (onnx)"]
+    assert onnx[PARAMETERS] == 6 and onnx[WEIGHTS_BYTES] == 1234 and onnx[MEMORY_MEASURE]
+    assert onnx[TEXTS_PER_S] > 0 and onnx[SPEEDUP] > 0 and onnx[SPEEDUP_SUSPECT] is False
+    assert metrics["teacher"][WEIGHTS_BYTES] == 6 * 4  # the fake's 3 x 2 float32 parameters
+
+
+def test_a_token_budget_in_the_speed_settings_times_the_models_through_encode_texts(monkeypatch):
+    import m3distill.encoding
+
+    budgets: list[tuple[str, int | None, str]] = []
+
+    def recording_encode_texts(model, texts, *, batch_size, max_tokens_per_batch=None, precision="auto", **_):
+        budgets.append((model.name, max_tokens_per_batch, precision))
+
+    monkeypatch.setattr(m3distill.encoding, "encode_texts", recording_encode_texts)
+    calls: list[tuple[str, int]] = []
+    models = {name: FakeModel(name, calls) for name in ("teacher", "s1")}
+    config = SpeedConfig(n_texts=4, batch_size=2, repeats=1, warmup_batches=0, min_seconds_per_repeat=0,
+                         max_tokens_per_batch=64, precision="fp32")
+    measure_speed(models, ["text"] * 4, config, teacher="teacher", layers={"teacher": 2, "s1": 1})
+    assert budgets and set(budgets) == {("teacher", 64, "fp32"), ("s1", 64, "fp32")}
+    assert calls == []  # nothing went through the plain fixed-batch encode

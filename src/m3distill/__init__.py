@@ -16,6 +16,12 @@ bge-m3's three outputs (dense, sparse, ColBERT) of any M3 model folder, a teache
 
     model = SentenceTransformer(folder)
     out = m3distill.encode_m3(model, m3distill.load_m3_heads(model, folder), texts)   # -> M3Embeddings
+
+A student exported for serving (ONNX float32 and int8, see :mod:`m3distill.export`), and loaded with onnxruntime
+alone::
+
+    m3distill.export_student(folder, config.export)                  # -> ExportResult
+    m3distill.onnx_encoder(folder, "int8").encode(texts)             # float32 (n, dim), no torch
 """
 
 from __future__ import annotations
@@ -140,19 +146,30 @@ def run(config: M3DistillConfig, *, force: Iterable[str] = (), show_progress: bo
 
 
 _M3_NAMES = ("M3Embeddings", "encode_m3", "load_m3_heads")
+_EXPORT_NAMES = ("ExportResult", "export_student")
 
 
 def __getattr__(name: str):
-    # The M3 helpers need torch; importing them only when asked keeps `import m3distill` light.
+    # The M3 helpers need torch, the ONNX encoder onnxruntime; importing them only when asked keeps
+    # `import m3distill` light.
     if name in _M3_NAMES:
         from m3distill import m3
 
         return getattr(m3, name)
+    if name in _EXPORT_NAMES:
+        from m3distill import export
+
+        return getattr(export, name)
+    if name == "onnx_encoder":
+        from m3distill.onnx_serving import onnx_encoder
+
+        return onnx_encoder
     raise AttributeError(f"module 'm3distill' has no attribute {name!r}")
 
 
 __all__ = [
     "EvaluationResult",
+    "ExportResult",
     "M3Embeddings",
     "M3DistillConfig",
     "M3DistillError",
@@ -162,8 +179,10 @@ __all__ = [
     "demo_config",
     "encode_m3",
     "evaluate",
+    "export_student",
     "load_config",
     "load_m3_heads",
+    "onnx_encoder",
     "run",
     "run_pipeline",
     "synth",

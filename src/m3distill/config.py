@@ -117,6 +117,15 @@ class TeacherConfig(_Section):
     dtype: Literal["float32", "float16"] = Field("float32", description="Storage dtype of cached embeddings.")
     shard_size: int = Field(2048, ge=1, description="Texts per cache shard (the unit of resumption).")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, mps; auto when unset.")
+    max_tokens_per_batch: int | None = Field(
+        None, ge=1, description="Token budget: batches of texts sorted by token length, each at most this many "
+        "padded tokens (longest text x texts) and at most batch_size texts (raise batch_size to let short texts "
+        "fill a batch); batches of batch_size texts when unset. Changes the embeddings only at float-error level.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Compute precision of the teacher: auto = bf16 on a CUDA GPU (fp16 on one without "
+        "bf16), fp32 elsewhere. Recorded in the cache, which is only ever extended in the same precision.",
+    )
 
 
 LayerStrategy = Literal["spread", "uniform", "first", "last", "search"]
@@ -229,6 +238,10 @@ class TrainingConfig(_Section):
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding, faster).")
     keep_checkpoints: bool = Field(False, description="Keep the checkpoints/ folder in each finished student.")
     max_dev_texts: int = Field(2000, ge=10, description="Dev texts used by the evaluators during training.")
+    dev_max_tokens_per_batch: int | None = Field(
+        None, ge=1, description="Token budget of the dev evaluation's batches, as teacher.max_tokens_per_batch, "
+        "each at most batch_size texts; batches of batch_size texts when unset. The dev evaluation runs in fp32.",
+    )
     seed: int = Field(42, description="Random seed of the data order and the anchor sample.")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, mps; auto when unset.")
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -260,6 +273,14 @@ class SpeedConfig(_Section):
         2.0, ge=0, description="Each model's turn in a repeat encodes the texts again until at least this many "
         "seconds have passed, so short timings do not turn scheduler noise into speed-ups; 0 = one pass.",
     )
+    max_tokens_per_batch: int | None = Field(
+        None, ge=1, description="Token budget of the timed batches, as teacher.max_tokens_per_batch (each at most "
+        "batch_size texts); batches of batch_size texts when unset.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Compute precision while timing (torch models): auto = bf16 on a CUDA GPU (fp16 on one "
+        "without bf16), fp32 elsewhere.",
+    )
 
 
 class EvaluationConfig(_Section):
@@ -288,6 +309,11 @@ class EvaluationConfig(_Section):
         "score (FlagEmbedding's default 1 : 0.3 : 1).",
     )
     device: str | None = Field(None, description="cpu, cuda, cuda:1, mps; auto when unset.")
+    onnx_variants: bool = Field(
+        True, description="Also evaluate each student's ONNX exports (fp32 and int8, made by `m3distill export`) "
+        "as models of their own, on onnxruntime's CPU provider: speed, P@k with the teacher and with the torch "
+        "student, ground truth.",
+    )
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
     seed: int = Field(42, description="Random seed of the negative pairs.")
 
@@ -312,6 +338,61 @@ class EvaluationConfig(_Section):
         return ["exact", *(index for index in dict.fromkeys(value) if index != "exact")]
 
 
+class QuantizationConfig(_Section):
+    """The int8 variant: onnxruntime's dynamic quantisation (``quantize_dynamic``) of the float32 export."""
+
+    weight_type: Literal["qint8", "quint8"] = Field(
+        "qint8", description="Type of the quantised weights: signed (qint8) or unsigned (quint8) 8-bit integers.",
+    )
+    per_channel: bool = Field(
+        True, description="One scale per output channel of each weight instead of one per tensor (the demo's 2-layer "
+        "student's int8 gave a mean cosine to the torch student of 0.998 per channel, 0.980 per tensor).",
+    )
+    reduce_range: bool = Field(False, description="7-bit weights, for older x86 CPUs without VNNI that overflow.")
+    op_types: list[str] = Field(
+        default_factory=lambda: ["MatMul"], description="ONNX operator types whose weights are quantised.",
+    )
+
+    @field_validator("op_types")
+    @classmethod
+    def _some_op_types(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("op_types must name at least one ONNX operator type, e.g. MatMul")
+        return list(dict.fromkeys(value))
+
+
+class ExportConfig(_Section):
+    """``m3distill export``: each student as ONNX (float32) and dynamic int8, verified against the torch student."""
+
+    enabled: bool = Field(
+        False, description="Export every student after training in `m3distill run` / `demo` (m3distill export "
+        "exports on request either way).",
+    )
+    variants: list[Literal["onnx", "int8"]] = Field(
+        default_factory=lambda: ["onnx", "int8"],
+        description="Variants written into each student's onnx/ folder: onnx (float32, onnx/model.onnx) and int8 "
+        "(dynamic int8 weights, onnx/model_qint8_quantized.onnx).",
+    )
+    opset: int = Field(18, ge=14, description="ONNX opset of the exported graphs.")
+    min_cosine: float = Field(
+        0.9999, gt=0, le=1, description="The float32 export must reach this mean cosine to the torch student on the "
+        "verification texts, else nothing is written (int8 is measured and recorded, not held to it).",
+    )
+    verify_texts: int = Field(
+        256, ge=1, description="Texts each variant is compared on with the torch student: the run's test texts, "
+        "or the bundled sample corpus when no dataset is known (plus one text longer than max_seq_length).",
+    )
+    batch_size: int = Field(32, ge=1, description="Texts per batch while verifying.")
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+
+    @field_validator("variants")
+    @classmethod
+    def _some_variants(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("variants must name at least one of onnx, int8")
+        return [variant for variant in ("onnx", "int8") if variant in value]
+
+
 class M3DistillConfig(_Section):
     """A whole run: every stage's settings and the run directory they share."""
 
@@ -321,6 +402,7 @@ class M3DistillConfig(_Section):
     students: StudentsConfig = Field(default_factory=StudentsConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

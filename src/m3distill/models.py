@@ -1,9 +1,16 @@
 """Model helpers every stage shares: loading any sentence-transformers model (folder or hub id) with errors a user
-can act on, choosing the device, and inspecting a model (parameters, layer stack)."""
+can act on, choosing the device (one per process under torchrun), and inspecting a model (parameters, layer stack,
+attention implementation).
+
+Attention: transformers 5 already loads every architecture that supports it with PyTorch's scaled-dot-product
+attention (``attn_implementation="sdpa"``, fused kernels on GPUs) and falls back to its eager implementation for
+the others, so models are loaded with its default; the log line of each load names the implementation in use.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -45,6 +52,16 @@ def resolve_device(device: str | None) -> str:
             )
     elif parsed.type == "mps" and not _mps_available():
         raise M3DistillError(f"device {device!r} asked for, but Apple's MPS is not available here; {unset}")
+    return device
+
+
+def process_device(device: str | None) -> str | None:
+    """The device this process should use for ``device``: under torchrun (``LOCAL_RANK`` set) with CUDA, an unset
+    device or plain ``cuda`` becomes ``cuda:LOCAL_RANK``, so each process runs on its own GPU; anything else is
+    returned unchanged (resolve it with :func:`resolve_device`)."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device in (None, "cuda") and local_rank is not None and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
     return device
 
 
@@ -161,8 +178,20 @@ def load_sentence_transformer(
         raise M3DistillError(f"could not load model {name!r}: {_first_line(error)}") from error
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
-    logger.info("loaded %s (%d parameters) on %s", name, count_parameters(model), model.device)
+    logger.info("loaded %s (%d parameters, %s attention) on %s", name, count_parameters(model),
+                attention_implementation(model) or "unknown", model.device)
     return model
+
+
+def attention_implementation(model: SentenceTransformer) -> str | None:
+    """The attention implementation the model's transformer runs (``sdpa``, ``eager``, ``flash_attention_2``...),
+    or ``None`` when the model holds no transformers model."""
+    try:
+        backbone = transformer_backbone(model)
+    except M3DistillError:
+        return None
+    config = getattr(backbone, "config", None)
+    return getattr(config, "_attn_implementation", None)
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""The whole pipeline in one call: synth -> teacher cache -> students -> evaluation and report.
+"""The whole pipeline in one call: synth -> teacher cache -> students -> (ONNX export) -> evaluation and report.
 
 A loop over the stages of :mod:`m3distill.stages`, in the run directory (m3distill.layout). Each stage decides
 for itself whether its outputs are current (its fingerprint, recorded in them, equals the one computed now from
@@ -29,11 +29,12 @@ from m3distill.config import M3DistillConfig, config_to_yaml, load_config
 from m3distill.errors import M3DistillError
 from m3distill.layout import RunLayout, is_inside
 from m3distill.resources import bundled_config, sample_corpus_dir
-from m3distill.stages import STAGE_NAMES, run_stages
+from m3distill.stages import ALL_STAGE_NAMES, STAGE_NAMES, run_stages
 
 logger = logging.getLogger(__name__)
 
-STAGES = STAGE_NAMES
+STAGES = STAGE_NAMES  # every run's stages; ALL_STAGES adds export, which a run has when export.enabled
+ALL_STAGES = ALL_STAGE_NAMES
 _LOCK_FILE = ".lock"
 _LOCK_OWNER_FILE = ".lock.owner"
 
@@ -51,16 +52,19 @@ class PipelineResult:
     results: dict[str, Any] = field(default_factory=dict)
 
 
-def _validate_force(force: Iterable[str]) -> set[str]:
+def _validate_force(force: Iterable[str], config: M3DistillConfig | None = None) -> set[str]:
     force = set(force)
-    unknown = force - set(STAGES) - {"all"}
+    unknown = force - set(ALL_STAGES) - {"all"}
     if unknown:
-        raise M3DistillError(f"unknown stage(s) {', '.join(sorted(unknown))} for --force; choose from {', '.join(STAGES)} or all")
+        raise M3DistillError(f"unknown stage(s) {', '.join(sorted(unknown))} for --force; choose from {', '.join(ALL_STAGES)} or all")
+    if "export" in force and config is not None and not config.export.enabled:
+        raise M3DistillError("--force export: this run has no export stage (export.enabled is false); enable it in "
+                             "the config, or export with `m3distill export --force`")
     if "all" in force:
-        return set(STAGES)
+        return set(ALL_STAGES)
     # Redoing a stage changes the inputs of every later one.
-    first = min(STAGES.index(stage) for stage in force) if force else len(STAGES)
-    return set(STAGES[first:])
+    first = min(ALL_STAGES.index(stage) for stage in force) if force else len(ALL_STAGES)
+    return set(ALL_STAGES[first:])
 
 
 def _output_dirs(layout: RunLayout) -> dict[str, Path]:
@@ -106,14 +110,14 @@ def run_pipeline(
 
     Args:
         config: the whole run's settings; ``config.run_dir`` is created if needed.
-        force: stages to redo even when current (``synth``, ``teacher``, ``train``, ``evaluate`` or ``all``);
-            every later stage is redone too.
+        force: stages to redo even when current (``synth``, ``teacher``, ``train``, ``export``, ``evaluate`` or
+            ``all``); every later stage is redone too. The export stage runs only when ``export.enabled``.
         show_progress: show progress bars.
         on_stage: called with (stage, "start" | "skip" | "done") so a CLI can print where it is.
 
     Raises :class:`M3DistillError` when another process is running a pipeline in the same run directory.
     """
-    forced = _validate_force(force)
+    forced = _validate_force(force, config)
     layout = RunLayout(config.run_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
     with _run_dir_lock(layout), _run_log(layout):

@@ -16,7 +16,7 @@ from m3distill import __version__
 from m3distill.errors import M3DistillError
 
 # Subcommand modules in pipeline order; each defines register(subparsers) and sets `handler` on its parser.
-_SUBCOMMANDS = ("synth", "teacher", "train", "evaluate", "pipeline")
+_SUBCOMMANDS = ("synth", "teacher", "train", "export", "evaluate", "pipeline")
 
 
 class _Parser(argparse.ArgumentParser):

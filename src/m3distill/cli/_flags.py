@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 from m3distill.config import M3DistillConfig
 
 # Sections named after a stage: their flags leave the stage's name out; nested sections keep theirs (llm, loss...).
-_STAGE_SECTIONS = ("synth", "teacher", "students", "training", "evaluation")
+_STAGE_SECTIONS = ("synth", "teacher", "students", "training", "evaluation", "export")
 
 # Flags whose names are not derived from their field (names users and scripts already rely on). The first name is
 # the one shown first in help; every name is accepted.

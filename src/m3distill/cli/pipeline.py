@@ -8,19 +8,22 @@ import time
 
 from m3distill.cli._common import show_progress
 from m3distill.cli._flags import add_config_flags, flag_value
+from m3distill.config import load_config
 from m3distill.layout import REPORT_MD_FILE
 from m3distill.pipeline import (
-    STAGES,
+    ALL_STAGES,
     PipelineResult,
     demo_config,
     run_config_file,
     run_pipeline,
 )
+from m3distill.stages import stage_names
 
 _STAGE_TITLES = {
     "synth": "synthetic dataset (contexts + questions)",
     "teacher": "teacher embedding cache",
     "train": "distilling students",
+    "export": "ONNX and int8 export of the students",
     "evaluate": "evaluation and report",
 }
 
@@ -43,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser(
         "run",
         help="run every stage from one config file (see configs/bge-m3.yaml)",
-        description="Run synth, teacher, train and evaluate from one YAML config. A stage whose outputs are "
+        description="Run synth, teacher, train, export (when export.enabled) and evaluate from one YAML config. "
+        "A stage whose outputs are "
         "complete and made with the same settings is skipped; a changed setting or --force redoes it and "
         "every later stage.",
     )
@@ -55,26 +59,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--force", action="append", default=[], metavar="STAGE", choices=[*STAGES, "all"],
-        help=f"redo STAGE ({', '.join(STAGES)} or all) and every stage after it; repeatable",
+        "--force", action="append", default=[], metavar="STAGE", choices=[*ALL_STAGES, "all"],
+        help=f"redo STAGE ({', '.join(ALL_STAGES)} or all) and every stage after it; repeatable (export only "
+        "when the config enables it)",
     )
 
 
-def _progress_printer(quiet: bool):
+def _progress_printer(quiet: bool, stages: tuple[str, ...]):
+    """Prints "[n/N] stage ..." lines; ``stages`` are the run's stages (:func:`m3distill.stages.stage_names`)."""
     started: dict[str, float] = {}
 
     def on_stage(stage: str, event: str) -> None:
         if quiet:
             return
-        number = STAGES.index(stage) + 1
+        number = stages.index(stage) + 1
         title = _STAGE_TITLES[stage]
         if event == "start":
             started[stage] = time.perf_counter()
-            print(f"[{number}/{len(STAGES)}] {title} ...", file=sys.stderr, flush=True)
+            print(f"[{number}/{len(stages)}] {title} ...", file=sys.stderr, flush=True)
         elif event == "skip":
-            print(f"[{number}/{len(STAGES)}] {title}: up to date, skipped", file=sys.stderr, flush=True)
+            print(f"[{number}/{len(stages)}] {title}: up to date, skipped", file=sys.stderr, flush=True)
         else:
-            print(f"[{number}/{len(STAGES)}] {title}: done in {time.perf_counter() - started[stage]:.1f} s",
+            print(f"[{number}/{len(stages)}] {title}: done in {time.perf_counter() - started[stage]:.1f} s",
                   file=sys.stderr, flush=True)
 
     return on_stage
@@ -89,13 +95,15 @@ def _finish(result: PipelineResult, seconds: float) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    result = run_pipeline(demo_config(args.out, m3=args.m3), force=args.force, show_progress=show_progress(args),
-                          on_stage=_progress_printer(args.quiet))
+    config = demo_config(args.out, m3=args.m3)
+    result = run_pipeline(config, force=args.force, show_progress=show_progress(args),
+                          on_stage=_progress_printer(args.quiet, stage_names(config)))
     return _finish(result, time.perf_counter() - started)
 
 
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    stages = stage_names(load_config(args.config))
     result = run_config_file(args.config, force=args.force, run_dir=flag_value(args, "run_dir"),
-                             show_progress=show_progress(args), on_stage=_progress_printer(args.quiet))
+                             show_progress=show_progress(args), on_stage=_progress_printer(args.quiet, stages))
     return _finish(result, time.perf_counter() - started)

@@ -10,15 +10,18 @@ from m3distill.layout import RunLayout
 
 _DESCRIPTION = """\
 Embed every text of the dataset (contexts, questions and general text of all splits) once with the teacher, in
-length-sorted batches, into memory-mapped shards keyed by text hash. An interrupted run resumes where it
-stopped; a rerun after the dataset grew embeds only the new texts. A cache made by another teacher (or another
---max-seq-length or --dtype) is refused; --force rebuilds it.
+length-sorted batches (of --batch-size texts, or cut by --max-tokens-per-batch padded tokens), into memory-mapped
+shards keyed by text hash. An interrupted run resumes where it stopped; a rerun after the dataset grew embeds only
+the new texts. A cache made by another teacher (or another --max-seq-length, --dtype or --precision) is refused;
+--force rebuilds it. Under torchrun the processes share the shards, one GPU each.
 """
 
 _EPILOG = """\
 examples:
   m3distill teacher --data runs/x/dataset --teacher BAAI/bge-m3 --out runs/x/teacher_cache
   m3distill teacher --config run.yaml --dtype float16 --batch-size 64 --device cuda
+  m3distill teacher --config run.yaml --batch-size 256 --max-tokens-per-batch 65536 --precision bf16
+  torchrun --nproc_per_node 4 "$(which m3distill)" teacher --config run.yaml
 """
 
 
@@ -40,14 +43,19 @@ def run_teacher(args: argparse.Namespace) -> int:
     """Handler: resolve the config, run the teacher stage, print the one-line summary."""
     from m3distill.stages import TeacherStage
 
+    from m3distill.teacher.distributed import process_rank
+
     config = resolve_config(args)
     layout = RunLayout(config.run_dir)
     summary = TeacherStage(config, args.data or layout.dataset, args.out or layout.teacher_cache).run(
         force=args.force, show_progress=show_progress(args),
     )
+    if process_rank() != 0:  # under torchrun every process gets here; one summary is enough
+        return 0
+    processes = f" by {summary.processes} processes" if summary.processes > 1 else ""
     print(
-        f"m3distill teacher: {summary.cache_dir}: {summary.n_texts} texts ({summary.n_computed} embedded, "
+        f"m3distill teacher: {summary.cache_dir}: {summary.n_texts} texts ({summary.n_computed} embedded{processes}, "
         f"{summary.n_reused} already cached) in {summary.n_shards} shards, dim {summary.dim}, {summary.dtype}, "
-        f"{summary.texts_per_second:.1f} texts/s"
+        f"computed in {summary.precision}, {summary.texts_per_second:.1f} texts/s"
     )
     return 0

@@ -9,6 +9,14 @@ then measures:
    Recall@k / MRR@10 / nDCG@10 (:mod:`m3distill.evaluation.retrieval`);
 3. speed, size and memory (:mod:`m3distill.evaluation.speed`);
 
+Every student folder with an ONNX export (``m3distill.export``; ``evaluation.onnx_variants``) adds a model per
+exported variant, named by :func:`m3distill.report.variant_label` (``student-2L (onnx)``, ``student-2L (int8)``) and
+run by onnxruntime's CPU provider (:mod:`m3distill.onnx_serving`) with as many threads as torch: encoded, searched
+and timed like every model, so the report puts what exporting and quantizing cost (P@k with the teacher and with
+the torch student, ground truth) beside what they gain (texts/s, speed-up, weights). The variants run on the CPU
+whatever ``evaluation.device`` is; on another device their speed-up is left out (it would compare the hardware).
+A variant is paired with the teacher, its torch student and that student's other variants only.
+
 When the teacher is an **M3 model** (bge-m3's sparse and ColBERT head files beside it; see :mod:`m3distill.m3`),
 every model with head files is encoded with all its outputs in one forward pass, and 1. and 2. cover the sparse,
 ColBERT and hybrid outputs as well (exact search, metrics prefixed by the output's name). A student without head
@@ -28,6 +36,7 @@ import importlib.metadata
 import itertools
 import logging
 import platform
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -55,10 +64,12 @@ from m3distill.evaluation.retrieval import (
     search_depth,
 )
 from m3distill.evaluation.speed import (
+    TimedModel,
     device_description,
     measure_speed,
     size_on_disk,
     speed_texts,
+    timed_onnx_encoder,
 )
 from m3distill.layout import REPORT_JSON_FILE, SPLITS
 from m3distill.m3 import (
@@ -89,6 +100,7 @@ from m3distill.metrics import (
     top_k_overlap,
 )
 from m3distill.models import (
+    count_parameters,
     load_sentence_transformer,
     local_model_folder,
     num_layers,
@@ -104,6 +116,7 @@ from m3distill.report import (
     Report,
     RetrievalSettings,
     SpeedPolicy,
+    variant_label,
     write_report,
 )
 
@@ -113,7 +126,29 @@ TEACHER_LABEL = "teacher"
 IN_MEMORY_SOURCE = "(in memory)"
 EMBEDDINGS_CACHE_DIRNAME = ".embeddings-cache"
 _VERSIONED_PACKAGES = ("torch", "transformers", "sentence-transformers", "qdrant-edge-py", "qdrant-client",
-                       "ir-measures", "numpy")
+                       "ir-measures", "numpy", "onnxruntime")
+# Where a student keeps its ONNX exports (m3distill.onnx_serving.ONNX_DIR), for the warning without onnxruntime.
+_ONNX_FOLDER = "onnx"
+# ONNX variants always run here: the evaluation uses onnxruntime's CPU provider alone.
+_ONNX_DEVICE = "cpu"
+_ONNX_ENCODE_CHUNK = 1024  # texts per progress step while an ONNX variant encodes
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """A student's ONNX export, evaluated as a model of its own.
+
+    Attributes:
+        encoder: the loaded export (an :class:`m3distill.onnx_serving.OnnxEncoder`).
+        student: the label of the torch student it was exported from.
+        variant: which export (``onnx``, ``int8``).
+        export: :func:`export_record_digest` of the student's folder: what pins the export's contents.
+    """
+
+    encoder: Any
+    student: str
+    variant: str
+    export: str | None
 
 
 @dataclass(frozen=True)
@@ -192,13 +227,27 @@ def evaluate_models(
         folders = dict(zip(labels[1:], student_dirs))
         models = {**_load_models(teacher, folders, device, teacher_model), **student_models}
         heads = _load_heads(models, teacher, folders, teacher_model, teacher_heads)
+        variants = _load_variants(folders, models, device) if config.onnx_variants else {}
+    for label, variant in variants.items():
+        if label in models:
+            raise ValueError(f"{variant.student}'s {variant.variant} export would be named {label!r}, the name of "
+                             "another model; give that model another name")
+    # Each variant follows its torch student, in the tables as in the speed turns.
+    labels = [name for label in labels
+              for name in [label, *[own for own, variant in variants.items() if variant.student == label]]]
     with _timed(timings, "encode"):
-        embeddings = _embed_all(models, heads, data.questions + data.contexts, cache_dir, config.batch_size,
-                                show_progress, teacher_embeddings)
+        texts = data.questions + data.contexts
+        embeddings = _embed_all(models, heads, texts, cache_dir, config.batch_size, show_progress,
+                                teacher_embeddings)
+        embeddings.update({label: _encode_variant_cached(variant, texts, cache_dir, label, config.batch_size,
+                                                         show_progress)
+                           for label, variant in variants.items()})
+        embeddings = {label: embeddings[label] for label in labels}
     metrics: dict[str, dict[str, Any]] = {label: {} for label in labels}
     pairs = _measure_alignment(embeddings, data, config, metrics)
     with _timed(timings, "retrieval"):
-        pair_reports, depth = _measure_retrieval(embeddings, data, config, backend, metrics, show_progress)
+        pair_reports, depth = _measure_retrieval(embeddings, data, config, backend, metrics, show_progress,
+                                                 {label: variant.student for label, variant in variants.items()})
     outputs = [DENSE]
     if heads.get(TEACHER_LABEL) is not None:
         outputs += list(M3_RETRIEVAL_OUTPUTS)
@@ -207,14 +256,27 @@ def evaluate_models(
     del embeddings
     with _timed(timings, "speed"):
         layers = {label: _layers(model) for label, model in models.items()}
-        timed_texts = _measure_speed(models, layers, data, config, metrics, show_progress)
+        layers.update({label: layers[variant.student] for label, variant in variants.items()})
+        timed: dict[str, SentenceTransformer | TimedModel] = {
+            label: timed_onnx_encoder(variants[label].encoder,
+                                      parameters=count_parameters(models[variants[label].student]))
+            if label in variants else models[label]
+            for label in labels
+        }
+        timed_texts = _measure_speed(timed, layers, data, config, metrics, show_progress)
 
     model_reports = []
-    sources = [IN_MEMORY_SOURCE if teacher_model is not None else teacher.model, *map(str, student_dirs),
-               *[IN_MEMORY_SOURCE] * len(student_models)]
-    for (label, model), source in zip(models.items(), sources):
+    sources = dict(zip(models, [IN_MEMORY_SOURCE if teacher_model is not None else teacher.model,
+                                *map(str, student_dirs), *[IN_MEMORY_SOURCE] * len(student_models)]))
+    for label in labels:
+        if label in variants:
+            metrics[label][SIZE_ON_DISK] = variants[label].encoder.weights_bytes  # the .onnx file(s)
+            model_reports.append(_describe_variant(label, variants[label], layers[label], metrics[label]))
+            continue
+        source = sources[label]
         metrics[label][SIZE_ON_DISK] = None if source == IN_MEMORY_SOURCE else size_on_disk(source)
-        model_reports.append(_describe_model(label, source, model, layers[label], metrics[label]))
+        model_reports.append(_describe_model(label, source, models[label], layers[label], metrics[label],
+                                             device))
     report = Report(
         m3distill_version=__version__,
         started_at=_iso(started),
@@ -327,6 +389,87 @@ def _load_heads(
     return heads
 
 
+def _load_variants(students: dict[str, Path], models: dict[str, SentenceTransformer],
+                   device: str) -> dict[str, _Variant]:
+    """Every exported ONNX variant of the student folders, by its label, loaded for onnxruntime's CPU provider.
+
+    Each runs with as many threads as torch (a fair race on the CPU) and the torch student's sequence length.
+    Without onnxruntime the exports are left out with a warning.
+    """
+    try:
+        from m3distill.onnx_serving import OnnxEncoder, exported_variants
+    except ImportError as error:
+        exported = [label for label, folder in students.items() if (folder / _ONNX_FOLDER).is_dir()]
+        if exported:
+            logger.warning("the ONNX exports of %s are left out: %s (pip install onnxruntime, or set "
+                           "evaluation.onnx_variants: false)", ", ".join(exported), error)
+        return {}
+    variants: dict[str, _Variant] = {}
+    for label, folder in students.items():
+        found = exported_variants(folder)
+        export = export_record_digest(folder) if found else None
+        for variant in found:
+            try:
+                encoder = OnnxEncoder(folder, variant, threads=torch.get_num_threads(),
+                                      max_seq_length=models[label].max_seq_length)
+            except M3DistillError:
+                raise
+            except Exception as error:  # onnxruntime's own errors: a damaged or foreign file
+                cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise M3DistillError(f"{folder}: its {variant} ONNX export does not load ({cause}); export the "
+                                     "student again, or set evaluation.onnx_variants: false") from error
+            variants[variant_label(label, variant)] = _Variant(encoder=encoder, student=label, variant=variant,
+                                                               export=export)
+    if variants:
+        logger.info("evaluating %d ONNX variant(s) on onnxruntime's CPU provider: %s", len(variants),
+                    ", ".join(variants))
+        if torch.device(device).type != _ONNX_DEVICE:
+            logger.info("the torch models run on %s and the ONNX variants on the CPU: the variants' texts/s are "
+                        "CPU figures, reported without a speed-up over the teacher", device)
+    return variants
+
+
+def export_record_digest(student_dir: str | Path) -> str | None:
+    """What pins a student's ONNX exports: the sha256 of its export record (which lists every exported file's
+    sha256), or ``None`` for a student without one. A new export or a re-export changes it.
+
+    Without onnxruntime it is ``None`` too: the exports cannot be evaluated, so they cannot change a report.
+    """
+    try:
+        from m3distill.onnx_serving import EXPORT_RECORD_FILE
+    except ImportError:
+        return None
+    record = Path(student_dir) / EXPORT_RECORD_FILE
+    if not record.is_file():
+        return None
+    return hashlib.sha256(record.read_bytes()).hexdigest()
+
+
+def _encode_variant_cached(variant: _Variant, texts: list[str], cache_dir: Path, label: str, batch_size: int,
+                           show_progress: bool) -> M3Embeddings:
+    """A variant's (dense) embeddings of ``texts``, from the cache when this export already encoded exactly these."""
+    digest = hashlib.sha256()
+    stat = Path(variant.encoder.file).stat()
+    # The export record pins the files' contents; size and time also catch a file replaced behind its back.
+    digest.update(f"{variant.variant}|{variant.export}|{stat.st_size}|{stat.st_mtime_ns}|"
+                  f"{variant.encoder.max_seq_length}|{variant.encoder.dim}".encode())
+    _digest_texts(digest, texts)
+    cache_file = cache_dir / f"{_file_label(label)}-{digest.hexdigest()[:16]}.npy"
+    if cache_file.is_file():
+        logger.info("%s: reusing embeddings from %s", label, cache_file)
+        return M3Embeddings(dense=np.load(cache_file))
+    logger.info("%s: encoding %d texts with onnxruntime", label, len(texts))
+    chunks = []
+    for start in tqdm(range(0, len(texts), _ONNX_ENCODE_CHUNK), desc=f"encode {label}", unit="chunk",
+                      disable=not show_progress):
+        chunks.append(np.asarray(variant.encoder.encode(texts[start:start + _ONNX_ENCODE_CHUNK],
+                                                        batch_size=batch_size), dtype=np.float32))
+    dense = np.concatenate(chunks) if chunks else np.zeros((0, variant.encoder.dim), np.float32)
+    with atomic_path(cache_file) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, dense)
+    return M3Embeddings(dense=dense)
+
+
 def _embed_all(
     models: dict[str, SentenceTransformer],
     heads: dict[str, M3Heads | None],
@@ -393,8 +536,13 @@ def _measure_retrieval(
     backend: VectorSearchBackend,
     metrics: dict[str, dict[str, Any]],
     show_progress: bool,
+    variant_of: Mapping[str, str] | None = None,
 ) -> tuple[list[PairReport], int]:
-    """Add each model's ground-truth (and HNSW recall) metrics to ``metrics``; returns the pair reports and depth."""
+    """Add each model's ground-truth (and HNSW recall) metrics to ``metrics``; returns the pair reports and depth.
+
+    ``variant_of`` maps each ONNX variant to its torch student: a variant is paired with the teacher, that student
+    and its other variants only (its overlap with other students says nothing its student's does not).
+    """
     n_questions = len(data.questions)
     indexes = _index_kinds(config)
     depth = search_depth(config.k, len(data.contexts))
@@ -412,9 +560,17 @@ def _measure_retrieval(
     pair_reports = [
         PairReport(a=a, b=b, metrics={overlap_metric(index, k): top_k_overlap(tops[a][index], tops[b][index], k)
                                       for index in indexes for k in config.k})
-        for a, b in itertools.combinations(tops, 2)
+        for a, b in itertools.combinations(tops, 2) if _compared(a, b, variant_of or {})
     ]
     return pair_reports, depth
+
+
+def _compared(a: str, b: str, variant_of: Mapping[str, str]) -> bool:
+    """Whether models ``a`` and ``b`` get a pair report: any two torch models; a variant with its own family."""
+    family_a, family_b = variant_of.get(a, a), variant_of.get(b, b)
+    if a not in variant_of and b not in variant_of:
+        return True
+    return family_a == family_b or TEACHER_LABEL in (a, b)
 
 
 def _measure_query_side(
@@ -485,8 +641,9 @@ def _has_m3_outputs(embedded: M3Embeddings) -> bool:
     return embedded.outputs == M3_OUTPUTS
 
 
-def _measure_speed(models: dict[str, SentenceTransformer], layers: dict[str, int | None], data: _TestData,
-                   config: EvaluationConfig, metrics: dict[str, dict[str, Any]], show_progress: bool) -> list[str]:
+def _measure_speed(models: Mapping[str, SentenceTransformer | TimedModel], layers: dict[str, int | None],
+                   data: _TestData, config: EvaluationConfig, metrics: dict[str, dict[str, Any]],
+                   show_progress: bool) -> list[str]:
     """Add each model's speed metrics (and speed-up over the teacher) to ``metrics``; returns the timed texts."""
     test_texts = data.questions + [data.contexts[row] for row in data.test_context_rows]
     timed_texts = speed_texts(test_texts, config.speed.n_texts)
@@ -569,7 +726,8 @@ def _encode_cached(
     Dense alone is cached as ``.npy``; every output of an M3 model as ``.m3.npz`` (arrays only, no pickle).
     """
     fingerprint = _fingerprint(model, texts, heads)
-    cache_file = cache_dir / (f"{label}-{fingerprint}.npy" if heads is None else f"{label}-{fingerprint}.m3.npz")
+    name = _file_label(label)
+    cache_file = cache_dir / (f"{name}-{fingerprint}.npy" if heads is None else f"{name}-{fingerprint}.m3.npz")
     if cache_file.is_file():
         logger.info("%s: reusing embeddings from %s", label, cache_file)
         if heads is None:
@@ -628,10 +786,19 @@ def _fingerprint(model: SentenceTransformer, texts: list[str], heads: M3Heads | 
         for parameter in heads.parameters():
             digest.update(str(tuple(parameter.shape)).encode())
             digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    _digest_texts(digest, texts)
+    return digest.hexdigest()[:16]
+
+
+def _digest_texts(digest, texts: list[str]) -> None:
     for text in texts:
         digest.update(text.encode("utf-8", errors="surrogatepass"))
         digest.update(b"\0")
-    return digest.hexdigest()[:16]
+
+
+def _file_label(label: str) -> str:
+    """``label`` as part of a file name: ``student-2L (int8)`` -> ``student-2L-int8``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "model"
 
 
 def _layers(model: SentenceTransformer) -> int | None:
@@ -642,7 +809,7 @@ def _layers(model: SentenceTransformer) -> int | None:
 
 
 def _describe_model(label: str, source: str, model: SentenceTransformer, layers: int | None,
-                    metrics: dict[str, Any]) -> ModelReport:
+                    metrics: dict[str, Any], device: str) -> ModelReport:
     return ModelReport(
         name=label,
         role="teacher" if label == TEACHER_LABEL else "student",
@@ -651,6 +818,22 @@ def _describe_model(label: str, source: str, model: SentenceTransformer, layers:
         embedding_dim=model.get_embedding_dimension(),
         max_seq_length=model.max_seq_length,
         metrics=metrics,
+        device=str(device),
+    )
+
+
+def _describe_variant(label: str, variant: _Variant, layers: int | None, metrics: dict[str, Any]) -> ModelReport:
+    return ModelReport(
+        name=label,
+        role="student",
+        source=str(Path(variant.encoder.file).resolve()),
+        layers=layers,
+        embedding_dim=variant.encoder.dim,
+        max_seq_length=variant.encoder.max_seq_length,
+        metrics=metrics,
+        variant=variant.variant,
+        variant_of=variant.student,
+        device=_ONNX_DEVICE,
     )
 
 

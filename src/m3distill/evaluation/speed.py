@@ -3,7 +3,8 @@
 Policy: the same texts for every model (test texts, repeated to ``n_texts``), the same device, and
 ``SentenceTransformer.encode`` with ``batch_size`` texts per batch (encode sorts texts by length before batching,
 so batches hold texts of similar length), tokenisation included. Each model first runs ``warmup_batches`` batches
-and then one pass over the texts untimed; that pass measures its memory. Then come ``repeats`` timed repeats in
+and then one pass over the texts untimed; that pass measures its memory (a runtime that keeps what a pass
+allocated, onnxruntime's CPU arena, makes the pass come first). Then come ``repeats`` timed repeats in
 which the models take turns in a fixed order (teacher, student 1, student 2, ..., then again): a slow-down of the
 machine (another process, thermal throttling) hits every model of a repeat alike instead of whichever model
 happened to run then. In its turn a model encodes the texts again and again until at least
@@ -14,6 +15,13 @@ median of each repeat's ratio of the model's texts/s to the teacher's in the sam
 repeat cancels out), with its min and max. A student with a fraction of the teacher's layers cannot be faster than
 the layer ratio (teacher layers / student layers: embeddings, tokenisation and pooling cost the same for both), so
 a median speed-up above it is flagged as suspect: the timing was disturbed.
+
+Models need not be sentence-transformers: anything wrapped in a :class:`TimedModel` (how it encodes, where it runs,
+what it weighs, which runtime runs it) takes its turns alike, e.g. a student's ONNX export on onnxruntime
+(:func:`timed_onnx_encoder`). The layer-ratio check compares models of the teacher's runtime only: another runtime
+(onnxruntime's fused kernels, int8 matrix products) can honestly beat the layer ratio. A model on another device
+than the teacher (ONNX on the CPU while the teacher runs on a GPU) gets its texts/s but no speed-up: that ratio
+would compare the hardware, not the models.
 
 Memory is the extra memory encoding needs on top of the loaded model, labelled with how it was measured:
 ``cuda_max_allocated_increase`` (``torch.cuda.max_memory_allocated`` during encoding minus the allocation before)
@@ -67,6 +75,68 @@ _SKIPPED_FOLDERS = ("checkpoint", "onnx", "openvino", "runs")
 
 Encoder = Callable[[], int]
 """One unit of timed work: encodes the timed texts once and returns how many texts it encoded."""
+
+TORCH_RUNTIME = "torch"
+ONNX_RUNTIME = "onnxruntime"
+
+
+@dataclass(frozen=True)
+class TimedModel:
+    """What the speed measurement needs of a model, whatever runs it.
+
+    Attributes:
+        encode: ``encode(texts, batch_size)`` encodes the texts and returns once the work is done.
+        device: where it runs: memory is measured there, and GPU work is waited for.
+        parameters: its parameter count (``None`` when unknown).
+        weights_bytes: the bytes its weights take (``None`` when unknown).
+        runtime: what runs it (:data:`TORCH_RUNTIME`, :data:`ONNX_RUNTIME`); the layer-ratio check applies only to
+            models of the teacher's runtime.
+        keeps_memory: its runtime keeps what a pass allocated for the next one (onnxruntime's CPU arena): its
+            memory is measured on its first pass, before the warm-up, which would otherwise hide it.
+    """
+
+    encode: Callable[[list[str], int], object]
+    device: torch.device
+    parameters: int | None
+    weights_bytes: int | None
+    runtime: str = TORCH_RUNTIME
+    keeps_memory: bool = False
+
+
+def timed_sentence_transformer(model: SentenceTransformer, *, max_tokens_per_batch: int | None = None,
+                               precision: str = "auto") -> TimedModel:
+    """A sentence-transformers model to time, encoding as the teacher cache does
+    (:func:`m3distill.encoding.encode_texts`: fixed batches or a token budget, bf16 on a GPU with ``auto``)."""
+    from m3distill.encoding import encode_texts, resolve_precision
+
+    parameters = {id(p): p for p in model.parameters()}.values()
+    plain = max_tokens_per_batch is None and resolve_precision(precision, model.device) == "fp32"
+
+    def encode(texts: list[str], batch_size: int) -> None:
+        if plain:  # what encode_texts would do too, without its bookkeeping inside the timed turn
+            model.encode(texts, batch_size=batch_size, show_progress_bar=False)
+        else:
+            encode_texts(model, texts, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
+                         precision=precision)
+
+    return TimedModel(encode=encode, device=torch.device(model.device), parameters=count_parameters(model),
+                      weights_bytes=sum(p.numel() * p.element_size() for p in parameters))
+
+
+def timed_onnx_encoder(encoder, *, parameters: int | None = None) -> TimedModel:
+    """An ONNX export on onnxruntime's CPU provider (an :class:`m3distill.onnx_serving.OnnxEncoder`) to time.
+
+    Args:
+        encoder: the loaded export; its ``weights_bytes`` are its weights.
+        parameters: the parameter count of the model it was exported from (an export keeps every parameter, int8
+            ones in a quarter of the bytes).
+    """
+
+    def encode(texts: list[str], batch_size: int) -> None:
+        encoder.encode(texts, batch_size=batch_size)
+
+    return TimedModel(encode=encode, device=torch.device("cpu"), parameters=parameters,
+                      weights_bytes=int(encoder.weights_bytes), runtime=ONNX_RUNTIME, keeps_memory=True)
 
 
 @dataclass(frozen=True)
@@ -146,6 +216,9 @@ def speed_figures(
     teacher: str,
     layers: Mapping[str, int | None],
     n_texts: int,
+    *,
+    runtimes: Mapping[str, str] | None = None,
+    devices: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, float | bool | None]]:
     """The timing metrics of every model from its per-repeat texts/s (see :func:`interleaved_throughput`).
 
@@ -154,32 +227,45 @@ def speed_figures(
         teacher: the label the speed-ups are relative to.
         layers: label -> transformer layers (``None`` when unknown), for the speed-up limit.
         n_texts: texts in one pass, for the seconds per pass.
+        runtimes: label -> what runs the model (all the same runtime when ``None``); a model of another runtime
+            than the teacher's is never suspect (see below).
+        devices: label -> device type (all the same device when ``None``); a model on another device than the
+            teacher's gets no speed-up (``None``).
 
     Returns label -> ``speed_texts_per_s`` (median) with ``_min``/``_max``, ``speed_seconds_per_run`` (one pass
     at the median rate), ``speed_speedup_vs_teacher`` (median of the per-repeat ratios to the teacher) with
     ``_min``/``_max``, and for every model but the teacher ``speed_layer_ratio`` and ``speed_speedup_suspect``.
     """
     reference = throughput[teacher]
+    runtimes, devices = runtimes or {}, devices or {}
     figures: dict[str, dict[str, float | bool | None]] = {}
     for label, runs in throughput.items():
         if len(runs) != len(reference):
             raise ValueError(f"{label} has {len(runs)} repeats and {teacher} {len(reference)}: time them together")
         rate = spread(runs)
-        speedup = spread([mine / theirs for mine, theirs in zip(runs, reference)])
         figures[label] = {
             TEXTS_PER_S: rate.median, TEXTS_PER_S_MIN: rate.low, TEXTS_PER_S_MAX: rate.high,
-            SECONDS_PER_RUN: n_texts / rate.median,
-            SPEEDUP: speedup.median, SPEEDUP_MIN: speedup.low, SPEEDUP_MAX: speedup.high,
+            SECONDS_PER_RUN: n_texts / rate.median, SPEEDUP: None, SPEEDUP_MIN: None, SPEEDUP_MAX: None,
         }
+        # A ratio to a teacher on other hardware (a CPU export against a GPU teacher) measures the hardware.
+        comparable = devices.get(label) == devices.get(teacher)
+        if comparable:
+            speedup = spread([mine / theirs for mine, theirs in zip(runs, reference)])
+            figures[label].update({SPEEDUP: speedup.median, SPEEDUP_MIN: speedup.low, SPEEDUP_MAX: speedup.high})
         if label != teacher:
             limit = speedup_limit(layers.get(teacher), layers.get(label))
             figures[label][LAYER_RATIO] = limit
-            figures[label][SPEEDUP_SUSPECT] = is_suspect_speedup(speedup.median, limit)
+            # The layer ratio bounds fewer layers of the same kind on the same runtime. Another runtime can beat
+            # it honestly (an ONNX graph with fused kernels, int8 matrix products), so only the teacher's runtime
+            # is held to it; its figure is still reported for comparison.
+            same_runtime = runtimes.get(label) == runtimes.get(teacher)
+            figures[label][SPEEDUP_SUSPECT] = same_runtime and comparable and is_suspect_speedup(
+                figures[label][SPEEDUP], limit)
     return figures
 
 
 def measure_speed(
-    models: Mapping[str, SentenceTransformer],
+    models: Mapping[str, SentenceTransformer | TimedModel],
     texts: Sequence[str],
     config: SpeedConfig,
     *,
@@ -190,7 +276,8 @@ def measure_speed(
     """Time every model on ``texts`` together (see the module's policy) and measure its memory and weights.
 
     Args:
-        models: label -> model, already on its device; the order is the order of the turns.
+        models: label -> model, already on its device (a :class:`TimedModel`, or a sentence-transformers model);
+            the order is the order of the turns.
         texts: the texts every model is timed on, already ``n_texts`` long (see :func:`speed_texts`).
         config: batch size, warm-up batches, repeats and the minimum seconds of a turn.
         teacher: the label of the model speed-ups are relative to.
@@ -203,18 +290,26 @@ def measure_speed(
     if teacher not in models:
         raise ValueError(f"the teacher {teacher!r} is not among the timed models {list(models)}")
     texts = list(texts)
-    with tqdm(total=len(models) * (config.repeats + 1), desc="speed", unit="turn", disable=not show_progress) as bar:
+    timed = {label: model if isinstance(model, TimedModel) else timed_sentence_transformer(
+                 model, max_tokens_per_batch=config.max_tokens_per_batch, precision=config.precision)
+             for label, model in models.items()}
+    with tqdm(total=len(timed) * (config.repeats + 1), desc="speed", unit="turn", disable=not show_progress) as bar:
         metrics = {}
-        for label, model in models.items():
+        for label, model in timed.items():
             metrics[label] = _warm_up_and_measure_memory(model, texts, config)
             bar.update()
-        encoders = {label: _encoder(model, texts, config.batch_size) for label, model in models.items()}
+        encoders = {label: _encoder(model, texts, config.batch_size) for label, model in timed.items()}
         throughput = interleaved_throughput(encoders, config.repeats, config.min_seconds_per_repeat,
                                             after_turn=bar.update)
-    for label, figures in speed_figures(throughput, teacher, layers, len(texts)).items():
+    runtimes = {label: model.runtime for label, model in timed.items()}
+    devices = {label: model.device.type for label, model in timed.items()}
+    for label, figures in speed_figures(throughput, teacher, layers, len(texts), runtimes=runtimes,
+                                        devices=devices).items():
         metrics[label].update(figures)
-        logger.info("%s: %.1f texts/s (%.1f-%.1f over %d repeats), %.2fx the teacher", label, figures[TEXTS_PER_S],
-                    figures[TEXTS_PER_S_MIN], figures[TEXTS_PER_S_MAX], config.repeats, figures[SPEEDUP])
+        versus = ("no speed-up: not on the teacher's device" if figures[SPEEDUP] is None
+                  else f"{figures[SPEEDUP]:.2f}x the teacher")
+        logger.info("%s: %.1f texts/s (%.1f-%.1f over %d repeats), %s", label, figures[TEXTS_PER_S],
+                    figures[TEXTS_PER_S_MIN], figures[TEXTS_PER_S_MAX], config.repeats, versus)
         if figures.get(SPEEDUP_SUSPECT):
             logger.warning("%s: speed-up %.2fx is above the layer ratio %.2fx, which it cannot honestly reach: the "
                            "machine was busy while timing; rerun with more speed.repeats or "
@@ -223,29 +318,34 @@ def measure_speed(
 
 
 def _warm_up_and_measure_memory(
-    model: SentenceTransformer, texts: list[str], config: SpeedConfig
+    model: TimedModel, texts: list[str], config: SpeedConfig
 ) -> dict[str, float | int | str | bool | None]:
-    """Run the warm-up batches, then one untimed pass over ``texts`` that measures the memory encoding needs."""
+    """Run the warm-up batches, then one untimed pass over ``texts`` that measures the memory encoding needs.
+
+    A model whose runtime keeps what it allocated (``keeps_memory``) is measured on its first pass instead, before
+    the warm-up: after it, the memory the pass needs is already held and reads as no increase.
+    """
     warmup = texts[: config.warmup_batches * config.batch_size]
-    if warmup:
-        model.encode(warmup, batch_size=config.batch_size, show_progress_bar=False)
+    if warmup and not model.keeps_memory:
+        model.encode(warmup, config.batch_size)
     with _peak_memory(model.device) as memory:
-        model.encode(texts, batch_size=config.batch_size, show_progress_bar=False)
+        model.encode(texts, config.batch_size)
         _synchronize(model.device)  # finished before the memory is read and before the first timed turn starts
-    parameters = {id(p): p for p in model.parameters()}.values()
+    if warmup and model.keeps_memory:
+        model.encode(warmup, config.batch_size)
     return {
         PEAK_MEMORY: memory["bytes"],
         MEMORY_MEASURE: memory["measure"],
-        PARAMETERS: count_parameters(model),
-        WEIGHTS_BYTES: sum(p.numel() * p.element_size() for p in parameters),
+        PARAMETERS: model.parameters,
+        WEIGHTS_BYTES: model.weights_bytes,
     }
 
 
-def _encoder(model: SentenceTransformer, texts: list[str], batch_size: int) -> Encoder:
+def _encoder(model: TimedModel, texts: list[str], batch_size: int) -> Encoder:
     device = model.device
 
     def encode_once() -> int:
-        model.encode(texts, batch_size=batch_size, show_progress_bar=False)
+        model.encode(texts, batch_size)
         # GPU work is asynchronous: the pass is done only once the device is.
         _synchronize(device)
         return len(texts)

@@ -29,6 +29,7 @@ from m3distill.report.schema import (
     is_complete_report,
     load_report,
     report_from_json_dict,
+    variant_label,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ __all__ = [
     "load_report",
     "render_report",
     "report_from_json_dict",
+    "variant_label",
     "write_report",
 ]
 

@@ -21,7 +21,7 @@ from m3distill.metrics import (
     query_side_overlap_metric,
     recall_metric,
 )
-from m3distill.report.schema import MetricValue, Report
+from m3distill.report.schema import MetricValue, Report, variant_title
 
 _INDEX_TITLES = {"exact": "exact search", "hnsw": "HNSW search"}
 _OUTPUT_TITLES = {"sparse": "sparse lexical weights", "colbert": "ColBERT multi-vector", "hybrid": "hybrid"}
@@ -94,6 +94,7 @@ def render_markdown(report: Report, plot_files: dict[str, str]) -> str:
               ""]
     lines += _m3_alignment_sections(report)
     lines += _speed_section(report)
+    lines += _serving_section(report)
     if plot_files:
         lines += ["## Plots", ""]
         lines += [f"![{title}]({file})" for title, file in plot_files.items()]
@@ -136,7 +137,8 @@ def _m3_retrieval_sections(report: Report) -> list[str]:
              for model in report.models if mrr_metric(prefix) in model.metrics],
         )
         lines.append("")
-    dense_only = [model.name for model in report.models if _m3_outputs(report)
+    # ONNX variants are dense by construction; the note is about students missing their head files.
+    dense_only = [model.name for model in report.torch_models if _m3_outputs(report)
                   and mrr_metric(output_prefix(_m3_outputs(report)[0])) not in model.metrics]
     if dense_only:
         lines += [f"Dense output only (no M3 head files): {', '.join(dense_only)}.", ""]
@@ -166,6 +168,17 @@ def _m3_alignment_sections(report: Report) -> list[str]:
     )
     lines += ["", "ColBERT correlations use the same (question, context) pairs as the dense ones.", ""]
     return lines
+
+
+def _serving_guide(report: Report) -> list[str]:
+    if not any(model.is_variant for model in report.models):
+        return []
+    return [
+        ("- **Serving variants**: a student named `NAME (onnx)` is its fp32 ONNX export, `NAME (int8)` its "
+         "int8-quantized one, each run by onnxruntime on the CPU; every table above measures them like any model. "
+         "Their quality next to the torch student's says what exporting and quantizing cost, their speed what they "
+         "gain."),
+    ]
 
 
 def _m3_guide(report: Report) -> list[str]:
@@ -222,7 +235,66 @@ def _speed_section(report: Report) -> list[str]:
         "",
         (f"Device: {report.device.description} (`{report.device.name}`). Every model encodes the same "
          f"{policy.n_texts} test texts in batches of {policy.batch_size} (sorted by length). {timing}. Peak memory "
-         f"is the increase over the loaded model while encoding, measured as {', '.join(memory_measures)}."),
+         f"is the increase over the loaded model while encoding, measured as {', '.join(memory_measures)}."
+         + (" ONNX variants run on onnxruntime's CPU provider (see Serving variants); their memory is measured on "
+            "their first pass, since onnxruntime keeps what a pass allocated."
+            if any(model.is_variant for model in report.models) else "")),
+        "",
+    ]
+    return lines
+
+
+def _serving_section(report: Report) -> list[str]:
+    """Per student with ONNX variants: its torch self and each variant, with speed, size and fidelity side by side."""
+    students = [model for model in report.torch_models if report.variants_of(model.name)]
+    if not students:
+        return []
+    index = report.retrieval.indexes[0]
+    k = report.quality_k
+    overlap = overlap_metric(index, k)
+    teacher = report.teacher
+    teacher_mrr = teacher.metrics.get(mrr_metric(index))
+
+    def row(model, torch_self) -> list[str]:
+        mrr = model.metrics.get(mrr_metric(index))
+        versus_self = (1.0 if model is torch_self else report.pair_metric(model.name, torch_self.name, overlap))
+        return [
+            model.name, variant_title(model.variant), f"`{model.device or report.device.name}`",
+            _with_range(model.metrics, metric_names.TEXTS_PER_S, metric_names.TEXTS_PER_S_MIN,
+                        metric_names.TEXTS_PER_S_MAX, _rate),
+            _with_range(model.metrics, metric_names.SPEEDUP, metric_names.SPEEDUP_MIN, metric_names.SPEEDUP_MAX,
+                        _times),
+            _bytes(model.metrics.get(metric_names.WEIGHTS_BYTES)),
+            _fraction(1.0 if model is teacher else report.pair_metric(model.name, teacher.name, overlap)),
+            _fraction(versus_self),
+            _fraction(mrr),
+            _share(mrr, teacher_mrr),
+        ]
+
+    rows = [row(teacher, teacher)]
+    for student in students:
+        rows += [row(model, student) for model in (student, *report.variants_of(student.name))]
+    lines = ["## Serving variants: torch and ONNX exports", ""]
+    lines += _table(
+        ["model", "runtime", "device", "texts/s (min-max)", "speed-up (min-max)", "weights",
+         f"P@{k} vs teacher", f"P@{k} vs its torch self", f"MRR@{GROUND_TRUTH_CUTOFF}",
+         f"MRR@{GROUND_TRUTH_CUTOFF} / teacher's"],
+        rows,
+    )
+    variants = [model for model in report.models if model.is_variant]
+    devices = sorted({model.device or report.device.name for model in variants})
+    other_device = any(device != report.device.name for device in devices)
+    lines += [
+        "",
+        (f"Each student's ONNX exports ({', '.join(sorted({variant_title(model.variant) for model in variants}))}) "
+         "run by onnxruntime's CPU provider with as many threads as torch, evaluated as models of their own: "
+         f"timed in the same turns as the torch models, searched in the same {_INDEX_TITLES[index]}. Speed-up is "
+         f"over the teacher run by torch on `{report.device.name}`"
+         + (f"; the variants ran on `{', '.join(devices)}`, so their speed-up would compare the hardware and is "
+            "n/a" if other_device else "")
+         + ". ONNX variants may beat the layer ratio (fused kernels, int8 matrix products) and are never marked "
+         f"suspect. P@{k} vs its torch self is the variant's top-{k} overlap with the torch student it was exported "
+         "from: 1.000 means the export retrieves exactly what the student does."),
         "",
     ]
     return lines
@@ -230,11 +302,14 @@ def _speed_section(report: Report) -> list[str]:
 
 def _summary(report: Report) -> str:
     retrieval = report.retrieval
-    n_students = len(report.students)
+    n_students = len([model for model in report.students if not model.is_variant])
     distractors = ("all contexts: test ones plus train/dev ones as distractors" if retrieval.distractors == "all"
                    else "test contexts only")
+    n_variants = len(report.models) - len(report.torch_models)
+    exports = f" (and {n_variants} ONNX export{'s' if n_variants != 1 else ''} of them)" if n_variants else ""
     return (
-        f"Teacher `{report.teacher.source}` and {n_students} student{'s' if n_students != 1 else ''} on the dataset "
+        f"Teacher `{report.teacher.source}` and {n_students} student{'s' if n_students != 1 else ''}{exports} on the "
+        "dataset "
         f"`{report.dataset.path}`: {retrieval.n_questions} test questions searched against {retrieval.n_contexts} "
         f"indexed contexts ({distractors}) with {retrieval.backend}. Evaluated {report.finished_at} on "
         f"{report.device.description} in {report.duration_s:.0f} s."
@@ -260,6 +335,7 @@ def _guide(report: Report) -> list[str]:
          "exactly as the teacher does."),
         ("- **Speed-up**: texts/s over the teacher's texts/s, same texts, device and batch policy; min-max is the "
          "spread over the repeats. It cannot honestly exceed the layer ratio (teacher layers / student layers)."),
+        *_serving_guide(report),
         "",
     ]
 
@@ -320,6 +396,11 @@ def _with_range(metrics: Mapping[str, MetricValue], median: str, low: str, high:
     if metrics.get(low) is None or metrics.get(high) is None:
         return text
     return f"{text} ({show(metrics.get(low))}-{show(metrics.get(high))})"
+
+
+def _share(value: float | None, reference: float | None) -> str:
+    """``value`` as a percentage of ``reference``."""
+    return "n/a" if value is None or not reference else f"{value / reference:.1%}"
 
 
 def _integer(value: int | None) -> str:

@@ -1,10 +1,12 @@
 """The report's PNG plots, drawn from the :class:`~m3distill.report.schema.Report` alone.
 
-* ``p_at_k.png``: P@k overlap against k, one line per model pair (exact search; HNSW dashed when measured).
+* ``p_at_k.png``: P@k overlap against k, one line per pair of torch models (exact search; HNSW dashed when
+  measured); the ONNX variants' pairs are in report.md, their lines would hide the students' under them.
 * ``p_at_k_{output}.png`` (M3 teachers): the same for retrieval by the sparse, ColBERT and hybrid outputs, one
   line per pair of models that both have the output.
 * ``quality_vs_speed.png``: P@10 overlap with the teacher and MRR@10 against speed-up over the teacher, with
-  the speed-up's min-max as horizontal error bars.
+  the speed-up's min-max as horizontal error bars; a student and its ONNX variants share a colour and a thin line,
+  the marker says what ran it (legend).
 
 Figures are plain ``matplotlib.figure.Figure`` objects printed by an Agg canvas of their own: pyplot is never
 imported, so neither importing this module nor drawing changes the backend of a program that uses m3distill.
@@ -17,6 +19,7 @@ from pathlib import Path
 import matplotlib as mpl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from m3distill.atomic import atomic_path
 from m3distill.metrics import (
@@ -27,12 +30,15 @@ from m3distill.metrics import (
     output_prefix,
     overlap_metric,
 )
-from m3distill.report.schema import PairReport, Report
+from m3distill.report.schema import TORCH_TITLE, ModelReport, PairReport, Report, variant_title
 
 P_AT_K_PLOT = "p_at_k.png"
 QUALITY_VS_SPEED_PLOT = "quality_vs_speed.png"
 _DPI = 120
 _OUTPUT_NAMES = {"sparse": "sparse lexical weights", "colbert": "ColBERT multi-vector", "hybrid": "hybrid"}
+# Markers by what ran a model: the teacher, a torch student, and each ONNX variant (others: a diamond).
+_TEACHER_MARKER, _STUDENT_MARKER, _OTHER_VARIANT_MARKER = "s", "o", "D"
+_VARIANT_MARKERS = {"onnx": "^", "int8": "v"}
 
 
 def output_p_at_k_plot(output: str) -> str:
@@ -44,7 +50,7 @@ def write_plots(report: Report, report_dir: str | Path) -> dict[str, str]:
     """Draw every plot into ``report_dir``; returns {title: file name} for report.md."""
     report_dir = Path(report_dir)
     written = {}
-    if report.pairs:
+    if _torch_pairs(report):
         _save(_p_at_k_figure(report), report_dir / P_AT_K_PLOT)
         written["P@k overlap against k for each model pair"] = P_AT_K_PLOT
     for output in report.retrieval.outputs:
@@ -72,7 +78,7 @@ def _p_at_k_figure(report: Report) -> Figure:
     figure = _new_figure(7.5, 4.8)
     axes = figure.subplots()
     colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
-    for number, pair in enumerate(report.pairs):
+    for number, pair in enumerate(_torch_pairs(report)):
         color = colors[number % len(colors)]
         for index, style in (("exact", "-"), ("hnsw", "--")):
             if index not in indexes:
@@ -112,6 +118,18 @@ def _output_p_at_k_figure(report: Report, output: str, pairs: list[PairReport]) 
     return figure
 
 
+def _torch_pairs(report: Report) -> list[PairReport]:
+    """The pairs of models run by torch (no ONNX variant in them)."""
+    variants = {model.name for model in report.models if model.is_variant}
+    return [pair for pair in report.pairs if pair.a not in variants and pair.b not in variants]
+
+
+def _marker(model: ModelReport) -> str:
+    if model.is_variant:
+        return _VARIANT_MARKERS.get(model.variant, _OTHER_VARIANT_MARKER)
+    return _TEACHER_MARKER if model.role == "teacher" else _STUDENT_MARKER
+
+
 def _quality_vs_speed_figure(report: Report) -> Figure:
     index = report.retrieval.indexes[0]
     k = report.quality_k
@@ -122,26 +140,58 @@ def _quality_vs_speed_figure(report: Report) -> Figure:
         (left, lambda model: overlap_with_teacher.get(model.name), f"P@{k} overlap with the teacher"),
         (right, lambda model: model.metrics.get(mrr_metric(index)), "MRR@10 (own context relevant)"),
     )
+    colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
+    # A student and its variants share a colour: the family is what the reader follows across the plot.
+    families = list(dict.fromkeys(model.variant_of or model.name for model in report.models))
+    color_of = {name: colors[number % len(colors)] for number, name in enumerate(families)}
     for axes, value_of, ylabel in panels:
+        points: dict[str, list[tuple[float, float]]] = {}
         for model in report.models:
             x, y = model.metrics.get(SPEEDUP), value_of(model)
             if x is None or y is None:
                 continue
+            family = model.variant_of or model.name
+            points.setdefault(family, []).append((x, y))
             low, high = model.metrics.get(SPEEDUP_MIN), model.metrics.get(SPEEDUP_MAX)
             # Clamped: a hand-edited report.json may put the median outside its own min-max.
             spread = [[max(0.0, x - low)], [max(0.0, high - x)]] if low is not None and high is not None else None
-            marker = "s" if model.role == "teacher" else "o"
-            axes.errorbar([x], [y], xerr=spread, fmt=marker, markersize=7, capsize=3, zorder=3)
-            axes.annotate(model.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize="small")
-        axes.set_xlabel("speed-up over the teacher (texts/s ratio; bars: min-max over repeats)")
+            axes.errorbar([x], [y], xerr=spread, fmt=_marker(model), markersize=7, capsize=3, zorder=3,
+                          color=color_of[family])
+            # A variant is told by its marker and its student's colour (legend); names beside it would pile up.
+            if not model.is_variant:
+                axes.annotate(model.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize="small")
+        for family, family_points in points.items():
+            if len(family_points) > 1:
+                xs, ys = zip(*family_points)
+                axes.plot(xs, ys, "-", color=color_of[family], linewidth=0.8, alpha=0.5, zorder=2)
+        axes.set_xlabel("speed-up over the teacher (texts/s ratio)\nbars: min-max over repeats")
         axes.set_ylabel(ylabel)
         axes.set_ylim(0, 1.05)
         axes.grid(True, alpha=0.3)
         left_limit, right_limit = axes.get_xlim()
         axes.set_xlim(min(0.9, left_limit), right_limit * 1.15)
+    legend = _legend(report, color_of)
+    if legend:
+        right.legend(handles=legend, fontsize="small", loc="lower right")
     figure.suptitle(f"Quality against speed ({'exact' if index == 'exact' else 'HNSW'} search)")
     figure.tight_layout()
     return figure
+
+
+def _legend(report: Report, color_of: dict[str, str]) -> list[Line2D]:
+    """With ONNX variants: what each marker means (what ran the model) and whose each colour is (the student
+    whose export it is). Without them the names beside the points say it all."""
+    variants = list(dict.fromkeys(model.variant for model in report.models if model.is_variant))
+    if not variants:
+        return []
+    entries = [(_TEACHER_MARKER, f"teacher ({TORCH_TITLE})"), (_STUDENT_MARKER, f"student ({TORCH_TITLE})")]
+    entries += [(_VARIANT_MARKERS.get(variant, _OTHER_VARIANT_MARKER), f"student ({variant_title(variant)})")
+                for variant in variants]
+    handles = [Line2D([], [], linestyle="none", marker=marker, color="gray", markersize=7, label=label)
+               for marker, label in entries]
+    exported = dict.fromkeys(model.variant_of for model in report.models if model.is_variant)
+    handles += [Line2D([], [], color=color_of[name], linewidth=3, label=name) for name in exported]
+    return handles
 
 
 def _save(figure: Figure, target: Path) -> None:

@@ -1,16 +1,16 @@
-"""The report as a typed object (:class:`Report`), its report.json schema (version 3), and reading it back.
+"""The report as a typed object (:class:`Report`), its report.json schema (version 4), and reading it back.
 
 report.json is the evaluation's single source of truth, ``Report.model_dump(mode="json")`` written with sorted
 keys; report.md and the plots are rendered from it alone (``m3distill report DIR``). Keys (lists keep their
 order)::
 
-    schema_version       3
+    schema_version       4
     m3distill_version    package version that wrote the report
     started_at           ISO-8601 UTC time the evaluation started; finished_at likewise; duration_s its length
     timings_s            {load, encode, retrieval, speed}: seconds spent in each phase
     config               {teacher: TeacherConfig, evaluation: EvaluationConfig} as used (see m3distill.config)
     versions             {python, m3distill, torch, transformers, sentence-transformers, qdrant-edge-py,
-                          qdrant-client, ir-measures, numpy}: installed versions (null when missing)
+                          qdrant-client, ir-measures, numpy, onnxruntime}: installed versions (null when missing)
     device               {name: "cpu" / "cuda" / ..., description: GPU name or CPU model, torch_threads, platform}
     dataset              {path, manifest (the manifest's scalar fields), contexts_per_split, questions_per_split,
                           test_questions, test_contexts, indexed_contexts, test_languages: {language: contexts}}
@@ -25,9 +25,16 @@ order)::
     speed                {n_texts, batch_size, repeats, warmup_batches, min_seconds_per_repeat, order}: the
                           timing policy; order "interleaved" (the models take turns in every repeat; see
                           m3distill.evaluation.speed) or "sequential" (reports migrated from version 1)
-    models               list, teacher first: {name, role: "teacher" | "student", source (folder or hub id),
-                          layers, embedding_dim, max_seq_length, metrics}
-    pairs                list, one per unordered pair of models (teacher included): {a, b, metrics}
+    models               list, teacher first: {name, role: "teacher" | "student", source (folder, hub id or, for
+                          an ONNX variant, its .onnx file), layers, embedding_dim, max_seq_length, metrics,
+                          variant: null for a model run by torch, else the student's ONNX export it is ("onnx":
+                          fp32, "int8": int8-quantized), variant_of: the name of the torch student it was exported
+                          from (null for torch models), device: where it encoded and was timed ("cpu" for ONNX
+                          variants, run by onnxruntime's CPU provider)}. A variant is named
+                          "{variant_of} ({variant})" (variant_label), e.g. "student-2L (int8)", and follows its
+                          torch student.
+    pairs                list, one per unordered pair of models (teacher included): {a, b, metrics}; an ONNX
+                          variant is paired with the teacher, its torch student and that student's other variants only
 
 Metric names are flat, sentence-transformers style, with a prefix per family (the names are defined once, in
 m3distill.metrics, speed's in m3distill.evaluation.speed):
@@ -42,11 +49,13 @@ m3distill.metrics, speed's in m3distill.evaluation.speed):
                                   ground truth
                       speed_texts_per_s (median over the repeats), speed_texts_per_s_min, speed_texts_per_s_max,
                       speed_seconds_per_run (one pass over the texts at the median rate),
-                      speed_speedup_vs_teacher (median of the per-repeat ratios to the teacher),
-                      speed_speedup_vs_teacher_min, speed_speedup_vs_teacher_max,
+                      speed_speedup_vs_teacher (median of the per-repeat ratios to the teacher; null for a model
+                      on another device than the teacher's), speed_speedup_vs_teacher_min,
+                      speed_speedup_vs_teacher_max,
                       speed_layer_ratio (students: teacher layers / student layers, the highest honest speed-up;
-                      null when unknown), speed_speedup_suspect (students: true when the median speed-up is
-                      above the layer ratio), speed_parameters, speed_weights_bytes, speed_size_on_disk_bytes
+                      null when unknown), speed_speedup_suspect (students run by torch: true when the median
+                      speed-up is above the layer ratio; always false for ONNX variants, which another runtime
+                      may honestly make faster), speed_parameters, speed_weights_bytes, speed_size_on_disk_bytes
                       (null when unknown), speed_peak_memory_increase_bytes, speed_memory_measure (how memory
                       was measured)
                       M3 teacher, models with heads: {output}_recall@{k}, {output}_mrr@10, {output}_ndcg@10 for
@@ -59,7 +68,8 @@ m3distill.metrics, speed's in m3distill.evaluation.speed):
 Versions: 1 had no spread, layer ratio or suspect flag and timed each model's repeats back to back; it is read
 by migrating it (speed.order "sequential", min_seconds_per_repeat null, the suspect flag worked out from the
 layers). 2 had no outputs or hybrid weights (it searched dense alone): it is read as outputs ["dense"] and
-hybrid_weights null. A report of another version is refused with one line that says what to do.
+hybrid_weights null. 3 had no ONNX variants: its models are read as variant and variant_of null and device the
+report's device. A report of another version is refused with one line that says what to do.
 """
 
 from __future__ import annotations
@@ -73,7 +83,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from m3distill.errors import M3DistillError
 from m3distill.layout import REPORT_DIRNAME, REPORT_JSON_FILE
 
-REPORT_SCHEMA_VERSION = 3
+REPORT_SCHEMA_VERSION = 4
 
 MetricValue = float | int | bool | str | None
 """A metric is a number, a flag, a label (e.g. how memory was measured) or null when it could not be measured."""
@@ -161,6 +171,30 @@ class ModelReport(_ReportPart):
     embedding_dim: int | None
     max_seq_length: int | None
     metrics: dict[str, MetricValue]
+    # A student's ONNX export evaluated as a model of its own: which one, and the torch student it came from.
+    variant: str | None = None
+    variant_of: str | None = None
+    device: str | None = None  # where it encoded and was timed; ONNX variants run on the CPU whatever the report's
+
+    @property
+    def is_variant(self) -> bool:
+        """True for a student's ONNX export, False for a model run by torch."""
+        return self.variant is not None
+
+
+# How each ONNX variant reads in tables and plots; a variant not listed reads as its name.
+VARIANT_TITLES = {"onnx": "ONNX fp32", "int8": "ONNX int8"}
+TORCH_TITLE = "torch"
+
+
+def variant_label(model: str, variant: str) -> str:
+    """The name of ``model``'s ONNX variant ``variant`` in a report: ``student-2L (int8)``."""
+    return f"{model} ({variant})"
+
+
+def variant_title(variant: str | None) -> str:
+    """How a model's runtime and precision read in the report: ``torch`` or e.g. ``ONNX int8``."""
+    return TORCH_TITLE if variant is None else VARIANT_TITLES.get(variant, variant)
 
 
 class PairReport(_ReportPart):
@@ -174,7 +208,7 @@ class PairReport(_ReportPart):
 class Report(_ReportPart):
     """A whole evaluation: what :func:`m3distill.evaluation.evaluate.evaluate_models` returns and report.json holds."""
 
-    schema_version: Literal[3] = REPORT_SCHEMA_VERSION
+    schema_version: Literal[4] = REPORT_SCHEMA_VERSION
     m3distill_version: str
     started_at: str
     finished_at: str
@@ -197,7 +231,24 @@ class Report(_ReportPart):
 
     @property
     def students(self) -> list[ModelReport]:
+        """Every student, ONNX variants included."""
         return [model for model in self.models if model.role == "student"]
+
+    @property
+    def torch_models(self) -> list[ModelReport]:
+        """The teacher and the students as torch ran them (no ONNX variants)."""
+        return [model for model in self.models if not model.is_variant]
+
+    def variants_of(self, name: str) -> list[ModelReport]:
+        """The ONNX variants of the model named ``name``, in report order."""
+        return [model for model in self.models if model.variant_of == name]
+
+    def pair_metric(self, a: str, b: str, metric: str) -> float | None:
+        """The pair metric ``metric`` of models ``a`` and ``b`` (either order); ``None`` when not measured."""
+        for pair in self.pairs:
+            if {pair.a, pair.b} == {a, b}:
+                return pair.metrics.get(metric)
+        return None
 
     @property
     def quality_k(self) -> int:
@@ -270,6 +321,8 @@ def report_from_json_dict(data: Any, source: str = "report") -> Report:
         data = _migrate_v1(data)
     if data["schema_version"] == 2:
         data = _migrate_v2(data)
+    if data["schema_version"] == 3:
+        data = _migrate_v3(data)
     try:
         return Report.model_validate(data)
     except ValidationError as error:
@@ -315,4 +368,15 @@ def _migrate_v2(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data.get("retrieval"), dict):
         data["retrieval"].setdefault("outputs", ["dense"])
         data["retrieval"].setdefault("hybrid_weights", None)
+    return data
+
+
+def _migrate_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 -> 4: a version-3 evaluation had no ONNX variants and ran every model on the report's device."""
+    data = json.loads(json.dumps(data))  # a deep copy: the caller's dict stays as it was
+    data["schema_version"] = 4
+    device = data["device"].get("name") if isinstance(data.get("device"), dict) else None
+    for model in data["models"]:
+        if isinstance(model, dict):
+            model.setdefault("device", device)
     return data

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 REPORT_INPUTS_FILE = "inputs.json"
 # Evaluation settings that change how results are fetched, not what they are.
 _EVALUATION_LOGISTICS = ("qdrant_api_key_env",)
+# Settings added after reports were first written, with the value that reproduces those reports: at that value they
+# are left out of the fingerprint, so upgrading m3distill does not make every finished report look stale.
+_ADDED_LATER = {"evaluation.onnx_variants": True, "evaluation.speed.max_tokens_per_batch": None,
+                "evaluation.speed.precision": "auto"}
 
 
 @dataclass
@@ -108,6 +112,7 @@ class EvaluateStage(Stage):
         return finished, {}, skipped
 
     def fingerprint(self) -> Fingerprint:
+        from m3distill.evaluation.evaluate import export_record_digest
         from m3distill.teacher.fingerprint import hash_model_files
         from m3distill.training import STUDENT_METADATA_FILE
 
@@ -118,12 +123,18 @@ class EvaluateStage(Stage):
             students[f"students.{folder.name}" + CONTENTS] = (
                 metadata.get("trained") or (hash_model_files(folder) if folder.is_dir() else None)
             )
+            # The report measures a student's ONNX exports too: exporting it, or exporting it again, is news.
+            export = export_record_digest(folder) if self.config.evaluation.onnx_variants else None
+            if export is not None:
+                students[f"students.{folder.name}.onnx_export" + CONTENTS] = export
         for name in in_memory:
             students[f"students.{name}"] = "in memory"
         teacher = teacher_identity(self.config.teacher) if self.teacher_model is None else {"teacher": "in memory"}
         settings = self.config.evaluation.model_dump(mode="json", exclude=set(_EVALUATION_LOGISTICS))
+        settings = {key: value for key, value in flatten("evaluation", settings).items()
+                    if key not in _ADDED_LATER or value != _ADDED_LATER[key]}
         return Fingerprint({"dataset" + CONTENTS: dataset_fingerprint(self.dataset_dir), **teacher, **students,
-                            **flatten("evaluation", settings)})
+                            **settings})
 
     def status(self) -> StageStatus:
         if not (self.out_dir / REPORT_JSON_FILE).is_file():

@@ -137,11 +137,14 @@ def cache_identity(cache_manifest: Mapping[str, Any]) -> dict[str, Any]:
     if "files_sha256" in fingerprint:
         parts["teacher.files" + CONTENTS] = parts.pop("teacher.files_sha256")
     parts["teacher.dtype"] = cache_manifest.get("dtype")
+    # bf16/fp16 teacher embeddings are other targets; fp32 caches (all caches before the precision field) add nothing.
+    if cache_manifest.get("precision", "fp32") != "fp32":
+        parts["teacher.precision"] = cache_manifest["precision"]
     return parts
 
 
 # Settings that change where or how fast a student trains, not what it learns.
-_TRAINING_LOGISTICS = ("device", "keep_checkpoints", "save_total_limit", "save_steps")
+_TRAINING_LOGISTICS = ("device", "keep_checkpoints", "save_total_limit", "save_steps", "dev_max_tokens_per_batch")
 
 
 def student_fingerprint(dataset: str | None, cache_manifest: Mapping[str, Any], training: Any,

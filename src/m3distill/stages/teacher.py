@@ -27,8 +27,15 @@ class TeacherStage(Stage):
     """The teacher cache of a dataset.
 
     The fingerprint is the dataset's plus the teacher's identity (its files, or hub id and revision), its maximum
-    sequence length and the storage dtype. A cache behind only on the dataset is extended (the texts it already
-    holds stay valid); a cache of another teacher is cleared first (pipeline) or refused (standalone).
+    sequence length, the storage dtype and, when it is not fp32, the precision the teacher computes in on this
+    machine (``teacher.precision`` resolved: ``auto`` is bf16 on a GPU, so a cache made in fp32 on a CPU is stale
+    on a GPU machine and the other way round; caches made before precision was recorded are fp32 and stay
+    current). Batching (``batch_size``, ``max_tokens_per_batch``) moves the embeddings by float error only and is
+    not part of it. A cache behind only on the dataset is extended (the texts it already holds stay valid); a cache
+    of another teacher or precision is cleared first (pipeline) or refused (standalone).
+
+    Under torchrun every process runs the stage: they decide alike from the same files, process 0 alone clears
+    the cache, and :func:`~m3distill.teacher.cache.build_teacher_cache` shares out the shards.
     """
 
     name = "teacher"
@@ -49,7 +56,29 @@ class TeacherStage(Stage):
     @cached_property
     def teacher_parts(self) -> dict:
         """The teacher's identity parts (its files hashed once per stage object)."""
-        return {**teacher_identity(self.teacher), "teacher.dtype": self.teacher.dtype}
+        parts = {**teacher_identity(self.teacher), "teacher.dtype": self.teacher.dtype}
+        precision = self._precision()
+        if precision != "fp32":  # absent for fp32, so caches made before precision was recorded stay current
+            parts["teacher.precision"] = precision
+        return parts
+
+    def _precision(self) -> str:
+        """The precision the teacher computes in on this machine (``teacher.precision`` resolved)."""
+        import torch
+
+        from m3distill.encoding import resolve_precision
+        from m3distill.models import process_device, resolve_device
+
+        device = process_device(self.teacher.device)
+        try:
+            device = resolve_device(device)
+        except M3DistillError as error:
+            try:
+                torch.device(device)
+            except (RuntimeError, ValueError):
+                raise error from None  # not a device name at all: the one line resolve_device gave
+            # a device this machine lacks (cuda:7): running says so; its kind is all the precision needs
+        return resolve_precision(self.teacher.precision, device or "cpu")
 
     def fingerprint(self) -> Fingerprint:
         return Fingerprint({_DATASET_PART: dataset_fingerprint(self.dataset_dir), **self.teacher_parts})
@@ -78,7 +107,9 @@ class TeacherStage(Stage):
         if recorded is None:
             # No recorded inputs: build_teacher_cache compares the teacher's full fingerprint itself.
             return False
-        return any(recorded.get(name) != value for name, value in self.teacher_parts.items()) and (
+        # Both ways: a part recorded then and absent now (precision back to fp32) is a change too.
+        names = set(self.teacher_parts) | {name for name in recorded if name.startswith("teacher.")}
+        return any(recorded.get(name) != self.teacher_parts.get(name) for name in names) and (
             self.out_dir / CACHE_TEACHER_FILE
         ).is_file()
 
@@ -105,12 +136,18 @@ class TeacherStage(Stage):
     def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True):
         """Build, resume or extend the cache; returns :class:`m3distill.teacher.cache.CacheSummary`."""
         from m3distill.teacher.cache import build_teacher_cache
+        from m3distill.teacher.distributed import process_group
 
         self.check_inputs()
-        if force or self._teacher_changed():
-            status = self.status()
-            self.refuse_if_stale(status, replace_stale=replace_stale, force=force)
-            self.clear()
-        # Shards are keyed by text: a dataset that changed only gets its new texts embedded.
-        return build_teacher_cache(self.dataset_dir, self.teacher, self.out_dir, show_progress=show_progress,
-                                   inputs=self.fingerprint().to_record())
+        with process_group() as group:
+            # Every process decides from the files as they are now, before process 0 may clear them.
+            replace = force or self._teacher_changed()
+            if replace:
+                self.refuse_if_stale(self.status(), replace_stale=replace_stale, force=force)
+            group.barrier()
+            if replace and group.is_main:
+                self.clear()
+            group.barrier()
+            # Shards are keyed by text: a dataset that changed only gets its new texts embedded.
+            return build_teacher_cache(self.dataset_dir, self.teacher, self.out_dir, show_progress=show_progress,
+                                       inputs=self.fingerprint().to_record())

@@ -1,20 +1,36 @@
 """The teacher cache: every dataset text embedded once by the teacher, stored in memory-mapped shards.
 
     CACHE_DIR/
-      teacher.json                  written first: the teacher's fingerprint and the storage dtype. Shards are only
-                                    ever added by the same teacher; another one is refused.
+      teacher.json                  written first: the teacher's fingerprint, the storage dtype and the compute
+                                    precision. Shards are only ever added by the same teacher in the same dtype and
+                                    precision; anything else is refused.
       shards/shard-00000.dense.npy  (n, dim) float32 or float16 sentence embeddings, row i for key i
       shards/shard-00000.keys.npy   (n,) S64 text keys (see :func:`text_key`); written last, so its presence
                                     marks the shard complete
-      manifest.json                 written last: fingerprint, dim, dtype, count, shards, outputs
+      manifest.json                 written last: fingerprint, dim, dtype, precision, count, shards, outputs
 
 Opening a cache checks every shard against its manifest entry (rows, dimension, file sizes): a shard truncated or
 damaged on disk is one clear error, and the next ``m3distill teacher`` run embeds its texts again.
 
 Shards are the unit of resumption. The texts still missing from the cache are sorted by (length, key) and cut
-into shards of ``teacher.shard_size``, numbered after the shards already present; a run killed after k shards
-and rerun therefore plans exactly the shards the first run had not finished, with the same texts in the same
-batches, so the result equals an uninterrupted run. A dataset that gained texts gets new shards for those only.
+into shards of ``teacher.shard_size``, numbered with the lowest numbers no shard has: the gaps a failed
+multi-process run or a removed damaged shard left, then after the last shard. A run killed after some shards and
+rerun therefore plans exactly the shards the first run had not finished, under the same numbers, with the same
+texts in the same batches, so the result equals an uninterrupted run. A dataset that gained texts gets new shards
+for those only.
+
+Several processes (``torchrun --nproc_per_node N m3distill teacher``, see :mod:`m3distill.teacher.distributed`)
+share the work by shards: every process plans the same shards from the same folder (they check that they agree),
+process r embeds the shards whose number modulo N is r, each on its own device (``cuda:LOCAL_RANK`` on GPUs), and
+process 0 writes the manifest once every shard of the plan is complete. A run where one process fails leaves the
+finished shards of all of them and no manifest; the next run, with any number of processes, plans only the rest.
+Shards hold the same texts in the same batches however many processes write them, so the cache is the same.
+
+Precision (``teacher.precision``): bf16 or fp16 compute changes the embeddings beyond float error, so the resolved
+precision is recorded in teacher.json and the manifest (caches written before it was recorded are fp32) and a cache
+is only extended in its own precision. The token budget (``teacher.max_tokens_per_batch``) only changes which texts
+share a batch, like ``batch_size``: float-error differences, so neither is recorded and shards made with different
+batching mix freely.
 
 Room for bge-m3's other outputs (a later issue): each output is a set of per-shard files named
 ``shard-NNNNN.<output>*.npy`` and listed under ``outputs`` in the manifest. Planned, all memory-mappable:
@@ -27,6 +43,7 @@ Room for bge-m3's other outputs (a later issue): each output is a set of per-sha
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -43,8 +60,10 @@ from tqdm.auto import tqdm
 from m3distill.atomic import atomic_path, write_json_atomic
 from m3distill.config import TeacherConfig
 from m3distill.data.dataset import load_synth_dataset
+from m3distill.encoding import encode_texts, resolve_precision
 from m3distill.errors import M3DistillError
-from m3distill.models import load_sentence_transformer
+from m3distill.models import load_sentence_transformer, process_device
+from m3distill.teacher.distributed import ProcessGroup, process_group
 from m3distill.teacher.fingerprint import TeacherFingerprint, check_fingerprint, teacher_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -54,6 +73,8 @@ CACHE_MANIFEST_FILE = "manifest.json"
 CACHE_TEACHER_FILE = "teacher.json"
 SHARDS_DIRNAME = "shards"
 DENSE_OUTPUT = "dense"
+# The compute precision of caches that do not record one (written before it was recorded): full precision.
+DEFAULT_CACHE_PRECISION = "fp32"
 _KEY_DTYPE = "S64"
 _SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.keys\.npy$")
 
@@ -84,7 +105,9 @@ class CacheSummary:
         n_shards: shards in the cache after this run.
         dim: embedding dimension.
         dtype: storage dtype of the embeddings.
-        seconds: wall time of the embedding step.
+        seconds: wall time of the embedding step (of all processes together under torchrun).
+        precision: the compute precision of the cache's embeddings (``fp32``, ``bf16``, ``fp16``).
+        processes: how many processes shared the work (torchrun's WORLD_SIZE).
     """
 
     cache_dir: Path
@@ -95,6 +118,8 @@ class CacheSummary:
     dim: int
     dtype: str
     seconds: float
+    precision: str = DEFAULT_CACHE_PRECISION
+    processes: int = 1
 
     @property
     def texts_per_second(self) -> float:
@@ -124,61 +149,144 @@ def build_teacher_cache(
 ) -> CacheSummary:
     """Embed every text of a dataset directory (contexts, questions, general; all splits) with the teacher.
 
+    Under torchrun the processes share the shards (see the module's docstring): each one calls this function with
+    the same arguments and gets the same summary.
+
     Args:
         dataset_dir: a dataset directory written by ``m3distill synth``.
-        teacher: the teacher settings: model, revision, max_seq_length, batch_size, dtype, shard_size, device.
+        teacher: the teacher settings: model, revision, max_seq_length, batch_size, max_tokens_per_batch, precision,
+            dtype, shard_size, device.
         out_dir: the cache folder; created, resumed or extended.
         model: an already-loaded teacher to use instead of loading ``teacher.model`` (it is not modified; its
             max_seq_length must equal ``teacher.max_seq_length`` when that is set).
-        show_progress: show a tqdm bar with texts/s.
+        show_progress: show a tqdm bar with texts/s (under torchrun, process 0's, over its own shards).
         on_shard: called after each shard is written (progress hooks; tests use it to simulate a kill).
         inputs: what the cache was made from (the teacher stage's fingerprint), recorded in the manifest so that
             a later run can tell whether the cache is current (see :mod:`m3distill.stages.teacher`).
 
     Raises:
-        M3DistillError: the dataset is missing or incomplete, or ``out_dir`` holds a cache of another teacher or
-            another dtype.
+        M3DistillError: the dataset is missing or incomplete; ``out_dir`` holds a cache of another teacher, dtype
+            or precision; the precision cannot run on the device; or, under torchrun, the processes do not see the
+            same cache folder or a shard of another process is missing at the end.
     """
     out_dir = Path(out_dir)
-    dataset = load_synth_dataset(dataset_dir)
-    texts = dataset.texts()
-    if not texts:
-        raise M3DistillError(f"dataset {dataset_dir} holds no texts; rerun `m3distill synth` with a non-empty corpus")
-    model = _teacher_model(teacher, model)
-    fingerprint = teacher_fingerprint(model, teacher.model, revision=teacher.revision)
-    _claim_cache_dir(out_dir, fingerprint, teacher.dtype)
+    with process_group() as group:
+        dataset = load_synth_dataset(dataset_dir)
+        texts = dataset.texts()
+        if not texts:
+            raise M3DistillError(
+                f"dataset {dataset_dir} holds no texts; rerun `m3distill synth` with a non-empty corpus"
+            )
+        model = _teacher_model(teacher, model)
+        precision = resolve_precision(teacher.precision, model.device)
+        fingerprint = teacher_fingerprint(model, teacher.model, revision=teacher.revision)
+        # Every process checks the folder before any of them writes to it, so a refusal is every process's.
+        claimed = _check_cache_owner(out_dir, fingerprint, teacher.dtype, precision)
+        group.barrier()
+        # Process 0 alone claims the folder and removes damaged shards; the others read what it left.
+        shard_keys = None
+        if group.is_main:
+            if not claimed:
+                _claim_cache_dir(out_dir, fingerprint, teacher.dtype, precision)
+            shard_keys = _intact_shards(out_dir, fingerprint.dim)
+        group.barrier()
+        if shard_keys is None:
+            shard_keys = _intact_shards(out_dir, fingerprint.dim, remove=False)
 
-    shard_keys = _intact_shards(out_dir, fingerprint.dim)
+        plan = _plan_shards(texts, shard_keys, teacher.shard_size)
+        # Also the last wait before shards are written: no process plans from a folder another has begun to fill.
+        if not group.agree(_plan_digest(shard_keys, plan)):
+            raise M3DistillError(
+                f"the {group.world_size} processes see different teacher caches in {out_dir}: run them on one "
+                "machine, or put the cache on a file system all of them share"
+            )
+        n_missing = sum(len(chunk) for _, chunk in plan)
+        n_reused = len(texts) - n_missing
+        mine = [(index, chunk) for index, chunk in plan if index % group.world_size == group.rank]
+        if group.is_main:
+            logger.info("teacher cache %s: %d texts, %d cached, %d to embed in %d shards, in %s", out_dir, len(texts),
+                        n_reused, n_missing, len(plan), precision)
+        if group.world_size > 1:
+            logger.info("process %d of %d: %d shards (%d texts) on %s", group.rank, group.world_size, len(mine),
+                        sum(len(chunk) for _, chunk in mine), model.device)
+
+        started = time.perf_counter()
+        desc = "teacher cache" if group.world_size == 1 else f"teacher cache (process 0 of {group.world_size})"
+        with tqdm(total=sum(len(chunk) for _, chunk in mine), unit="text", desc=desc, smoothing=0.1,
+                  disable=not (show_progress and group.is_main)) as bar:
+            for index, chunk in mine:
+                info = _write_shard(out_dir, index, chunk, model, teacher, precision, bar)
+                if on_shard is not None:
+                    on_shard(info)
+        group.barrier()
+        seconds = time.perf_counter() - started
+
+        shard_counts = {name: len(keys) for name, keys in shard_keys.items()}
+        shard_counts.update({_shard_name(index): len(chunk) for index, chunk in plan})
+        if group.is_main:
+            theirs = [(index, chunk) for index, chunk in plan if index % group.world_size != group.rank]
+            _check_planned_shards(out_dir, theirs, fingerprint.dim, group)
+            _write_manifest(out_dir, fingerprint, teacher.dtype, precision, shard_counts, inputs)
+        # The others return once the manifest exists: whatever runs next in them may open the cache.
+        group.barrier()
+    summary = CacheSummary(
+        cache_dir=out_dir, n_texts=len(texts), n_computed=n_missing, n_reused=n_reused, n_shards=len(shard_counts),
+        dim=fingerprint.dim, dtype=teacher.dtype, seconds=seconds, precision=precision, processes=group.world_size,
+    )
+    if group.is_main:
+        logger.info(
+            "teacher cache complete: %d texts in %d shards (%.1f texts/s)",
+            sum(shard_counts.values()), len(shard_counts), summary.texts_per_second,
+        )
+    return summary
+
+
+def _plan_shards(
+    texts: Sequence[str], shard_keys: dict[str, list[str]], shard_size: int
+) -> list[tuple[int, list[tuple[str, str]]]]:
+    """The shards to write: the texts not in ``shard_keys``, as (shard number, [(key, text)...]).
+
+    (length, key) order puts similar lengths in the same batches (little padding) and is the same on every rerun
+    and in every process. The shards take the lowest free numbers: the texts of shards missing from a run that
+    did not finish are the union of those whole shards, so they are cut into the same shards again, which get their
+    old numbers back.
+    """
     cached_keys = {key for keys in shard_keys.values() for key in keys}
     by_key = {key: text for text in texts if (key := text_key(text)) not in cached_keys}
-    # (length, key) order puts similar lengths in the same batches (little padding) and is the same on every rerun.
     missing = sorted(by_key.items(), key=lambda item: (len(item[1]), item[0]))
-    n_reused = len(texts) - len(missing)
-    logger.info("teacher cache %s: %d texts, %d cached, %d to embed", out_dir, len(texts), n_reused, len(missing))
+    taken = {_shard_index(name) for name in shard_keys}
+    free = (index for index in itertools.count() if index not in taken)
+    return [(next(free), missing[offset : offset + shard_size]) for offset in range(0, len(missing), shard_size)]
 
-    started = time.perf_counter()
-    shard_counts = {name: len(keys) for name, keys in shard_keys.items()}
-    first_index = max((_shard_index(name) for name in shard_counts), default=-1) + 1
-    with tqdm(total=len(missing), unit="text", desc="teacher cache", disable=not show_progress, smoothing=0.1) as bar:
-        for offset in range(0, len(missing), teacher.shard_size):
-            index = first_index + offset // teacher.shard_size
-            chunk = missing[offset : offset + teacher.shard_size]
-            info = _write_shard(out_dir, index, chunk, model, teacher, bar)
-            shard_counts[info.name] = info.count
-            if on_shard is not None:
-                on_shard(info)
-    seconds = time.perf_counter() - started
 
-    _write_manifest(out_dir, fingerprint, teacher.dtype, shard_counts, inputs)
-    summary = CacheSummary(
-        cache_dir=out_dir, n_texts=len(texts), n_computed=len(missing), n_reused=n_reused, n_shards=len(shard_counts),
-        dim=fingerprint.dim, dtype=teacher.dtype, seconds=seconds,
-    )
-    logger.info(
-        "teacher cache complete: %d texts in %d shards (%.1f texts/s)",
-        sum(shard_counts.values()), len(shard_counts), summary.texts_per_second,
-    )
-    return summary
+def _plan_digest(shard_keys: dict[str, list[str]], plan: list[tuple[int, list[tuple[str, str]]]]) -> str:
+    """One hash of the shards present and the plan, for the processes to compare."""
+    digest = hashlib.sha256()
+    for name in sorted(shard_keys, key=_shard_index):
+        digest.update(f"{name}:{len(shard_keys[name])}\n".encode())
+    for index, chunk in plan:
+        digest.update(f"{index}:".encode() + b",".join(key.encode() for key, _ in chunk) + b"\n")
+    return digest.hexdigest()
+
+
+def _check_planned_shards(
+    root: Path, shards: list[tuple[int, list[tuple[str, str]]]], dim: int, group: ProcessGroup
+) -> None:
+    """Raise :class:`M3DistillError` unless each of ``shards`` (written by the other processes) is complete and
+    holds the planned texts."""
+    for index, chunk in shards:
+        name = _shard_name(index)
+        try:
+            keys, _ = _open_shard(root, name, count=len(chunk), dim=dim)
+        except (FileNotFoundError, _CorruptShard) as error:
+            keys, why = None, "is missing" if isinstance(error, FileNotFoundError) else str(error)
+        else:
+            why = "holds other texts than planned"
+        if keys != [key for key, _ in chunk]:
+            raise M3DistillError(
+                f"teacher cache {root}: shard {name} of process {index % group.world_size} {why}; rerun "
+                "`m3distill teacher` to embed what is missing"
+            )
 
 
 class TeacherCache:
@@ -258,6 +366,11 @@ class TeacherCache:
         """Storage dtype (``float32`` or ``float16``); :meth:`get` always returns float32."""
         return str(self.manifest["dtype"])
 
+    @property
+    def precision(self) -> str:
+        """The precision the teacher computed the embeddings in (``fp32``, ``bf16``, ``fp16``)."""
+        return str(self.manifest.get("precision", DEFAULT_CACHE_PRECISION))
+
     def __len__(self) -> int:
         return len(self._index)
 
@@ -290,9 +403,10 @@ class TeacherCache:
 
 def _teacher_model(teacher: TeacherConfig, model: SentenceTransformer | None) -> SentenceTransformer:
     if model is None:
+        # Under torchrun each process embeds on its own GPU (cuda:LOCAL_RANK).
         return load_sentence_transformer(
             teacher.model, revision=teacher.revision, trust_remote_code=teacher.trust_remote_code,
-            device=teacher.device, max_seq_length=teacher.max_seq_length,
+            device=process_device(teacher.device), max_seq_length=teacher.max_seq_length,
         )
     if teacher.max_seq_length is not None and teacher.max_seq_length != model.max_seq_length:
         raise ValueError(
@@ -301,8 +415,12 @@ def _teacher_model(teacher: TeacherConfig, model: SentenceTransformer | None) ->
     return model
 
 
-def _claim_cache_dir(out_dir: Path, fingerprint: TeacherFingerprint, dtype: str) -> None:
-    """Record which teacher owns ``out_dir``, or refuse when another teacher (or dtype) already does."""
+def _check_cache_owner(out_dir: Path, fingerprint: TeacherFingerprint, dtype: str, precision: str) -> bool:
+    """True when ``out_dir`` is already a cache of this teacher, dtype and precision; False when it is new or empty.
+
+    Raises :class:`M3DistillError` when another teacher, dtype or precision owns it, or when it holds something
+    else. Reads only: the folder is claimed by :func:`_claim_cache_dir`.
+    """
     owner_file = out_dir / CACHE_TEACHER_FILE
     if owner_file.is_file():
         owner = json.loads(owner_file.read_text(encoding="utf-8"))
@@ -313,10 +431,22 @@ def _claim_cache_dir(out_dir: Path, fingerprint: TeacherFingerprint, dtype: str)
                 f"teacher cache {out_dir} stores {owner['dtype']} embeddings but {dtype} was asked for; "
                 "use another output folder or the same dtype"
             )
-        return
+        owner_precision = owner.get("precision", DEFAULT_CACHE_PRECISION)
+        if owner_precision != precision:
+            raise M3DistillError(
+                f"teacher cache {out_dir} holds embeddings computed in {owner_precision} but this run computes in "
+                f"{precision}; use another output folder or teacher.precision {owner_precision} (--precision)"
+            )
+        return True
     if out_dir.exists() and any(out_dir.iterdir()):
         raise M3DistillError(f"{out_dir} is not empty and is not a teacher cache; choose an empty or new folder")
-    write_json_atomic(owner_file, {"fingerprint": fingerprint.to_dict(), "dtype": dtype})
+    return False
+
+
+def _claim_cache_dir(out_dir: Path, fingerprint: TeacherFingerprint, dtype: str, precision: str) -> None:
+    """Record which teacher, dtype and precision own ``out_dir`` (checked first by :func:`_check_cache_owner`)."""
+    write_json_atomic(out_dir / CACHE_TEACHER_FILE,
+                      {"fingerprint": fingerprint.to_dict(), "dtype": dtype, "precision": precision})
 
 
 def _shard_file(root: Path, name: str, output: str) -> Path:
@@ -325,6 +455,10 @@ def _shard_file(root: Path, name: str, output: str) -> Path:
 
 def _shard_index(name: str) -> int:
     return int(name.split("-", 1)[1])
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
 
 
 def _complete_shards(root: Path) -> list[str]:
@@ -364,9 +498,9 @@ def _open_shard(root: Path, name: str, *, count: int | None, dim: int) -> tuple[
     return keys, dense
 
 
-def _intact_shards(root: Path, dim: int) -> dict[str, list[str]]:
-    """Keys of every complete shard in ``root`` that reads back whole; a damaged shard is removed, so its texts are
-    embedded again."""
+def _intact_shards(root: Path, dim: int, *, remove: bool = True) -> dict[str, list[str]]:
+    """Keys of every complete shard in ``root`` that reads back whole; a damaged shard is removed (unless
+    ``remove`` is False: another process does that), so its texts are embedded again."""
     counts: dict[str, int] = {}
     manifest_file = root / CACHE_MANIFEST_FILE
     if manifest_file.is_file():
@@ -379,6 +513,8 @@ def _intact_shards(root: Path, dim: int) -> dict[str, list[str]]:
         try:
             intact[name], _ = _open_shard(root, name, count=counts.get(name), dim=dim)
         except _CorruptShard as error:
+            if not remove:
+                continue
             logger.warning("teacher cache %s: shard %s %s; embedding its texts again", root, name, error)
             for output in ("keys", DENSE_OUTPUT):  # keys first: without them the shard no longer counts as complete
                 _shard_file(root, name, output).unlink(missing_ok=True)
@@ -386,16 +522,25 @@ def _intact_shards(root: Path, dim: int) -> dict[str, list[str]]:
 
 
 def _write_shard(
-    root: Path, index: int, chunk: list[tuple[str, str]], model: SentenceTransformer, teacher: TeacherConfig, bar: tqdm
+    root: Path, index: int, chunk: list[tuple[str, str]], model: SentenceTransformer, teacher: TeacherConfig,
+    precision: str, bar: tqdm,
 ) -> ShardInfo:
-    name = f"shard-{index:05d}"
+    name = _shard_name(index)
     texts = [text for _, text in chunk]
-    parts = []
-    for start in range(0, len(texts), teacher.batch_size):
-        batch = texts[start : start + teacher.batch_size]
-        parts.append(model.encode(batch, batch_size=len(batch), convert_to_numpy=True, show_progress_bar=False))
-        bar.update(len(batch))
-    dense = np.concatenate(parts).astype(teacher.dtype, copy=False)
+    if teacher.max_tokens_per_batch is None:
+        # Batches of batch_size consecutive texts of the (length, key)-sorted shard, as every cache before token
+        # budgets was written: the same batches give the same floats.
+        parts = []
+        for start in range(0, len(texts), teacher.batch_size):
+            batch = texts[start : start + teacher.batch_size]
+            parts.append(encode_texts(model, batch, batch_size=len(batch), precision=precision))
+            bar.update(len(batch))
+        dense = np.concatenate(parts)
+    else:
+        dense = encode_texts(model, texts, batch_size=teacher.batch_size,
+                             max_tokens_per_batch=teacher.max_tokens_per_batch, precision=precision,
+                             on_batch=bar.update)
+    dense = dense.astype(teacher.dtype, copy=False)
     with atomic_path(_shard_file(root, name, DENSE_OUTPUT)) as tmp:
         np.save(tmp, dense)
     # The keys go last: a shard with keys is complete.
@@ -404,8 +549,8 @@ def _write_shard(
     return ShardInfo(index=index, name=name, count=len(chunk))
 
 
-def _write_manifest(root: Path, fingerprint: TeacherFingerprint, dtype: str, shard_counts: dict[str, int],
-                    inputs: dict[str, Any] | None = None) -> None:
+def _write_manifest(root: Path, fingerprint: TeacherFingerprint, dtype: str, precision: str,
+                    shard_counts: dict[str, int], inputs: dict[str, Any] | None = None) -> None:
     write_json_atomic(
         root / CACHE_MANIFEST_FILE,
         {
@@ -414,6 +559,7 @@ def _write_manifest(root: Path, fingerprint: TeacherFingerprint, dtype: str, sha
             "fingerprint": fingerprint.to_dict(),
             "dim": fingerprint.dim,
             "dtype": dtype,
+            "precision": precision,
             "count": sum(shard_counts.values()),
             "outputs": {DENSE_OUTPUT: {"dtype": dtype, "shape": ["n", fingerprint.dim]}},
             "shards": [{"name": name, "count": shard_counts[name]} for name in sorted(shard_counts, key=_shard_index)],

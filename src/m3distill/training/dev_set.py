@@ -12,6 +12,10 @@ Two sentence-transformers evaluators, both fed from the teacher cache so the tea
 
 Metric names carry the prefix ``dev_`` (``dev_negative_mse``, ``dev_spearman_cosine``, ``dev_teacher_p@10``...); :func:`dev_metrics`
 turns an evaluation into the flat, positive form stored in student metadata.
+
+The student encodes through :func:`m3distill.encoding.encode_texts`: batches of ``batch_size`` texts, or cut by a
+token budget (``training.dev_max_tokens_per_batch``), always in fp32: the dev metrics pick the checkpoint that is
+kept, and reduced-precision rounding has no place in that choice (the student is small; fp32 costs little).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sentence_transformers.sentence_transformer.evaluation import (
 )
 
 from m3distill.data.dataset import SynthDataset
+from m3distill.encoding import encode_texts
 from m3distill.errors import M3DistillError
 from m3distill.metrics import row_cosines, top_k_overlap
 from m3distill.teacher.cache import TeacherCache
@@ -74,8 +79,9 @@ class _EncodingMemo:
     evaluation, since the weights change between evaluations.
     """
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, max_tokens_per_batch: int | None = None):
         self.batch_size = batch_size
+        self.max_tokens_per_batch = max_tokens_per_batch
         self._embeddings: dict[str, np.ndarray] = {}
 
     def clear(self) -> None:
@@ -84,7 +90,8 @@ class _EncodingMemo:
     def encode(self, model: SentenceTransformer, sentences: Sequence[str]) -> np.ndarray:
         missing = [text for text in dict.fromkeys(sentences) if text not in self._embeddings]
         if missing:
-            encoded = model.encode(missing, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
+            encoded = encode_texts(model, missing, batch_size=self.batch_size,
+                                   max_tokens_per_batch=self.max_tokens_per_batch, precision="fp32")
             self._embeddings.update(zip(missing, encoded))
         return np.stack([self._embeddings[text] for text in sentences])
 
@@ -276,10 +283,19 @@ def build_dev_set(
                   query_embeddings=cache.get(queries), corpus=corpus, corpus_embeddings=cache.get(corpus))
 
 
-def dev_evaluator(dev: DevSet, *, batch_size: int = 32) -> SequentialEvaluator:
+def dev_evaluator(
+    dev: DevSet, *, batch_size: int = 32, max_tokens_per_batch: int | None = None
+) -> SequentialEvaluator:
     """The evaluators the Trainer runs on the dev set: cached MSE (plus mean cosine), cosine Spearman, and top-k
     agreement with the teacher (when the dev corpus holds at least :data:`DEV_TOP_K` contexts), encoding each
-    distinct text once per evaluation."""
+    distinct text once per evaluation, in fp32.
+
+    Args:
+        dev: the dev set (:func:`build_dev_set`).
+        batch_size: the most texts per encoding batch.
+        max_tokens_per_batch: cut length-sorted batches of at most this many padded tokens (``None``: batches of
+            ``batch_size`` texts); see :func:`m3distill.encoding.encode_texts`.
+    """
     evaluators = [
         CachedMSEEvaluator(dev.texts, dev.embeddings, batch_size=batch_size),
         _PairSimilarityEvaluator(
@@ -290,7 +306,7 @@ def dev_evaluator(dev: DevSet, *, batch_size: int = 32) -> SequentialEvaluator:
     if len(dev.corpus) >= DEV_TOP_K:
         evaluators.append(TeacherTopKEvaluator(dev.queries, dev.query_embeddings, dev.corpus, dev.corpus_embeddings,
                                                batch_size=batch_size))
-    memo = _EncodingMemo(batch_size)
+    memo = _EncodingMemo(batch_size, max_tokens_per_batch)
     for evaluator in evaluators:
         evaluator.memo = memo
     return _DevEvaluator(evaluators, memo)

@@ -343,7 +343,8 @@ class _TrainingJob:
         heads = copy.deepcopy(self.teacher_heads).to(student.device) if self.teacher_heads is not None else None
         if heads is not None:
             heads.requires_grad_(True)
-        evaluator = dev_evaluator(self.dev, batch_size=self.training.batch_size)
+        evaluator = dev_evaluator(self.dev, batch_size=self.training.batch_size,
+                                  max_tokens_per_batch=self.training.dev_max_tokens_per_batch)
         dev_before = dev_metrics(evaluator(student))
         heads_before = self._dev_head_metrics(student, heads)
         logger.info("%s untrained: dev %s", plan.name, _format_metrics(dev_before))

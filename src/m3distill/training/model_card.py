@@ -67,6 +67,74 @@ def _maybe(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+# The export section sits between these markers, so that `m3distill export` can rewrite it in place.
+EXPORT_SECTION_START = "<!-- m3distill export: written by `m3distill export` -->"
+EXPORT_SECTION_END = "<!-- /m3distill export -->"
+_VARIANT_LABELS = {"onnx": "float32", "int8": "dynamic int8 weights"}
+
+
+def export_section(record: dict[str, Any]) -> list[str]:
+    """The card's section on the ONNX exports: each variant's file, size and agreement with the torch student, and
+    how to load it with sentence-transformers' ONNX backend or with onnxruntime alone."""
+    variants = record.get("variants") or {}
+    rows = []
+    for name, entry in variants.items():
+        label = _VARIANT_LABELS.get(name, name)
+        quantization = entry.get("quantization")
+        if quantization:
+            label += (f" ({quantization['weight_type']}, {'per channel' if quantization['per_channel'] else 'per tensor'}"
+                      f", {'/'.join(quantization['op_types'])})")
+        rows.append(f"| {name} | {label} | `{entry['file']}` | {entry['bytes'] / 1e6:.1f} MB | "
+                    f"{entry['mean_cosine_vs_torch']:.6f} ({entry['min_cosine_vs_torch']:.6f}) |")
+    example = "int8" if "int8" in variants else next(iter(variants), "onnx")
+    file = variants.get(example, {}).get("file", "onnx/model.onnx")
+    lines = [
+        EXPORT_SECTION_START,
+        "## ONNX and int8",
+        "",
+        f"`m3distill export` wrote ONNX versions of this student (opset {record.get('opset')}), each checked against "
+        f"the torch student on {record.get('verify_texts', '-')} texts:",
+        "",
+        "| variant | weights | file | size | mean cosine to the torch student (lowest) |",
+        "|---|---|---|---:|---:|",
+        *rows,
+        "",
+        "With sentence-transformers' ONNX backend (`pip install sentence-transformers[onnx]`):",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        f"model = SentenceTransformer('path/to/this/folder', backend='onnx', model_kwargs={{'file_name': '{file}'}})",
+        "```",
+        "",
+        "With onnxruntime alone (numpy, onnxruntime and tokenizers; no torch), through m3distill:",
+        "",
+        "```python",
+        "import m3distill",
+        f"embeddings = m3distill.onnx_encoder('path/to/this/folder', '{example}').encode(['a question', 'a passage'])",
+        "```",
+        "",
+    ]
+    if record.get("m3_heads") and record.get("outputs") == ["dense"]:
+        lines += ["The ONNX files give the dense output only: the sparse and ColBERT outputs need the torch folder "
+                  "and its head files (see *Outputs* above).", ""]
+    return [*lines, EXPORT_SECTION_END]
+
+
+def with_export_section(card: str, record: dict[str, Any] | None) -> str:
+    """``card`` with its export section replaced by the one for ``record`` (removed when ``record`` is None), or
+    inserted before the *Model* section when it has none yet."""
+    start, end = card.find(EXPORT_SECTION_START), card.find(EXPORT_SECTION_END)
+    if start != -1 and end > start:
+        card = card[:start] + card[end + len(EXPORT_SECTION_END):].lstrip("\n")
+    if record is None:
+        return card
+    section = "\n".join(export_section(record)) + "\n\n"
+    anchor = card.find("\n## Model\n")
+    if anchor == -1:
+        return card.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    return card[:anchor + 1] + section + card[anchor + 1:]
+
+
 def student_model_card(metadata: dict[str, Any]) -> str:
     """Markdown model card for a student; ``metadata`` is what goes into ``m3distill_student.json``."""
     teacher = metadata["teacher"]

@@ -1,0 +1,215 @@
+"""The torch side of the export: the student's encoder traced into ONNX, quantised to int8, and both checked
+against the torch student.
+
+The graph is the Hugging Face model inside the student's Transformer module: it takes the inputs the student's
+tokenizer gives (``input_ids``, ``attention_mask`` and, for BERT-style tokenizers, ``token_type_ids``) with dynamic
+batch and sequence axes, and returns ``last_hidden_state``; pooling and normalisation stay outside the graph
+(:class:`m3distill.onnx_serving.OnnxEncoder`). It is traced on a batch that holds padding: on a batch without any,
+transformers skips the attention mask altogether and the trace would ignore it (a cosine of 0.989 instead of 1.0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+from m3distill.config import ExportConfig, QuantizationConfig
+from m3distill.errors import M3DistillError
+from m3distill.metrics import row_cosines
+from m3distill.models import transformer_backbone
+from m3distill.onnx_serving import ONNX_DIR, ONNX_VARIANT_FILES, OnnxEncoder, serving_spec
+
+logger = logging.getLogger(__name__)
+
+GRAPH_OUTPUT = "last_hidden_state"
+_GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Protobuf cannot hold an ONNX file over 2 GiB: above this many bytes of weights they go into a data file beside it.
+EXTERNAL_DATA_ABOVE_BYTES = 1_500_000_000
+# Texts of the trace batch: two lengths, so that the batch holds padding.
+_TRACE_TEXTS = ("short", "a longer text of several words, so that the short one is padded to its length")
+_WEIGHT_TYPES = {"qint8": "QInt8", "quint8": "QUInt8"}
+
+
+@dataclass(frozen=True)
+class BuiltVariant:
+    """One variant written into the temporary export folder and measured against the torch student.
+
+    Attributes:
+        files: its files, relative to the student folder (the .onnx file first, then any external data).
+        mean_cosine: mean cosine of its embeddings to the torch student's on the verification texts.
+        min_cosine: the lowest of those cosines.
+        seconds: time to write and verify it.
+    """
+
+    files: list[str]
+    mean_cosine: float
+    min_cosine: float
+    seconds: float
+
+
+def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts: list[str], *,
+                   step: Callable[[str], None] = lambda _: None) -> tuple[dict[str, BuiltVariant], dict[str, Any]]:
+    """Write the variants of ``config.variants`` into ``out_dir`` (the future ``onnx/`` folder) and verify them.
+
+    Args:
+        student_dir: the student folder (a sentence-transformers folder).
+        out_dir: an empty folder beside ``student_dir/onnx`` that becomes it once everything is verified.
+        config: the export settings.
+        texts: verification texts; the float32 graph must reach ``config.min_cosine`` on them.
+        step: called with the name of each step as it starts (progress).
+
+    Returns the variants by name and the facts the export record keeps about the graph (inputs, opset, exporter,
+    maximum sequence length). Raises :class:`M3DistillError` when the float32 graph misses ``config.min_cosine``.
+    """
+    step("loading the student")
+    spec = serving_spec(student_dir)
+    model = SentenceTransformer(str(student_dir), device="cpu")
+    model.float().eval()
+    if int(model.max_seq_length) != spec.max_seq_length:
+        raise M3DistillError(
+            f"{student_dir}: its files give max_seq_length {spec.max_seq_length} but sentence-transformers uses "
+            f"{model.max_seq_length}; set max_seq_length in sentence_bert_config.json"
+        )
+    reference = model.encode(texts, batch_size=config.batch_size, convert_to_numpy=True, show_progress_bar=False)
+    threads = torch.get_num_threads()
+
+    step("exporting float32")
+    started = time.perf_counter()
+    fp32 = out_dir / Path(ONNX_VARIANT_FILES["onnx"]).name
+    external = _weights_bytes(model) > EXTERNAL_DATA_ABOVE_BYTES
+    graph_inputs = export_graph(model, fp32, opset=config.opset, external_data=external)
+    step("verifying float32")
+    mean, low = _agreement(OnnxEncoder(student_dir, "onnx", file=fp32, threads=threads), texts, reference,
+                           config.batch_size)
+    if mean < config.min_cosine:
+        raise M3DistillError(
+            f"the ONNX export of {student_dir.name} gives a mean cosine of {mean:.6f} to the torch student (lowest "
+            f"{low:.6f}), below export.min_cosine {config.min_cosine}; nothing was written"
+        )
+    built = {"onnx": BuiltVariant(_files_of(fp32, out_dir), mean, low, time.perf_counter() - started)}
+    logger.info("%s: float32 ONNX export, mean cosine %.7f (lowest %.7f) to the torch student", student_dir.name,
+                mean, low)
+
+    if "int8" in config.variants:
+        step("quantising to int8")
+        started = time.perf_counter()
+        int8 = out_dir / Path(ONNX_VARIANT_FILES["int8"]).name
+        quantize_int8(fp32, int8, config.quantization, external_data=external)
+        step("verifying int8")
+        mean, low = _agreement(OnnxEncoder(student_dir, "int8", file=int8, threads=threads), texts, reference,
+                               config.batch_size)
+        built["int8"] = BuiltVariant(_files_of(int8, out_dir), mean, low, time.perf_counter() - started)
+        logger.info("%s: int8 ONNX export, mean cosine %.5f (lowest %.5f) to the torch student", student_dir.name,
+                    mean, low)
+    if "onnx" not in config.variants:  # written only to quantise and verify from
+        for name in built.pop("onnx").files:
+            (out_dir / Path(name).name).unlink()
+    facts = {
+        "graph_inputs": graph_inputs,
+        "graph_output": GRAPH_OUTPUT,
+        "opset": config.opset,
+        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "max_seq_length": spec.max_seq_length,
+        "pooling": list(spec.pooling_modes),
+        "normalize": spec.normalize,
+        "dim": spec.dim,
+        "external_data": external,
+    }
+    return built, facts
+
+
+def _weights_bytes(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+
+
+def _agreement(encoder: OnnxEncoder, texts: list[str], reference: np.ndarray, batch_size: int) -> tuple[float, float]:
+    cosines = row_cosines(encoder.encode(texts, batch_size=batch_size), reference)
+    return float(cosines.mean()), float(cosines.min())
+
+
+def _files_of(file: Path, out_dir: Path) -> list[str]:
+    """The model file and its external data files, as paths relative to the student folder."""
+    data = sorted(path for path in out_dir.iterdir() if path.name.startswith(file.name) and path != file)
+    return [f"{ONNX_DIR}/{path.name}" for path in (file, *data)]
+
+
+class _Encoder(torch.nn.Module):
+    """The student's Hugging Face model as ``(input_ids, attention_mask[, token_type_ids]) -> last_hidden_state``."""
+
+    def __init__(self, backbone: torch.nn.Module, input_names: list[str]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.input_names = input_names
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return self.backbone(**{name: inputs[name] for name in self.input_names}).last_hidden_state
+
+
+def export_graph(model: SentenceTransformer, out_file: Path, *, opset: int, external_data: bool = False) -> list[str]:
+    """Export ``model``'s encoder to ``out_file`` (weights in ``<name>.data`` beside it when ``external_data``);
+    returns the graph's input names, those the model's tokenizer gives."""
+    backbone = transformer_backbone(model)
+    accepted = set(inspect.signature(backbone.forward).parameters)
+    features = model.preprocess(list(_TRACE_TEXTS))
+    names = [name for name in _GRAPH_INPUTS if name in features and name in accepted]
+    if names[:2] != ["input_ids", "attention_mask"]:
+        raise M3DistillError(f"the student's tokenizer gives {sorted(features)}; exporting needs input_ids and "
+                             "attention_mask")
+    example = tuple(features[name].to("cpu") for name in names)
+    if bool(example[1].all()):  # cannot happen with _TRACE_TEXTS; without padding the trace would drop the mask
+        raise RuntimeError("the trace batch holds no padding")
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    wrapper = _Encoder(backbone, names).eval()
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            wrapper, example, dynamo=True, input_names=names, output_names=[GRAPH_OUTPUT], opset_version=opset,
+            dynamic_shapes={name: {0: batch, 1: sequence} for name in names}, verbose=False, optimize=True,
+        )
+    program.save(out_file, external_data=external_data)  # torch names the data file <name>.data
+    return names
+
+
+def quantize_int8(fp32: Path, int8: Path, settings: QuantizationConfig, *, external_data: bool = False) -> None:
+    """Dynamic int8 quantisation of the float32 graph ``fp32`` into ``int8`` (onnxruntime's ``quantize_dynamic``)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_exporter():
+        quantize_dynamic(
+            fp32, int8, op_types_to_quantize=list(settings.op_types), per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range, weight_type=getattr(QuantType, _WEIGHT_TYPES[settings.weight_type]),
+            use_external_data_format=external_data,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's and quantiser's chatter (missing torchvision ops, deprecations, pre-processing advice) is not
+    the user's business; their errors still surface."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript",
+                                                    "onnx_ir")]
+    levels = [log.level for log in loggers]
+    root_level = logging.root.level
+    try:
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        logging.root.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+        logging.root.setLevel(root_level)

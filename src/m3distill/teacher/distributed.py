@@ -1,0 +1,104 @@
+"""The processes of ``torchrun --nproc_per_node N m3distill teacher``: which one this is, and waiting for the others.
+
+torchrun starts N copies of the command and tells each its place in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``
+(training reads the same variables, and its Trainer joins them into a process group itself). The teacher cache
+splits its shards among the processes (see :mod:`m3distill.teacher.cache`); they only need to wait for each other
+and to check that they planned the same shards, so the group this module opens is gloo's, on GPUs too: no tensor
+crosses a GPU, gloo needs no GPU bound to each process, and its waits are not cut short by NCCL's watchdog while one
+process still embeds its last shard. A group someone else opened (a script that called ``init_process_group``) is
+used as it is and left open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from m3distill.errors import M3DistillError
+
+logger = logging.getLogger(__name__)
+
+# A process that finished its shards waits for the slowest one, which can be a shard of the longest texts of a large
+# model on a CPU. torchrun stops every process as soon as one fails, so a long wait never outlives a crash.
+_WAIT_TIMEOUT = timedelta(hours=24)
+
+
+def process_rank() -> int:
+    """This process's number among the processes torchrun started (0 when not under torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def process_count() -> int:
+    """How many processes torchrun started (1 when not under torchrun)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """The processes working on one cache: this one's ``rank`` among ``world_size``.
+
+    With one process every method returns at once.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is process 0, the one that writes what all processes share (the manifest)."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Return once every process has called it."""
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def agree(self, value: Any) -> bool:
+        """Whether every process passed an equal ``value`` (JSON-serialisable); also a barrier."""
+        if self.world_size == 1:
+            return True
+        digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, digest)
+        return len(set(gathered)) == 1
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[ProcessGroup]:
+    """The processes torchrun started, joined in a group for the block (one process: a group of one).
+
+    Opens a gloo group when none is open and closes it after the block, so whatever runs next (the Trainer) starts
+    from a clean slate; an open group is used and left open.
+
+    Raises:
+        M3DistillError: several processes were started but this torch cannot join them (no torch.distributed).
+    """
+    world_size = process_count()
+    if world_size == 1:
+        yield ProcessGroup()
+        return
+    if not torch.distributed.is_available():
+        raise M3DistillError(
+            f"{world_size} processes were started (torchrun), but this torch build has no torch.distributed; "
+            "run one process"
+        )
+    opened = False
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="gloo", timeout=_WAIT_TIMEOUT)
+        opened = True
+        logger.debug("process %d of %d joined the group", torch.distributed.get_rank(), world_size)
+    try:
+        yield ProcessGroup(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
+    finally:
+        # Closing also releases the others from a wait if this process failed, instead of leaving them to time out.
+        if opened and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
