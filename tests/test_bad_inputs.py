@@ -420,3 +420,14 @@ def test_a_general_corpus_pointing_nowhere_says_corpus_not_found(few_documents, 
     assert not (tmp_path / "dataset").exists()
     with pytest.raises(M3DistillError, match=f"general corpus not found: {missing}"):
         load_corpus(missing, kind="general corpus")
+
+
+def test_the_config_written_to_a_relative_run_directory_reruns_that_run(tmp_path, monkeypatch):
+    from m3distill.pipeline import run_config_yaml
+
+    monkeypatch.chdir(tmp_path)
+    written = tmp_path / "plain" / "config.yaml"
+    written.parent.mkdir()
+    written.write_text(run_config_yaml(M3DistillConfig(run_dir="plain")), encoding="utf-8")
+    # Relative paths in a config file are taken from its folder: a relative run_dir would mean plain/plain.
+    assert Path(load_config(written).run_dir) == tmp_path / "plain"

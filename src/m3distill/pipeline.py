@@ -122,7 +122,7 @@ def run_pipeline(
     layout.root.mkdir(parents=True, exist_ok=True)
     with _run_dir_lock(layout), _run_log(layout):
         _check_sources_outside_outputs(config, layout)
-        write_text_atomic(layout.config, config_to_yaml(config))
+        write_text_atomic(layout.config, run_config_yaml(config))
         result = PipelineResult(run_dir=layout.root, report_dir=layout.report)
         for stage in run_stages(config):
             redo = stage.name in forced
@@ -145,6 +145,13 @@ def run_pipeline(
             if on_stage:
                 on_stage(stage.name, "done")
         return result
+
+
+def run_config_yaml(config: M3DistillConfig) -> str:
+    """The YAML that RUN_DIR/config.yaml holds: the run's settings with the run directory made absolute, so that
+    ``m3distill run RUN_DIR/config.yaml`` (whose relative paths are taken from RUN_DIR) reruns this same run instead
+    of starting a new one in RUN_DIR/RUN_DIR."""
+    return config_to_yaml(config.model_copy(update={"run_dir": str(Path(config.run_dir).expanduser().resolve())}))
 
 
 @contextmanager
@@ -190,7 +197,7 @@ def demo_config(run_dir: str | Path = "m3distill-demo", *, m3: bool = False) -> 
     if m3:
         from m3distill.m3 import is_m3_model, make_m3_test_teacher
 
-        teacher_dir = Path(run_dir) / M3_DEMO_TEACHER_DIRNAME
+        teacher_dir = Path(run_dir).expanduser().resolve() / M3_DEMO_TEACHER_DIRNAME  # the same from any folder
         if not is_m3_model(teacher_dir):
             make_m3_test_teacher(teacher_dir, base=data["teacher"]["model"])
         data["teacher"]["model"] = str(teacher_dir)
