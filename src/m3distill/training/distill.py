@@ -56,7 +56,13 @@ from m3distill.m3 import (
     load_m3_heads,
 )
 from m3distill.metrics import row_cosines, sparse_alignment_metrics
-from m3distill.models import count_parameters, load_sentence_transformer, local_model_folder, num_layers
+from m3distill.models import (
+    count_parameters,
+    load_sentence_transformer,
+    local_model_folder,
+    num_layers,
+    process_device,
+)
 from m3distill.students.build import build_student
 from m3distill.students.layer_plan import (
     LayerPlan,
@@ -217,7 +223,7 @@ def train_students(
         })
         teacher_model = load_sentence_transformer(
             teacher.model, revision=teacher.revision, trust_remote_code=teacher.trust_remote_code,
-            device=_process_device(training.device or teacher.device), max_seq_length=teacher.max_seq_length,
+            device=process_device(training.device or teacher.device), max_seq_length=teacher.max_seq_length,
         )
     fingerprint = teacher_fingerprint(teacher_model, teacher.model, revision=teacher.revision)
     check_fingerprint(fingerprint, cache.fingerprint, where=f"teacher cache {cache_dir}")
@@ -775,14 +781,6 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
             f"training.precision fp16 needs a CUDA GPU, but training runs on {device.type}; use auto, fp32 or bf16"
         )
     return precision
-
-
-def _process_device(device: str | None) -> str | None:
-    # Under torchrun each process owns the GPU of its local rank; "cuda" alone would put every copy on GPU 0.
-    local_rank = os.environ.get("LOCAL_RANK")
-    if device in (None, "cuda") and local_rank is not None and torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    return device
 
 
 def _rank() -> int:
