@@ -172,6 +172,24 @@ def test_evaluate_into_an_unwritable_location(small_dataset, tiny_xlmr_path, stu
     assert "cannot write" in line and str(unwritable) in line
 
 
+@pytest.mark.parametrize("stage", ["synth", "teacher", "train"])
+def test_an_unwritable_output_is_refused_before_any_work(stage, few_documents, minilm_path, small_dataset, tiny_cache,
+                                                       tiny_xlmr_path, unwritable, monkeypatch, capsys):
+    def work_started(*args, **kwargs):
+        raise AssertionError(f"{stage} started its work before checking that {unwritable} can be written")
+
+    module, function, argv = {
+        "synth": ("m3distill.data.synth", "synthesize", _synth_argv(few_documents, unwritable, minilm_path)),
+        "teacher": ("m3distill.teacher.cache", "build_teacher_cache",
+                    ["-q", "teacher", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path), "--out",
+                     str(unwritable), "--device", "cpu"]),
+        "train": ("m3distill.training", "train_students", _train_argv(small_dataset, tiny_cache, unwritable)),
+    }[stage]
+    monkeypatch.setattr(f"{module}.{function}", work_started)
+    line = _one_line_error(main(argv), capsys, stage)
+    assert "cannot write" in line and str(unwritable) in line
+
+
 def test_run_with_an_unwritable_run_dir(few_documents, unwritable, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"run_dir": str(unwritable), "synth": {"corpus": str(few_documents)}}),

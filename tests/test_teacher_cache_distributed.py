@@ -38,7 +38,7 @@ import sys
 import torch
 from m3distill.config import TeacherConfig
 from m3distill.teacher.cache import build_teacher_cache
-from m3distill.teacher.distributed import process_rank
+from m3distill.distributed import process_rank
 
 torch.set_num_threads(1)
 dataset, model, out, shard_size, batch_size = sys.argv[1:6]

@@ -48,3 +48,12 @@ def test_torchrun_with_two_cpu_processes_trains_one_student(small_dataset, tiny_
     assert set(metadata["dev_after"]) >= {"mse", "mean_cosine", "spearman_cosine", "teacher_p@10"}
     model = SentenceTransformer(str(out / "student-2L"), device="cpu")
     assert model.encode(["a sentence"]).shape == (1, 64)
+
+    # Retraining under torchrun: process 0 alone sets the old student aside, and removes it once the new one is whole.
+    # (Every process moving it raced: one found the folder gone, or deleted the copy the other had just set aside.)
+    command[command.index("--master_port") + 1] = str(_free_port())
+    retrained = subprocess.run([*command, "--force"], env=env, capture_output=True, text=True, timeout=300)
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["student-2L"]
+    again = json.loads((out / "student-2L" / STUDENT_METADATA_FILE).read_text())
+    assert again["trained"] != metadata["trained"] and again["training"]["global_step"] == 8

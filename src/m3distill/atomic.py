@@ -61,14 +61,39 @@ def ensure_writable_dir(folder: str | os.PathLike[str]) -> Path:
     line instead of half-way through. Raises :class:`M3DistillError` naming the folder and the reason.
     """
     folder = Path(folder).expanduser()
+    _check_writable(folder, folder)
+    return folder
+
+
+def check_can_create(target: str | os.PathLike[str]) -> None:
+    """Check, creating nothing, that ``target`` can be written: its nearest existing folder takes a new file.
+
+    Stages call it for their outputs before any work, so that a read-only or mistyped location ends the stage at
+    its start. Raises :class:`M3DistillError` naming ``target`` and the reason.
+    """
+    target = Path(target).expanduser().absolute()
+    blocker = _file_in_the_way(target / "_")
+    if blocker is not None:
+        raise M3DistillError(f"cannot write {target}: {blocker} is a file, not a folder; choose another location")
+    # Outputs are written beside themselves and renamed into place: it is the folder that holds them that must take
+    # new files, or its nearest existing ancestor, where the missing folders would be made.
+    existing = next(folder for folder in target.parents if folder.exists())
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".m3distill-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise M3DistillError(describe_os_error(error, target)) from error
+
+
+def _check_writable(folder: Path, named: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".m3distill-write-check-", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        raise M3DistillError(describe_os_error(error, folder)) from error
-    return folder
+        raise M3DistillError(describe_os_error(error, named)) from error
 
 
 def _file_in_the_way(path: Path) -> Path | None:

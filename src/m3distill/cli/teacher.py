@@ -43,7 +43,7 @@ def run_teacher(args: argparse.Namespace) -> int:
     """Handler: resolve the config, run the teacher stage, print the one-line summary."""
     from m3distill.stages import TeacherStage
 
-    from m3distill.teacher.distributed import process_rank
+    from m3distill.distributed import process_rank
 
     config = resolve_config(args)
     layout = RunLayout(config.run_dir)

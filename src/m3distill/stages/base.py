@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from m3distill.atomic import check_can_create
 from m3distill.errors import M3DistillError
 from m3distill.stages.fingerprint import Fingerprint
 
@@ -69,6 +70,15 @@ class Stage(ABC):
 
     def check_inputs(self) -> None:
         """Raise :class:`M3DistillError` when an input is missing; called before any output is touched."""
+
+    def check_outputs_writable(self) -> None:
+        """Raise :class:`M3DistillError` when a folder the stage writes into cannot be written.
+
+        Called before any work, so a read-only or full output location ends the stage in one line at its start
+        rather than after hours of teacher or training time. Creates nothing.
+        """
+        for output in self.outputs.values():
+            check_can_create(output)
 
     @abstractmethod
     def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True) -> Any:

@@ -159,6 +159,7 @@ class EvaluateStage(Stage):
         from m3distill.evaluation.evaluate import evaluate_models
 
         self.check_inputs()
+        self.check_outputs_writable()
         folders, in_memory, skipped = self.selection
         if skipped:
             logger.warning("evaluating %d finished student(s); skipped %s", len(folders),

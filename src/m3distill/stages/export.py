@@ -91,6 +91,7 @@ class ExportStage(Stage):
         from m3distill.export import check_onnx_dir_is_ours, export_student, verification_texts
 
         self.check_inputs()
+        self.check_outputs_writable()
         for student in self.students:
             check_onnx_dir_is_ours(student)
         statuses = self.student_statuses()

@@ -81,6 +81,7 @@ class SynthStage(Stage):
         from m3distill.data.synth import synthesize
 
         self.check_inputs()
+        self.check_outputs_writable()
         status = self.status()
         self.refuse_if_stale(status, replace_stale=replace_stale, force=force)
         # synthesize replaces the dataset only once the new one is complete, and only a folder with its manifest.

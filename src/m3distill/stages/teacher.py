@@ -136,9 +136,10 @@ class TeacherStage(Stage):
     def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True):
         """Build, resume or extend the cache; returns :class:`m3distill.teacher.cache.CacheSummary`."""
         from m3distill.teacher.cache import build_teacher_cache
-        from m3distill.teacher.distributed import process_group
+        from m3distill.distributed import process_group
 
         self.check_inputs()
+        self.check_outputs_writable()
         with process_group() as group:
             # Every process decides from the files as they are now, before process 0 may clear them.
             replace = force or self._teacher_changed()

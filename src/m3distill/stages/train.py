@@ -125,18 +125,26 @@ class TrainStage(Stage):
 
     def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True) -> TrainResult:
         """Train the missing and stale students (all with ``force``); current ones are reported as skipped."""
+        from m3distill.distributed import process_group, process_rank
         from m3distill.training import is_trained_student, train_students
 
         self.check_inputs()
-        statuses = self.student_statuses()
-        for name, status in statuses.items():
-            if status.state == "stale" and not (replace_stale or force):
-                raise M3DistillError(
-                    f"{self.out_dir / name} is out of date: {status.reason.split(': ', 1)[1]}; pass "
-                    f"{self.redo_flag} to retrain it, or choose another --out"
-                )
-        redo = [name for name, status in statuses.items() if status.state == "stale" or (force and status.current)]
-        aside = {name: self._set_aside(self.out_dir / name) for name in redo}
+        self.check_outputs_writable()
+        with process_group() as group:
+            # Every process decides from the folders as they are now, before process 0 moves any of them.
+            statuses = self.student_statuses()
+            for name, status in statuses.items():
+                if status.state == "stale" and not (replace_stale or force):
+                    raise M3DistillError(
+                        f"{self.out_dir / name} is out of date: {status.reason.split(': ', 1)[1]}; pass "
+                        f"{self.redo_flag} to retrain it, or choose another --out"
+                    )
+            redo = [name for name, status in statuses.items() if status.state == "stale" or (force and status.current)]
+            group.barrier()
+            # Under torchrun only process 0 sets old students aside (and later restores or removes them): a second
+            # process would find the folder gone, or take the copy just set aside for a leftover and delete it.
+            aside = {name: self._set_aside(self.out_dir / name) for name in redo} if group.is_main else {}
+            group.barrier()
         try:
             results = train_students(
                 self.dataset_dir, self.cache_dir, teacher=self.config.teacher, students=self.config.students,
@@ -148,7 +156,7 @@ class TrainStage(Stage):
                     os.replace(old, self.out_dir / name)
             raise
         # The replaced students, including any an interrupted earlier retrain left aside, go once the new are whole.
-        for name in statuses:
+        for name in statuses if process_rank() == 0 else ():
             old = self._aside_path(self.out_dir / name)
             if old.exists() and is_trained_student(self.out_dir / name):
                 _remove_our_student(old)

@@ -19,7 +19,7 @@ rerun therefore plans exactly the shards the first run had not finished, under t
 texts in the same batches, so the result equals an uninterrupted run. A dataset that gained texts gets new shards
 for those only.
 
-Several processes (``torchrun --nproc_per_node N m3distill teacher``, see :mod:`m3distill.teacher.distributed`)
+Several processes (``torchrun --nproc_per_node N m3distill teacher``, see :mod:`m3distill.distributed`)
 share the work by shards: every process plans the same shards from the same folder (they check that they agree),
 process r embeds the shards whose number modulo N is r, each on its own device (``cuda:LOCAL_RANK`` on GPUs), and
 process 0 writes the manifest once every shard of the plan is complete. A run where one process fails leaves the
@@ -63,7 +63,7 @@ from m3distill.data.dataset import load_synth_dataset
 from m3distill.encoding import encode_texts, resolve_precision
 from m3distill.errors import M3DistillError
 from m3distill.models import load_sentence_transformer, process_device
-from m3distill.teacher.distributed import ProcessGroup, process_group
+from m3distill.distributed import ProcessGroup, process_group
 from m3distill.teacher.fingerprint import TeacherFingerprint, check_fingerprint, teacher_fingerprint
 
 logger = logging.getLogger(__name__)

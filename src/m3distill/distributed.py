@@ -1,14 +1,13 @@
-"""The processes of ``torchrun --nproc_per_node N m3distill teacher``: which one this is, and waiting for the others.
+"""The processes of ``torchrun --nproc_per_node N m3distill ...``: which one this is, and waiting for the others.
 
-torchrun starts N copies of the command and tells each its place in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``
-(training reads the same variables, and its Trainer joins them into a process group itself). The teacher cache
-splits its shards among the processes (see :mod:`m3distill.teacher.cache`); they only need to wait for each other
-and to check that they planned the same shards, so the group this module opens is gloo's, on GPUs too: no tensor
-crosses a GPU, gloo needs no GPU bound to each process, and its waits are not cut short by NCCL's watchdog while one
-process still embeds its last shard. A group someone else opened (a script that called ``init_process_group``) is
-used as it is and left open.
+torchrun starts N copies of the command and tells each its place in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``.
+Two stages use the group this module opens: the teacher cache splits its shards among the processes (see
+:mod:`m3distill.teacher.cache`), and the train stage lets process 0 alone set a student aside before retraining it
+(the Trainer then joins the processes in a group of its own). They only need to wait for each other and to check
+that they planned the same work, so the group is gloo's, on GPUs too: no tensor crosses a GPU, gloo needs no GPU
+bound to each process, and its waits are not cut short by NCCL's watchdog while one process still embeds its last
+shard. A group someone else opened (a script that called ``init_process_group``) is used as it is and left open.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -93,7 +92,7 @@ def process_group() -> Iterator[ProcessGroup]:
         )
     opened = False
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="gloo", timeout=_WAIT_TIMEOUT)
+        _open_group(world_size)
         opened = True
         logger.debug("process %d of %d joined the group", torch.distributed.get_rank(), world_size)
     try:
@@ -102,3 +101,34 @@ def process_group() -> Iterator[ProcessGroup]:
         # Closing also releases the others from a wait if this process failed, instead of leaving them to time out.
         if opened and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+# Groups this process has opened: each gets its own key prefix in the launcher's store (every process opens them in
+# the same order, so they agree on the prefix).
+_groups_opened = 0
+
+
+def _open_group(world_size: int) -> None:
+    """Join the processes in a gloo group whose keys in torchrun's store cannot be mistaken for a later group's.
+
+    A default group opened after another one was closed (the Trainer's, after the train stage's) reuses the same
+    keys in the store, and gloo then reads the closed group's addresses and fails with "Connection refused". Our
+    groups keep their keys under a prefix of their own instead.
+    """
+    global _groups_opened
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not address or not port:  # not a torchrun-style launch: let torch say what is missing
+        torch.distributed.init_process_group(backend="gloo", timeout=_WAIT_TIMEOUT)
+        return
+    rank = process_rank()
+    # Under torchrun its agent hosts the store; otherwise process 0 does, shared with any later group (multi-tenant).
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = torch.distributed.TCPStore(
+        host_name=address, port=int(port), world_size=world_size, is_master=rank == 0 and not agent_hosts,
+        timeout=_WAIT_TIMEOUT, multi_tenant=True,
+    )
+    _groups_opened += 1
+    torch.distributed.init_process_group(
+        backend="gloo", store=torch.distributed.PrefixStore(f"m3distill/{_groups_opened}", store), rank=rank,
+        world_size=world_size, timeout=_WAIT_TIMEOUT,
+    )
