@@ -238,6 +238,10 @@ def train_students(
     search_settings = students if isinstance(students, StudentsConfig) else StudentsConfig()
 
     train_texts = dataset.texts(["train"], training.texts)
+    for kind, settings in (("crops", "synth.crop_sentences / crop_spans"), ("general", "synth.general")):
+        if kind in training.texts and not dataset.texts(["train"], [kind]):
+            logger.warning("training.texts asks for %s, but the dataset %s has none (%s): training without them",
+                           kind, dataset_dir, settings)
     if not train_texts:
         raise M3DistillError(
             f"the dataset {dataset_dir} has no training texts; rerun `m3distill synth` with a train split"
