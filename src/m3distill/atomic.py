@@ -61,7 +61,13 @@ def ensure_writable_dir(folder: str | os.PathLike[str]) -> Path:
     line instead of half-way through. Raises :class:`M3DistillError` naming the folder and the reason.
     """
     folder = Path(folder).expanduser()
-    _check_writable(folder, folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".m3distill-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise M3DistillError(describe_os_error(error, folder)) from error
     return folder
 
 
@@ -84,16 +90,6 @@ def check_can_create(target: str | os.PathLike[str]) -> None:
         os.unlink(probe)
     except OSError as error:
         raise M3DistillError(describe_os_error(error, target)) from error
-
-
-def _check_writable(folder: Path, named: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".m3distill-write-check-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as error:
-        raise M3DistillError(describe_os_error(error, named)) from error
 
 
 def _file_in_the_way(path: Path) -> Path | None:

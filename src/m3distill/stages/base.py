@@ -74,7 +74,7 @@ class Stage(ABC):
     def check_outputs_writable(self) -> None:
         """Raise :class:`M3DistillError` when a folder the stage writes into cannot be written.
 
-        Called before any work, so a read-only or full output location ends the stage in one line at its start
+        Called before any work, so a read-only or blocked output location ends the stage in one line at its start
         rather than after hours of teacher or training time. Creates nothing.
         """
         for output in self.outputs.values():
