@@ -43,7 +43,7 @@ def process_count() -> int:
 
 @dataclass(frozen=True)
 class ProcessGroup:
-    """The processes working on one cache: this one's ``rank`` among ``world_size``.
+    """The processes of one command (a teacher cache, a train stage): this one's ``rank`` among ``world_size``.
 
     With one process every method returns at once.
     """
@@ -53,7 +53,8 @@ class ProcessGroup:
 
     @property
     def is_main(self) -> bool:
-        """Whether this is process 0, the one that writes what all processes share (the manifest)."""
+        """Whether this is process 0, the one that writes what all processes share (the cache's manifest, a
+        student set aside)."""
         return self.rank == 0
 
     def barrier(self) -> None:
