@@ -11,8 +11,8 @@ settings, plus the general text and crops the demo leaves out), it trains studen
 - ``seed``: the seed recipe: MSE on the cached sentence embeddings, learning rate 2e-4, linear decay, contexts +
   questions + general text, checkpoint picked by dev Spearman (as m3distill 0.1 trained the demo);
 - ``default``: ``m3distill train``'s defaults (:class:`m3distill.config.TrainingConfig`);
-- ``ablation``: the default with each ingredient removed in turn (crops among them), and with general text or the
-  anchor KL added (2-layer student);
+- ``ablation``: the default with each ingredient removed in turn (crops among them; on a CPU with native bf16,
+  training in fp32 instead), and with general text or the anchor KL added (2-layer student);
 - ``additions`` (not run unless asked): the default plus the in-batch similarity KL, or plus the token-level loss
   with the online teacher (2-layer student),
 
@@ -55,6 +55,7 @@ from m3distill.config import (  # noqa: E402
 )
 from m3distill.data.dataset import load_synth_dataset  # noqa: E402
 from m3distill.data.synth import synthesize  # noqa: E402
+from m3distill.encoding import resolve_precision  # noqa: E402
 from m3distill.metrics import (  # noqa: E402
     MEAN_COSINE,
     SPEARMAN_COSINE,
@@ -103,6 +104,8 @@ def ablations(default: TrainingConfig) -> dict[str, TrainingConfig]:
         rows["- dropout 0 (teacher's rate)"] = default.model_copy(update={"dropout": None})
     if default.best_metric != "spearman":
         rows["- top-k selection (spearman)"] = default.model_copy(update={"best_metric": "spearman"})
+    if resolve_precision(default.precision, "cpu", bf16_on_cpu=True) == "bf16":  # auto on a CPU with native bf16
+        rows["- bf16 on this CPU (fp32)"] = default.model_copy(update={"precision": "fp32"})
     for kind, name in (("crops", "+ crops"), ("general", "+ general text")):
         if kind not in default.texts:
             rows[name] = default.model_copy(update={"texts": [*default.texts, kind]})

@@ -11,7 +11,13 @@ import torch
 from pydantic import ValidationError
 
 from m3distill.config import SpeedConfig, TeacherConfig, TrainingConfig
-from m3distill.encoding import encode_texts, resolve_precision, token_budget_batches, token_lengths
+from m3distill.encoding import (
+    cpu_computes_bf16,
+    encode_texts,
+    resolve_precision,
+    token_budget_batches,
+    token_lengths,
+)
 from m3distill.errors import M3DistillError
 from m3distill.models import attention_implementation, load_sentence_transformer, process_device
 from m3distill.stages import TeacherStage
@@ -159,6 +165,34 @@ def test_bad_encoding_settings_are_refused(tiny_model):
     with pytest.raises(M3DistillError, match="fp16 needs a CUDA GPU"):
         encode_texts(tiny_model, ["a text"], batch_size=4, precision="fp16")
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+
+
+@pytest.mark.parametrize("found, trains_in", [
+    ({"avx512_bf16": True, "amx_bf16": False}, "bf16"),
+    ({"avx512_bf16": False, "amx_bf16": True}, "bf16"),
+    ({"avx512_bf16": False, "amx_bf16": False}, "fp32"),
+    ({}, "fp32"),
+])
+def test_auto_trains_in_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch, found, trains_in):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: found)
+    assert cpu_computes_bf16() is (trains_in == "bf16")
+    assert resolve_precision("auto", "cpu", bf16_on_cpu=True) == trains_in
+    # Encoding keeps fp32 on any CPU: the teacher's cached targets and the measured models stay exact.
+    assert resolve_precision("auto", "cpu") == "fp32"
+    # An explicit choice wins over the hardware either way.
+    assert resolve_precision("fp32", "cpu", bf16_on_cpu=True) == "fp32"
+    assert resolve_precision("bf16", "cpu", bf16_on_cpu=True) == "bf16"
+
+
+def test_a_torch_that_cannot_tell_trains_in_fp32(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    assert not cpu_computes_bf16() and resolve_precision("auto", "cpu", bf16_on_cpu=True) == "fp32"
+
+    def failing_probe():
+        raise RuntimeError("cpuinfo unavailable")
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", failing_probe, raising=False)
+    assert not cpu_computes_bf16()
 
 
 @pytest.mark.parametrize("section, field", [(TeacherConfig, "max_tokens_per_batch"),

@@ -148,3 +148,20 @@ def test_teacher_top_k_evaluator_equals_numpy_exact_search(minilm_teacher):
         reference = np.mean([len(set(a) & set(b)) / k for a, b in zip(teacher_top, student_top)])
         assert got[f"dev_teacher_p@{k}"] == pytest.approx(reference)
     assert got["dev_teacher_p@5"] < 1.0
+
+
+def test_the_online_teacher_computes_in_the_training_precision(batch, minilm_teacher):
+    student, features, labels, _ = batch
+    seen: list[torch.dtype | None] = []
+
+    def record(module, inputs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+
+    hook = minilm_teacher[0].register_forward_pre_hook(record)
+    try:
+        fp32 = _loss(student, features, labels, _only(token=1.0), teacher=minilm_teacher)
+        bf16 = _loss(student, features, labels, _only(token=1.0), teacher=minilm_teacher, teacher_precision="bf16")
+    finally:
+        hook.remove()
+    assert seen == [None, torch.bfloat16]  # outside the Trainer's autocast, the loss applies it to the teacher
+    assert bf16 == pytest.approx(fp32, rel=0.05) and bf16 != fp32

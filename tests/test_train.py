@@ -22,7 +22,7 @@ from m3distill.models import count_parameters
 from m3distill.students.build import build_student
 from m3distill.teacher.cache import TeacherCache, build_teacher_cache
 from m3distill.training import STUDENT_METADATA_FILE, is_trained_student, read_student_metadata, train_students
-from m3distill.training import distill
+from m3distill.training import dev_set, distill
 from m3distill.training.dev_set import CachedMSEEvaluator, build_dev_set, dev_evaluator, dev_metrics
 
 
@@ -291,3 +291,53 @@ def test_students_train_without_dropout_by_default_and_keep_the_teachers_rate_on
         assert set(seen) == ({0.0} if rate == 0.0 else {teacher_rate})
         saved = json.loads((result.path / "config.json").read_text())
         assert saved["hidden_dropout_prob"] == teacher_rate
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_trains_in_bf16_where_the_cpu_computes_it_and_saves_fp32_weights(
+    native_bf16, expected, small_dataset, tiny_cache, tiny_xlmr_path, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native_bf16, "amx_bf16": False})
+    autocast_dtypes: list[torch.dtype | None] = []  # per training step
+    dev_dtypes: list[torch.dtype | None] = []  # per batch of the dev evaluations
+    real_build = distill.build_student
+
+    def recording_build(*args, **kwargs):
+        student = real_build(*args, **kwargs)
+
+        def record(module, inputs):
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            if module.training:
+                autocast_dtypes.append(dtype)
+            elif in_dev_evaluation:
+                dev_dtypes.append(dtype)
+
+        student[0].register_forward_pre_hook(record)
+        return student
+
+    monkeypatch.setattr(distill, "build_student", recording_build)
+    in_dev_evaluation = False
+    real_evaluate = dev_set._DevEvaluator.__call__
+
+    def marked_evaluate(self, *args, **kwargs):
+        nonlocal in_dev_evaluation
+        in_dev_evaluation = True
+        try:
+            return real_evaluate(self, *args, **kwargs)
+        finally:
+            in_dev_evaluation = False
+
+    monkeypatch.setattr(dev_set._DevEvaluator, "__call__", marked_evaluate)
+    training = TrainingConfig(max_steps=2, batch_size=8, max_dev_texts=20)
+    assert training.precision == "auto"
+    with caplog.at_level(logging.INFO, logger="m3distill"):
+        [result] = train_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
+                                  students=StudentsConfig(layers=[1]), training=training, out_dir=tmp_path,
+                                  show_progress=False)
+    assert result.metadata["training"]["precision"] == expected
+    assert autocast_dtypes == [torch.bfloat16 if native_bf16 else None] * 2  # each step's forward pass
+    # The dev evaluations, which pick the checkpoint kept, stay fp32 inside a bf16 Trainer too.
+    assert dev_dtypes and set(dev_dtypes) == {None}
+    assert any(f"computing in {expected}" in record.getMessage() for record in caplog.records)
+    student = SentenceTransformer(str(result.path), device="cpu")
+    assert {parameter.dtype for parameter in student.parameters()} == {torch.float32}

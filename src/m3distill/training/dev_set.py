@@ -20,9 +20,10 @@ kept, and reduced-precision rounding has no place in that choice (the student is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +97,26 @@ class _EncodingMemo:
         return np.stack([self._embeddings[text] for text in sentences])
 
 
+@contextlib.contextmanager
+def own_forward_pass(model: SentenceTransformer) -> Iterator[SentenceTransformer]:
+    """Run the block with ``model``'s own forward pass, in fp32.
+
+    A Trainer in bf16 or fp16 has accelerate wrap the model's forward method in autocast, and the wrapper stays on
+    the model object: every encode() through it computes in reduced precision, the dev evaluations included,
+    unless the original method is put back for the while. A model without the wrapper is left as it is.
+    """
+    original = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward")
+    if original is None or wrapped is None:
+        yield model
+        return
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = wrapped
+
+
 class _DevEvaluator(SequentialEvaluator):
     """The dev evaluators run in sequence over one memo of encodings, emptied at the start of each call."""
 
@@ -106,7 +127,8 @@ class _DevEvaluator(SequentialEvaluator):
     def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         self.memo.clear()
         try:
-            return super().__call__(model, output_path, epoch, steps)
+            with own_forward_pass(model):
+                return super().__call__(model, output_path, epoch, steps)
         finally:
             self.memo.clear()
 

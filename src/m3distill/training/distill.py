@@ -45,6 +45,7 @@ from m3distill import __version__
 from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from m3distill.config import DEFAULT_TRAINING_STEPS, M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
+from m3distill.encoding import resolve_precision
 from m3distill.errors import M3DistillError
 from m3distill.m3 import (
     HEAD_FILES,
@@ -81,6 +82,7 @@ from m3distill.training.dev_set import (
     build_dev_set,
     dev_evaluator,
     dev_metrics,
+    own_forward_pass,
 )
 from m3distill.training.losses import DistillationLoss, needs_online_teacher
 from m3distill.training.model_card import student_model_card
@@ -250,7 +252,7 @@ def train_students(
     dev = build_dev_set(dataset, cache, max_texts=training.max_dev_texts, corpus_size=training.dev_corpus_size,
                         seed=training.seed)
     _schedule(training, len(train_texts))
-    _resolve_precision(training.precision, teacher_model.device)
+    resolve_precision(training.precision, teacher_model.device, bf16_on_cpu=True)
     for plan in plans:
         _check_resumable(out_dir / plan.name, resume)
 
@@ -368,9 +370,9 @@ class _TrainingJob:
         args, precision = self._arguments(checkpoints, student.device)
         total_steps = _schedule(self.training, len(self.train_texts))[0]
         seen = total_steps * self.training.batch_size * max(1, int(os.environ.get("WORLD_SIZE", "1")))
-        logger.info("%s: up to %d steps x %d texts = %d texts seen: each of the %d training texts about %.1f times",
-                    plan.name, total_steps, self.training.batch_size, seen, len(self.train_texts),
-                    seen / len(self.train_texts))
+        logger.info("%s: up to %d steps x %d texts = %d texts seen: each of the %d training texts about %.1f times; "
+                    "computing in %s", plan.name, total_steps, self.training.batch_size, seen, len(self.train_texts),
+                    seen / len(self.train_texts), precision)
         timer = _StepTimer()
         callbacks: list[TrainerCallback] = [timer, _StudentProgress(plan.name, show_bar=self.show_progress)]
         if is_main:
@@ -383,7 +385,7 @@ class _TrainingJob:
             callbacks.append(_AverageHeadGradients(heads))
         trainer = _HeadsTrainer(
             heads=heads, model=student, args=args, train_dataset=self._train_dataset(),
-            loss=self._loss(student, heads), evaluator=evaluator, callbacks=callbacks,
+            loss=self._loss(student, heads, precision), evaluator=evaluator, callbacks=callbacks,
         )
         # One bar per student and one line per dev evaluation instead of the Trainer's raw log dicts.
         trainer.remove_callback(PrinterCallback)
@@ -393,7 +395,8 @@ class _TrainingJob:
         train_seconds = time.perf_counter() - started
         dev_after = _best_dev_metrics(trainer) or dev_metrics(evaluator(trainer.model))
         logger.info("%s trained: dev %s", plan.name, _format_metrics(dev_after))
-        heads_after = self._dev_head_metrics(trainer.model, heads)
+        with own_forward_pass(trainer.model) as trained:  # in fp32, as the dev metrics are
+            heads_after = self._dev_head_metrics(trained, heads)
         if heads is not None:
             logger.info("%s heads: dev %s (untrained: %s)", plan.name, _format_metrics(heads_after),
                         _format_metrics(heads_before))
@@ -447,7 +450,7 @@ class _TrainingJob:
                                          self.dev.corpus_embeddings, batch_size=self.training.batch_size)
         return lambda model: next(iter(evaluator(model).values()))
 
-    def _loss(self, student: SentenceTransformer, heads: M3Heads | None) -> DistillationLoss:
+    def _loss(self, student: SentenceTransformer, heads: M3Heads | None, precision: str) -> DistillationLoss:
         config = self.training.loss
         anchors = None
         if config.anchor_kl:
@@ -456,7 +459,8 @@ class _TrainingJob:
             anchors = self.train_embeddings[rows]
         online = needs_online_teacher(config, has_heads=heads is not None)
         return DistillationLoss(student, config, anchors=anchors, teacher=self.teacher_model if online else None,
-                                heads=heads, teacher_heads=self.teacher_heads if heads is not None else None)
+                                heads=heads, teacher_heads=self.teacher_heads if heads is not None else None,
+                                teacher_precision=precision)
 
     def _layers(self, plan: LayerPlan, student_dir: Path, *, resume: bool, write: bool) -> tuple[list[int], dict | None]:
         """The plan's layers; for a search, the recorded choice when resuming, else a fresh search."""
@@ -491,7 +495,7 @@ class _TrainingJob:
     def _arguments(self, checkpoints: Path, device: torch.device) -> tuple[SentenceTransformerTrainingArguments, str]:
         training = self.training
         total_steps, eval_steps, save_steps = _schedule(training, len(self.train_texts))
-        precision = _resolve_precision(training.precision, device)
+        precision = resolve_precision(training.precision, device, bf16_on_cpu=True)
         metric = _best_metric_key(training.best_metric, has_top_k=len(self.dev.corpus) >= DEV_TOP_K)
         args = SentenceTransformerTrainingArguments(
             output_dir=str(checkpoints),
@@ -773,18 +777,6 @@ def _train_dataset(texts: list[str], embeddings: np.ndarray) -> Dataset:
     """Texts with their teacher embeddings in the ``label`` column the loss reads."""
     labels = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), type=pa.float32()), embeddings.shape[1])
     return Dataset(pa.table({"text": pa.array(texts, type=pa.string()), "label": labels}))
-
-
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise M3DistillError(
-            f"training.precision fp16 needs a CUDA GPU, but training runs on {device.type}; use auto, fp32 or bf16"
-        )
-    return precision
 
 
 def _rank() -> int:

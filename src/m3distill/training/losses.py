@@ -33,6 +33,7 @@ from sentence_transformers.sentence_transformer.losses import MSELoss
 from torch import Tensor, nn
 
 from m3distill.config import LossConfig
+from m3distill.encoding import compute_precision
 from m3distill.m3 import M3Heads
 
 
@@ -48,6 +49,9 @@ class DistillationLoss(nn.Module):
         heads: the student's M3 heads (trained with it: they are this loss's parameters, so the Trainer's
             optimizer updates them); ``None`` for a dense-only teacher, which switches ``sparse`` and ``colbert`` off.
         teacher_heads: the teacher's M3 heads (needed with ``heads``).
+        teacher_precision: what the online teacher computes in: the training's resolved precision (``fp32``,
+            ``bf16`` or ``fp16``), so that it runs under the same autocast as the student's forward pass, which the
+            Trainer wraps (the loss's own code runs outside it).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class DistillationLoss(nn.Module):
         teacher: SentenceTransformer | None = None,
         heads: M3Heads | None = None,
         teacher_heads: M3Heads | None = None,
+        teacher_precision: str = "fp32",
     ) -> None:
         super().__init__()
         if config.anchor_kl > 0 and (anchors is None or len(anchors) == 0):
@@ -75,6 +80,7 @@ class DistillationLoss(nn.Module):
         # The teacher sits in a tuple so that its parameters are not this module's (the optimizer must not see them).
         # Not frozen with requires_grad_(False): students are deep copies of the teacher and would inherit it.
         self._teacher = (teacher, teacher_heads)
+        self.teacher_precision = teacher_precision
         for frozen in self._teacher:
             if frozen is not None:
                 frozen.eval()
@@ -119,7 +125,7 @@ class DistillationLoss(nn.Module):
         """The online-teacher terms: hidden states, sparse weights and ColBERT vectors, token by token."""
         config, (teacher, teacher_heads) = self.config, self._teacher
         attention = features["attention_mask"]
-        with torch.no_grad():
+        with torch.no_grad(), compute_precision(self.teacher_precision, student_tokens.device):
             teacher_tokens = teacher(dict(features))["token_embeddings"].to(student_tokens.dtype)
         mask = attention.to(student_tokens.dtype)
         loss = student_tokens.new_zeros(())
