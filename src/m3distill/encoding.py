@@ -91,9 +91,9 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_texts: int
 def cpu_computes_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16 instructions).
 
-    On such a CPU, bf16 autocast trains a student about twice as fast as fp32 (measured on 2 cores of an AMD EPYC
-    with AVX512-BF16: 0.50 against 0.93 s per step of a 3-layer MiniLM student); a CPU without them emulates
-    bfloat16 and gains nothing. False when this torch cannot tell (``torch.cpu.get_capabilities`` is recent).
+    On such a CPU, bf16 autocast trains a student about twice as fast as fp32 (the README's "bf16 on the CPU" has
+    the measurements); a CPU without them emulates bfloat16 and gains nothing. False when this torch cannot tell
+    (``torch.cpu.get_capabilities`` is recent).
     """
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     if capabilities is None:
