@@ -9,10 +9,12 @@ On the bundled sample corpus with the packaged all-MiniLM-L6-v2 teacher (configs
 settings, plus the general text and crops the demo leaves out), it trains students with
 
 - ``seed``: the seed recipe: MSE on the cached sentence embeddings, learning rate 2e-4, linear decay, contexts +
-  questions + general text, checkpoint picked by dev Spearman (as m3distill 0.1 trained the demo);
+  questions + general text of the train split, checkpoint picked by dev Spearman (as m3distill 0.1 trained the
+  demo);
 - ``default``: ``m3distill train``'s defaults (:class:`m3distill.config.TrainingConfig`);
-- ``ablation``: the default with each ingredient removed in turn (crops among them; on a CPU with native bf16,
-  training in fp32 instead), and with general text or the anchor KL added (2-layer student);
+- ``ablation``: the default with each ingredient removed in turn (crops among them; the dev and test contexts,
+  which the default learns while their questions stay unseen; on a CPU with native bf16, training in fp32
+  instead), and with general text or the anchor KL added (2-layer student);
 - ``additions`` (not run unless asked): the default plus the in-batch similarity KL, or plus the token-level loss
   with the online teacher (2-layer student),
 
@@ -27,12 +29,13 @@ mean and, in brackets, the spread (sample standard deviation) of each figure: a 
 ±0.01 P@10, as much as some ingredients are worth.
 
 Everything goes into ``--work`` (a temporary folder by default): the dataset and teacher cache are reused across
-rows, and a row whose student is already trained there is not trained again.
+rows, and a row whose student is already trained there with the same settings is not trained again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -78,7 +81,7 @@ def seed_recipe(default: TrainingConfig) -> TrainingConfig:
     return default.model_copy(update={
         "learning_rate": 2e-4, "lr_scheduler": "linear", "warmup_ratio": 0.1, "loss": LossConfig(),
         "texts": ["contexts", "questions", "general"], "best_metric": "spearman", "early_stopping_patience": None,
-        "dropout": None,
+        "dropout": None, "all_contexts": False,
     })
 
 
@@ -98,6 +101,8 @@ def ablations(default: TrainingConfig) -> dict[str, TrainingConfig]:
     for kind, name in (("crops", "- crops"), ("general", "- general text")):
         if kind in default.texts:
             rows[name] = default.model_copy(update={"texts": [k for k in default.texts if k != kind]})
+    if default.all_contexts and "contexts" in default.texts:
+        rows["- dev/test contexts (train split only)"] = default.model_copy(update={"all_contexts": False})
     if default.learning_rate != 2e-4:
         rows["- high lr (2e-4)"] = default.model_copy(update={"learning_rate": 2e-4})
     if default.dropout is not None:
@@ -169,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     for (name, n_layers, strategy, base_training), seed in itertools.product(runs, seeds):
         training = base_training.model_copy(update={"seed": seed})
         slug = name.replace("- ", "minus ").replace("+ ", "plus ")
-        folder = work / "students" / "".join(char if char.isalnum() else "_" for char in slug)
+        # The recipe's settings name the folder too: a row whose recipe changed (a new default) trains afresh.
+        recipe = hashlib.sha256(training.model_copy(update={"seed": 0}).model_dump_json().encode()).hexdigest()[:8]
+        folder = work / "students" / f"{''.join(char if char.isalnum() else '_' for char in slug)}_{recipe}"
         if seed != TrainingConfig().seed:  # the default seed keeps the folder names of runs without --seeds
             folder = folder.with_name(f"{folder.name}_seed{seed}")
         key = f"{folder.name}/{n_layers}"

@@ -21,7 +21,7 @@ from m3distill.metrics import (
     SPEEDUP,
     SPEEDUP_SUSPECT,
 )
-from m3distill.layout import REPORT_JSON_FILE, REPORT_MD_FILE
+from m3distill.layout import REPORT_JSON_FILE, REPORT_MD_FILE, STUDENT_METADATA_FILE
 from m3distill.report import (
     REPORT_SCHEMA_VERSION,
     Report,
@@ -31,6 +31,7 @@ from m3distill.report import (
     write_report,
 )
 from m3distill.report.plots import P_AT_K_PLOT, QUALITY_VS_SPEED_PLOT
+from m3distill.stages.fingerprint import CONTENTS, dataset_fingerprint
 from m3distill.students.build import build_student
 
 
@@ -44,6 +45,11 @@ def run_dir(tiny_xlmr_path, small_dataset, tmp_path_factory):
         folder = root / "students" / f"student-{len(layers)}L"
         build_student(teacher, layers).save(str(folder))
         students.append(folder)
+    # Metadata as a trained student's says what it learnt: the 2-layer student every context of this dataset, the
+    # 1-layer one every context of another dataset (which says nothing about this one's test contexts).
+    for name, dataset in (("student-2L", dataset_fingerprint(small_dataset)), ("student-1L", "another dataset")):
+        metadata = {"data": {"all_contexts": True}, "inputs": {"dataset" + CONTENTS: dataset}}
+        (root / "students" / name / STUDENT_METADATA_FILE).write_text(json.dumps(metadata))
     config = EvaluationConfig(k=[2, 4, 8], index=["exact", "hnsw"],
                               speed=SpeedConfig(n_texts=8, batch_size=4, repeats=2, warmup_batches=0,
                                                 min_seconds_per_repeat=0))
@@ -128,6 +134,21 @@ def test_report_command_accepts_a_run_dir_or_a_report_dir(run_dir, report_copy, 
 
 def _suspect_note_lines(markdown: str) -> list[str]:
     return [line for line in markdown.splitlines() if line.startswith("(!) Suspect")]
+
+
+def test_the_report_says_which_students_learnt_the_test_contexts(report_copy):
+    report = load_report(report_copy)
+    assert {model.name: model.learnt_test_contexts for model in report.models} == {
+        "teacher": None, "student-2L": True, "student-1L": None}
+    markdown = (report_copy / REPORT_MD_FILE).read_text()
+    assert "student-2L learnt every context of the corpus in training, test ones included" in markdown
+
+    for learnt, note in ((True, "The students learnt every context"), (False, None)):
+        for model in report.students:
+            model.learnt_test_contexts = learnt
+        write_report(report, report_copy)
+        markdown = (report_copy / REPORT_MD_FILE).read_text()
+        assert (note in markdown) if note else "learnt every context" not in markdown
 
 
 def test_a_speed_up_above_the_layer_ratio_is_marked_with_a_note(report_copy):

@@ -75,10 +75,15 @@ def test_two_layer_student_gets_closer_to_the_teacher(small_dataset, minilm_cach
     cut = build_student(minilm_teacher, result.layers)
     assert metadata["parameters"]["student"] == count_parameters(reloaded) == count_parameters(cut)
     assert metadata["parameters"]["teacher"] == count_parameters(minilm_teacher)
-    assert metadata["data"]["train_texts"] == len(load_synth_dataset(small_dataset).texts(["train"], training.texts))
+    # By default the student also learnt the dev and test contexts (never their questions).
+    dataset = load_synth_dataset(small_dataset)
+    held_out_contexts = set(dataset.texts(["dev", "test"], ["contexts"])) - set(dataset.texts(["train"], training.texts))
+    assert held_out_contexts and metadata["data"]["all_contexts"] is True
+    assert metadata["data"]["train_texts"] == len(dataset.texts(["train"], training.texts)) + len(held_out_contexts)
     assert metadata["training"]["train_loss_last"] < metadata["training"]["train_loss_first"]
     card = (folder / "README.md").read_text()
     assert "before training" in card and f"{after['spearman_cosine']:.4f}" in card and "Layer search" in card
+    assert f"of the train split, plus the dev and test contexts): {metadata['data']['train_texts']:,}" in card
     assert not (folder / "checkpoints").exists() and not (folder / "run.json").exists()
     assert list((folder / "logs").glob("events.out.tfevents.*"))
 
@@ -107,6 +112,24 @@ def test_cached_mse_evaluator_equals_sentence_transformers_mse_evaluator(small_d
     student_embeddings, teacher_embeddings = student.encode(texts), minilm_teacher.encode(texts)
     cosines = np.sum(student_embeddings * teacher_embeddings, axis=1)  # both are unit length
     assert cached["dev_mean_cosine"] == pytest.approx(float(cosines.mean()), abs=1e-5)
+
+
+def test_only_process_zero_checks_the_student_folders_it_writes(small_dataset, tiny_cache, tiny_xlmr_path, tmp_path,
+                                                                monkeypatch):
+    # Under torchrun, process 1 can look in while process 0 writes run.json through a temporary file: to process 1
+    # the folder then holds files that are not a student's. Only process 0, which writes the folders, checks them.
+    folder = tmp_path / "student-2L"
+    folder.mkdir()
+    (folder / ".run.json.tmp").write_text("{")
+    teacher = TeacherConfig(model=str(tiny_xlmr_path), device="cpu")
+    monkeypatch.setattr(distill._TrainingJob, "train", lambda self, plan, student_dir, resume: plan.name)
+    train = dict(teacher=teacher, students=[[0, 2]], training=TrainingConfig(max_steps=2), out_dir=tmp_path,
+                 show_progress=False)
+    monkeypatch.setenv("RANK", "1")
+    assert train_students(small_dataset, tiny_cache, **train) == ["student-2L"]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(M3DistillError, match="not an m3distill student"):
+        train_students(small_dataset, tiny_cache, **train)
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(
@@ -242,7 +265,7 @@ def test_every_loss_term_trains_through_the_cli(small_dataset, tiny_cache, tmp_p
     assert main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out),
                  "--layers", "1", "--max-steps", "2", "--batch-size", "8", "--loss-mse", "1", "--loss-cosine", "0.5",
                  "--loss-in-batch-kl", "0.2", "--loss-anchor-kl", "0.3", "--loss-token", "2",
-                 "--texts", "contexts,questions", "--best-metric", "spearman"]) == 0
+                 "--texts", "contexts,questions", "--best-metric", "spearman", "--no-all-contexts"]) == 0
     assert "dev spearman" in capsys.readouterr().out
     metadata = read_student_metadata(out / "student-1L")
     loss = metadata["training"]["loss"]
@@ -250,7 +273,30 @@ def test_every_loss_term_trains_through_the_cli(small_dataset, tiny_cache, tmp_p
     assert metadata["training"]["texts"] == ["contexts", "questions"] and metadata["training"]["global_step"] == 2
     dataset = load_synth_dataset(small_dataset)
     assert metadata["data"]["train_texts"] == len(dataset.texts(["train"], ["contexts", "questions"]))
+    assert metadata["data"]["all_contexts"] is False
     assert metadata["training"]["texts_seen"] == 16
+
+
+def test_students_learn_every_context_of_the_corpus_but_no_dev_or_test_question(small_dataset):
+    dataset = load_synth_dataset(small_dataset)
+    contexts, questions = dataset.contexts, dataset.questions
+    held_out = contexts["split"] != "train"
+    assert held_out.any() and (questions["split"] != "train").any()
+
+    texts = distill.training_texts(dataset, TrainingConfig(texts=["contexts", "questions", "general"]))
+    assert set(texts) == set(contexts["text"]) | set(dataset.texts(["train"], ["questions", "general"]))
+    assert len(texts) == len(set(texts))
+    unseen_questions = set(questions.loc[questions["split"] != "train", "text"]) - set(contexts["text"])
+    assert unseen_questions and not unseen_questions & set(texts)
+    # The train split's texts come first, in the order they always had; the other contexts follow.
+    train_only = dataset.texts(["train"], ["contexts", "questions", "general"])
+    assert texts[: len(train_only)] == train_only
+
+    # all_contexts off, or no contexts among the kinds: the train split alone.
+    kept_out = TrainingConfig(texts=["contexts", "questions"], all_contexts=False)
+    assert distill.training_texts(dataset, kept_out) == dataset.texts(["train"], ["contexts", "questions"])
+    questions_only = TrainingConfig(texts=["questions"])
+    assert distill.training_texts(dataset, questions_only) == dataset.texts(["train"], ["questions"])
 
 
 def test_training_shows_one_bar_per_student_and_one_dev_line_per_evaluation(small_dataset, tiny_cache, tmp_path,

@@ -196,7 +196,8 @@ class TrainingConfig(_Section):
 
     The defaults are the recipe benchmarks/fidelity.py measured best (see the README's fidelity table): the
     student keeps the teacher's first and last layers (``students.strategy: spread``), learns from the training
-    contexts, questions and crops (the contexts' sentences and random spans) with the cosine loss (plus, for an M3
+    contexts, questions and crops (the contexts' sentences and random spans), plus the dev and test contexts (the
+    rest of the corpus it will index; ``all_contexts``), with the cosine loss (plus, for an M3
     teacher, its sparse and ColBERT heads) at a learning rate of 1e-3 for a budget of optimizer steps, and keeps the
     checkpoint whose dev top-10 agreement with the teacher is highest.
     """
@@ -256,6 +257,11 @@ class TrainingConfig(_Section):
         "(synth.crop_sentences / crop_spans; none, and a warning, when it made none); general is synth.general's "
         "text from outside the corpus (off by default: on the sample corpus it cost top-10 agreement with the "
         "teacher in all three seeds measured).",
+    )
+    all_contexts: bool = Field(
+        True, description="Also learn from the dev and test splits' contexts: the students learn every passage of "
+        "the corpus they will index, never the questions or crops of those splits, which stay unseen. false holds "
+        "those contexts out too, as for documents indexed after training. Only with contexts in texts.",
     )
 
     @field_validator("texts")

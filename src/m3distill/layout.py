@@ -28,6 +28,9 @@ GENERAL_FILE = "general.parquet"
 CROPS_FILE = "crops.parquet"
 DATASET_MANIFEST_FILE = "manifest.json"
 
+# The metadata file of a finished student folder (written by m3distill.training, read by evaluation and export).
+STUDENT_METADATA_FILE = "m3distill_student.json"
+
 # Files inside a report directory.
 REPORT_JSON_FILE = "report.json"
 REPORT_MD_FILE = "report.md"

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import itertools
+import json
 import logging
 import platform
 import re
@@ -71,7 +72,7 @@ from m3distill.evaluation.speed import (
     speed_texts,
     timed_onnx_encoder,
 )
-from m3distill.layout import REPORT_JSON_FILE, SPLITS
+from m3distill.layout import REPORT_JSON_FILE, SPLITS, STUDENT_METADATA_FILE
 from m3distill.m3 import (
     DENSE,
     HEAD_FILES,
@@ -265,7 +266,10 @@ def evaluate_models(
         }
         timed_texts = _measure_speed(timed, layers, data, config, metrics, show_progress)
 
+    from m3distill.stages.fingerprint import dataset_fingerprint  # the stages import this module
+
     model_reports = []
+    dataset_digest = dataset_fingerprint(dataset_dir)
     sources = dict(zip(models, [IN_MEMORY_SOURCE if teacher_model is not None else teacher.model,
                                 *map(str, student_dirs), *[IN_MEMORY_SOURCE] * len(student_models)]))
     for label in labels:
@@ -276,7 +280,7 @@ def evaluate_models(
         source = sources[label]
         metrics[label][SIZE_ON_DISK] = None if source == IN_MEMORY_SOURCE else size_on_disk(source)
         model_reports.append(_describe_model(label, source, models[label], layers[label], metrics[label],
-                                             device))
+                                             device, dataset_digest))
     report = Report(
         m3distill_version=__version__,
         started_at=_iso(started),
@@ -809,7 +813,7 @@ def _layers(model: SentenceTransformer) -> int | None:
 
 
 def _describe_model(label: str, source: str, model: SentenceTransformer, layers: int | None,
-                    metrics: dict[str, Any], device: str) -> ModelReport:
+                    metrics: dict[str, Any], device: str, dataset_digest: str | None) -> ModelReport:
     return ModelReport(
         name=label,
         role="teacher" if label == TEACHER_LABEL else "student",
@@ -819,7 +823,24 @@ def _describe_model(label: str, source: str, model: SentenceTransformer, layers:
         max_seq_length=model.max_seq_length,
         metrics=metrics,
         device=str(device),
+        learnt_test_contexts=None if label == TEACHER_LABEL else _learnt_test_contexts(source, dataset_digest),
     )
+
+
+def _learnt_test_contexts(source: str, dataset_digest: str | None) -> bool | None:
+    """Whether an m3distill student learnt the evaluated test split's contexts (``training.all_contexts``): None
+    when its folder does not say, or when it was trained on another dataset than the one evaluated."""
+    from m3distill.stages.fingerprint import CONTENTS
+
+    try:
+        metadata = json.loads((Path(source) / STUDENT_METADATA_FILE).read_text(encoding="utf-8"))
+        learnt = metadata["data"]["all_contexts"]
+        trained_on = metadata["inputs"]["dataset" + CONTENTS]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(learnt, bool) or dataset_digest is None or trained_on != dataset_digest:
+        return None
+    return learnt
 
 
 def _describe_variant(label: str, variant: _Variant, layers: int | None, metrics: dict[str, Any]) -> ModelReport:

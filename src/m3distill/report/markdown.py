@@ -312,8 +312,20 @@ def _summary(report: Report) -> str:
         "dataset "
         f"`{report.dataset.path}`: {retrieval.n_questions} test questions searched against {retrieval.n_contexts} "
         f"indexed contexts ({distractors}) with {retrieval.backend}. Evaluated {report.finished_at} on "
-        f"{report.device.description} in {report.duration_s:.0f} s."
+        f"{report.device.description} in {report.duration_s:.0f} s.{_test_contexts_note(report)}"
     )
+
+
+def _test_contexts_note(report: Report) -> str:
+    """Which students learnt the test contexts' text in training (never the test questions), when any did."""
+    students = [model for model in report.students if not model.is_variant]
+    learnt = [model.name for model in students if model.learnt_test_contexts]
+    if not learnt:
+        return ""
+    who = "The students" if len(learnt) == len(students) else ", ".join(learnt)
+    return (f" {who} learnt every context of the corpus in training, test ones included (training.all_contexts), "
+            "but no test question: the figures measure unseen questions over the passages the students were "
+            "distilled for.")
 
 
 def _guide(report: Report) -> list[str]:

@@ -30,7 +30,10 @@ order)::
                           variant: null for a model run by torch, else the student's ONNX export it is ("onnx":
                           fp32, "int8": int8-quantized), variant_of: the name of the torch student it was exported
                           from (null for torch models), device: where it encoded and was timed ("cpu" for ONNX
-                          variants, run by onnxruntime's CPU provider)}. A variant is named
+                          variants, run by onnxruntime's CPU provider), learnt_test_contexts: true for a student
+                          whose training learnt the test contexts (training.all_contexts; never the test
+                          questions), false for one that held them out, null when unknown (the teacher, a folder
+                          without m3distill metadata)}. A variant is named
                           "{variant_of} ({variant})" (variant_label), e.g. "student-2L (int8)", and follows its
                           torch student.
     pairs                list, one per unordered pair of models (teacher included): {a, b, metrics}; an ONNX
@@ -175,6 +178,9 @@ class ModelReport(_ReportPart):
     variant: str | None = None
     variant_of: str | None = None
     device: str | None = None  # where it encoded and was timed; ONNX variants run on the CPU whatever the report's
+    # A student whose training learnt the test split's contexts (training.all_contexts; never the test questions).
+    # None for the teacher and for a folder that does not say (a student from before this field, not m3distill's).
+    learnt_test_contexts: bool | None = None
 
     @property
     def is_variant(self) -> bool:

@@ -46,6 +46,7 @@ from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from m3distill.config import DEFAULT_TRAINING_STEPS, M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.encoding import resolve_precision
+from m3distill.layout import STUDENT_METADATA_FILE
 from m3distill.errors import M3DistillError
 from m3distill.m3 import (
     HEAD_FILES,
@@ -90,7 +91,6 @@ from m3distill.training.sampler import ContextGroupedBatchSampler, LengthGrouped
 
 logger = logging.getLogger(__name__)
 
-STUDENT_METADATA_FILE = "m3distill_student.json"
 RUN_FILE = "run.json"
 _DEV_HEAD_TEXTS = 256
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -239,7 +239,11 @@ def train_students(
     plans = _resolve_plans(students, n_teacher_layers)
     search_settings = students if isinstance(students, StudentsConfig) else StudentsConfig()
 
-    train_texts = dataset.texts(["train"], training.texts)
+    train_texts = training_texts(dataset, training)
+    n_held_out_contexts = len(train_texts) - len(dataset.texts(["train"], training.texts))
+    if n_held_out_contexts:
+        logger.info("training texts: %d from the train split, plus the %d dev and test contexts (all_contexts; "
+                    "their questions stay unseen)", len(train_texts) - n_held_out_contexts, n_held_out_contexts)
     for kind, settings in (("crops", "synth.crop_sentences / crop_spans"), ("general", "synth.general")):
         if kind in training.texts and not dataset.texts(["train"], [kind]):
             logger.warning("training.texts asks for %s, but the dataset %s has none (%s): training without them",
@@ -253,7 +257,9 @@ def train_students(
                         seed=training.seed)
     _schedule(training, len(train_texts))
     resolve_precision(training.precision, teacher_model.device, bf16_on_cpu=True)
-    for plan in plans:
+    # Only process 0 writes student folders, so only it checks them: under torchrun a slower process could look in
+    # while process 0 writes run.json (atomically, through a temporary file) and take the folder for the user's.
+    for plan in plans if _rank() == 0 else ():
         _check_resumable(out_dir / plan.name, resume)
 
     job = _TrainingJob(
@@ -264,6 +270,22 @@ def train_students(
         search_settings=search_settings, show_progress=show_progress,
     )
     return [job.train(plan, out_dir / plan.name, resume=resume) for plan in plans]
+
+
+def training_texts(dataset: SynthDataset, training: TrainingConfig) -> list[str]:
+    """The distinct texts the students learn from, in a fixed order.
+
+    Args:
+        dataset: the synth dataset.
+        training: its ``texts`` name the kinds of train-split text (contexts, questions, crops, general);
+            ``all_contexts`` adds the dev and test splits' contexts when contexts are among them. Questions and
+            crops of the dev and test splits are never training texts: the dev and test questions stay unseen.
+    """
+    texts = dataset.texts(["train"], training.texts)
+    if training.all_contexts and "contexts" in training.texts:
+        known = set(texts)
+        texts += [text for text in dataset.texts(["dev", "test"], ["contexts"]) if text not in known]
+    return texts
 
 
 def _resolve_plans(
@@ -561,6 +583,7 @@ class _TrainingJob:
                 "dataset": str(self.dataset.root),
                 "teacher_cache": str(self.cache.root),
                 "train_texts": len(self.train_texts),
+                "all_contexts": self.training.all_contexts and "contexts" in self.training.texts,
                 "dev_texts": len(self.dev.texts),
                 "dev_pairs": len(self.dev.pairs),
             },

@@ -181,7 +181,8 @@ def student_model_card(metadata: dict[str, Any]) -> str:
         "## Data",
         "",
         f"- training texts ({', '.join(settings.get('texts') or ['contexts', 'questions', 'general'])} of the train "
-        f"split): {data['train_texts']:,}; seen {settings.get('passes_over_train_texts', '-')} times each on average",
+        f"split{', plus the dev and test contexts' if data.get('all_contexts') else ''}): {data['train_texts']:,}; "
+        f"seen {settings.get('passes_over_train_texts', '-')} times each on average",
         f"- dev texts: {data['dev_texts']:,}; dev pairs (question with its context / a random context): {data['dev_pairs']:,}",
         "",
         "## Training",
