@@ -46,8 +46,8 @@ from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from m3distill.config import DEFAULT_TRAINING_STEPS, M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.encoding import resolve_precision
-from m3distill.layout import STUDENT_METADATA_FILE
 from m3distill.errors import M3DistillError
+from m3distill.layout import STUDENT_METADATA_FILE
 from m3distill.m3 import (
     HEAD_FILES,
     M3_OUTPUTS,
@@ -282,10 +282,14 @@ def training_texts(dataset: SynthDataset, training: TrainingConfig) -> list[str]
             crops of the dev and test splits are never training texts: the dev and test questions stay unseen.
     """
     texts = dataset.texts(["train"], training.texts)
-    if training.all_contexts and "contexts" in training.texts:
+    if _learns_all_contexts(training):
         known = set(texts)
         texts += [text for text in dataset.texts(["dev", "test"], ["contexts"]) if text not in known]
     return texts
+
+
+def _learns_all_contexts(training: TrainingConfig) -> bool:
+    return training.all_contexts and "contexts" in training.texts
 
 
 def _resolve_plans(
@@ -583,7 +587,7 @@ class _TrainingJob:
                 "dataset": str(self.dataset.root),
                 "teacher_cache": str(self.cache.root),
                 "train_texts": len(self.train_texts),
-                "all_contexts": self.training.all_contexts and "contexts" in self.training.texts,
+                "all_contexts": _learns_all_contexts(self.training),
                 "dev_texts": len(self.dev.texts),
                 "dev_pairs": len(self.dev.pairs),
             },
