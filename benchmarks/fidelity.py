@@ -12,9 +12,9 @@ settings, plus the general text and crops the demo leaves out), it trains studen
   questions + general text of the train split, checkpoint picked by dev Spearman (as m3distill 0.1 trained the
   demo);
 - ``default``: ``m3distill train``'s defaults (:class:`m3distill.config.TrainingConfig`);
-- ``ablation``: the default with each ingredient removed in turn (crops among them; the dev and test contexts,
-  which the default learns while their questions stay unseen; on a CPU with native bf16, training in fp32
-  instead), and with general text or the anchor KL added (2-layer student);
+- ``ablation``: the default with each ingredient removed in turn (the dev and test contexts among them, which the
+  default learns while their questions stay unseen; on a CPU with native bf16, training in fp32 instead), and with
+  crops, general text or the anchor KL added (2-layer student);
 - ``additions`` (not run unless asked): the default plus the in-batch similarity KL, or plus the token-level loss
   with the online teacher (2-layer student),
 
@@ -220,8 +220,8 @@ def _cell(values: list[float], share: bool = False) -> str:
 
 def prepare_sample_run(config: M3DistillConfig, work: Path, crop_spans: int = 2) -> tuple[Path, Path]:
     sample = REPO / "data" / "sample"
-    # The demo leaves general text and crops out to save time; the benchmark needs both (the seed recipe trains on
-    # general text, the default on crops), at the ratio its earlier tables were measured with.
+    # The demo leaves general text and crops out; the benchmark makes both (the seed recipe trains on general text,
+    # the ablation adds either), at the ratio and crop settings its earlier tables were measured with.
     synth = config.synth.model_copy(update={"corpus": str(sample / "domain"), "general": str(sample / "general"),
                                             "general_ratio": 0.5, "crop_sentences": True, "crop_spans": crop_spans})
     dataset_dir, cache_dir = work / "dataset", work / "teacher_cache"

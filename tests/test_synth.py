@@ -152,27 +152,27 @@ def test_crops_are_sentences_and_spans_of_training_contexts_only(sample_run):
     assert not set(crops["text"]) & set(dataset.texts(["dev", "test"]))
 
 
-def test_crops_are_on_by_default_and_each_kind_switches_off_alone(tmp_path, small_corpus, minilm_path):
+def test_crops_are_off_by_default_and_each_kind_switches_on_alone(tmp_path, small_corpus, minilm_path):
     corpus, _ = small_corpus
     synthesize(_config(corpus), tmp_path / "default", tokenizer=minilm_path, show_progress=False)
-    default = load_synth_dataset(tmp_path / "default")
-    assert set(default.crops["kind"]) == {"sentence", "span"}
-    train_contexts = default.split_contexts("train")
-    spans = default.crops[default.crops["kind"] == "span"]
+    assert load_synth_dataset(tmp_path / "default").crops.empty
+    synthesize(_config(corpus, crop_sentences=True, crop_spans=2), tmp_path / "both", tokenizer=minilm_path,
+               show_progress=False)
+    both = load_synth_dataset(tmp_path / "both")
+    assert set(both.crops["kind"]) == {"sentence", "span"}
+    train_contexts = both.split_contexts("train")
+    spans = both.crops[both.crops["kind"] == "span"]
     assert spans.groupby("context_id").size().max() == 2 and set(spans["context_id"]) <= set(train_contexts["context_id"])
-    synthesize(_config(corpus, crop_sentences=False, crop_spans=0), tmp_path / "none", tokenizer=minilm_path,
-               show_progress=False)
-    assert load_synth_dataset(tmp_path / "none").crops.empty
-    synthesize(_config(corpus, crop_sentences=False, crop_spans=1), tmp_path / "spans", tokenizer=minilm_path,
-               show_progress=False)
+    synthesize(_config(corpus, crop_spans=1), tmp_path / "spans", tokenizer=minilm_path, show_progress=False)
     assert set(load_synth_dataset(tmp_path / "spans").crops["kind"]) == {"span"}
-    synthesize(_config(corpus, crop_spans=0), tmp_path / "sentences", tokenizer=minilm_path, show_progress=False)
+    synthesize(_config(corpus, crop_sentences=True), tmp_path / "sentences", tokenizer=minilm_path,
+               show_progress=False)
     assert set(load_synth_dataset(tmp_path / "sentences").crops["kind"]) == {"sentence"}
 
 
 def test_a_dataset_without_crops_still_loads(tmp_path, small_corpus, minilm_path):
     corpus, _ = small_corpus
-    synthesize(_config(corpus), tmp_path / "d", tokenizer=minilm_path, show_progress=False)
+    synthesize(_config(corpus, crop_sentences=True), tmp_path / "d", tokenizer=minilm_path, show_progress=False)
     (tmp_path / "d" / "crops.parquet").unlink()  # as m3distill 0.1 wrote it
     dataset = load_synth_dataset(tmp_path / "d")
     assert dataset.crops.empty and dataset.texts(["train"])

@@ -299,6 +299,22 @@ def test_students_learn_every_context_of_the_corpus_but_no_dev_or_test_question(
     assert distill.training_texts(dataset, questions_only) == dataset.texts(["train"], ["questions"])
 
 
+def test_crops_asked_of_a_dataset_without_them_train_without_them_and_say_so(small_dataset, tiny_cache, tmp_path,
+                                                                             caplog, tiny_xlmr_path):
+    assert TrainingConfig().texts == ["contexts", "questions"]  # crops are off by default, in synth too
+    dataset = load_synth_dataset(small_dataset)
+    assert dataset.crops.empty
+    training = TrainingConfig(max_steps=2, batch_size=8, max_dev_texts=20, texts=["contexts", "questions", "crops"])
+    with caplog.at_level(logging.INFO, logger="m3distill"):
+        [result] = train_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
+                                  students=StudentsConfig(layers=[1]), training=training, out_dir=tmp_path,
+                                  show_progress=False)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("asks for crops" in line and "synth.crop_sentences" in line for line in warnings)
+    metadata = read_student_metadata(result.path)
+    assert metadata["data"]["train_texts"] == len(distill.training_texts(dataset, TrainingConfig()))
+
+
 def test_training_shows_one_bar_per_student_and_one_dev_line_per_evaluation(small_dataset, tiny_cache, tmp_path,
                                                                             capsys, caplog, tiny_xlmr_path):
     training = TrainingConfig(max_steps=6, eval_steps=3, batch_size=8, max_dev_texts=20, early_stopping_patience=None)

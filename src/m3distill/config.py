@@ -89,12 +89,14 @@ class SynthConfig(_Section):
         1.0, ge=0, description="General texts per domain training text (contexts + questions); 0 = none."
     )
     crop_sentences: bool = Field(
-        True, description="Add each sentence of every training context as an extra training text (crops: more "
-        "distinct texts for a small corpus; +0.024 top-10 agreement in benchmarks/fidelity.py over three seeds).",
+        False, description="Add each sentence of every training context as an extra training text (crops; train on "
+        "them with training.texts: [contexts, questions, crops]). Off by default: once the students learn every "
+        "context (training.all_contexts) crops cost top-10 agreement in benchmarks/fidelity.py; with the dev and "
+        "test contexts held out they were worth +0.024.",
     )
     crop_spans: int = Field(
-        2, ge=0, description="Random word spans (a few words to 3/4 of the context) added per training context "
-        "(crops; 0 = none).",
+        0, ge=0, description="Random word spans (a few words to 3/4 of the context) added per training context "
+        "(crops, as crop_sentences; 0 = none; 2 when crops are wanted).",
     )
     detect_language: bool = Field(True, description="Detect each context's language (py3langid).")
     max_documents: int | None = Field(None, ge=1, description="Use only the first N documents of the corpus.")
@@ -196,8 +198,8 @@ class TrainingConfig(_Section):
 
     The defaults are the recipe benchmarks/fidelity.py measured best (see the README's fidelity table): the
     student keeps the teacher's first and last layers (``students.strategy: spread``), learns from the training
-    contexts, questions and crops (the contexts' sentences and random spans), plus the dev and test contexts (the
-    rest of the corpus it will index; ``all_contexts``), with the cosine loss (plus, for an M3
+    contexts and questions, plus the dev and test contexts (the rest of the corpus it will index;
+    ``all_contexts``), with the cosine loss (plus, for an M3
     teacher, its sparse and ColBERT heads) at a learning rate of 1e-3 for a budget of optimizer steps, and keeps the
     checkpoint whose dev top-10 agreement with the teacher is highest.
     """
@@ -252,9 +254,10 @@ class TrainingConfig(_Section):
     device: str | None = Field(None, description="cpu, cuda, cuda:1, mps; auto when unset.")
     loss: LossConfig = Field(default_factory=LossConfig)
     texts: list[Literal["contexts", "questions", "crops", "general"]] = Field(
-        default_factory=lambda: ["contexts", "questions", "crops"],
+        default_factory=lambda: ["contexts", "questions"],
         description="Kinds of training-split texts the students learn from: crops are those synth made "
-        "(synth.crop_sentences / crop_spans; none, and a warning, when it made none); general is synth.general's "
+        "(synth.crop_sentences / crop_spans; none, and a warning, when it made none; off by default: with every "
+        "context learnt they cost top-10 agreement in all three seeds measured); general is synth.general's "
         "text from outside the corpus (off by default: on the sample corpus it cost top-10 agreement with the "
         "teacher in all three seeds measured).",
     )
