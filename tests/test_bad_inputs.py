@@ -353,6 +353,24 @@ def test_run_from_another_directory_names_the_missing_corpus_where_it_looked(tmp
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("argv", [["run"], ["demo"], ["demo", "--m3"]], ids=" ".join)
+def test_run_and_demo_under_torchrun_are_refused_before_the_run_directory_is_touched(argv, few_documents, tmp_path,
+                                                                                    monkeypatch, capsys):
+    # What torchrun --nproc_per_node 2 tells the second process; without the refusal it would race the first one
+    # for the run directory's lock and report the directory "in use".
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(run_dir), "synth": {"corpus": str(few_documents)}}),
+                      encoding="utf-8")
+    extra = [str(config)] if argv == ["run"] else ["--out", str(run_dir)]
+    line = _one_line_error(main(["-q", *argv, *extra]), capsys, argv[0])
+    assert "torchrun started 2 processes, but the whole pipeline runs in one" in line
+    assert "torchrun ... m3distill train --config CONFIG" in line
+    assert not run_dir.exists()
+
+
 def test_a_tilde_is_the_home_directory_not_a_folder_named_tilde(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     config_file = tmp_path / "run.yaml"

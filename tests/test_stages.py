@@ -87,6 +87,17 @@ def test_a_moved_run_is_current_and_an_edited_corpus_file_redoes_synth_and_every
     assert "dataset contents changed" in result.stages["teacher"]["reason"]
 
 
+def test_stages_run_one_by_one_from_the_config_are_current_for_run(finished, tmp_path, capsys):
+    # What the refusal of `run` under torchrun tells a user to do: synth, teacher and train one command each (the
+    # last two under torchrun), then `run`, which must find them current and only evaluate.
+    config = _config(finished / "corpus", finished / "general", tmp_path / "run")
+    path = _write_config(tmp_path, config)
+    for stage in ("synth", "teacher", "train"):
+        assert main(["-q", stage, "--config", str(path)]) == 0, capsys.readouterr().err
+    result = run_pipeline(config, show_progress=False)
+    assert _statuses(result) == {"synth": "skipped", "teacher": "skipped", "train": "skipped", "evaluate": "ran"}
+
+
 def test_train_with_a_changed_setting_is_refused_alone_and_retrained_by_the_pipeline(copy_of_run, capsys):
     run_dir = copy_of_run / "run"
     student = RunLayout(run_dir).student(STUDENT)

@@ -26,6 +26,7 @@ from filelock import FileLock, Timeout
 
 from m3distill.atomic import write_text_atomic
 from m3distill.config import M3DistillConfig, config_to_yaml, load_config
+from m3distill.distributed import process_count
 from m3distill.errors import M3DistillError
 from m3distill.layout import RunLayout, is_inside
 from m3distill.resources import bundled_config, sample_corpus_dir
@@ -115,9 +116,11 @@ def run_pipeline(
         show_progress: show progress bars.
         on_stage: called with (stage, "start" | "skip" | "done") so a CLI can print where it is.
 
-    Raises :class:`M3DistillError` when another process is running a pipeline in the same run directory.
+    Raises :class:`M3DistillError` when another process is running a pipeline in the same run directory, or when
+    torchrun started several processes (only the teacher and train stages share work among processes).
     """
     forced = _validate_force(force, config)
+    _refuse_several_processes()
     layout = RunLayout(config.run_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
     with _run_dir_lock(layout), _run_log(layout):
@@ -145,6 +148,19 @@ def run_pipeline(
             if on_stage:
                 on_stage(stage.name, "done")
         return result
+
+
+def _refuse_several_processes() -> None:
+    """Refuse torchrun's N processes before any of them touches the run directory: synth, export and evaluate run
+    in one process, and N copies of them would race for the same outputs. The stages that share work among
+    processes run alone under torchrun, and a plain ``run`` afterwards skips what they made."""
+    processes = process_count()
+    if processes > 1:
+        raise M3DistillError(
+            f"torchrun started {processes} processes, but the whole pipeline runs in one: run `m3distill synth "
+            "--config CONFIG`, then `torchrun ... m3distill teacher --config CONFIG` and `torchrun ... m3distill "
+            "train --config CONFIG`, then `m3distill run CONFIG` in one process (it skips the stages done)"
+        )
 
 
 def run_config_yaml(config: M3DistillConfig) -> str:
@@ -197,6 +213,7 @@ def demo_config(run_dir: str | Path = "m3distill-demo", *, m3: bool = False) -> 
     if m3:
         from m3distill.m3 import is_m3_model, make_m3_test_teacher
 
+        _refuse_several_processes()  # before the test teacher is written into the run directory
         teacher_dir = Path(run_dir).expanduser().resolve() / M3_DEMO_TEACHER_DIRNAME  # the same from any folder
         if not is_m3_model(teacher_dir):
             make_m3_test_teacher(teacher_dir, base=data["teacher"]["model"])
