@@ -26,7 +26,6 @@ from filelock import FileLock, Timeout
 
 from m3distill.atomic import write_text_atomic
 from m3distill.config import M3DistillConfig, config_to_yaml, load_config
-from m3distill.distributed import process_count
 from m3distill.errors import M3DistillError
 from m3distill.layout import RunLayout, is_inside
 from m3distill.resources import bundled_config, sample_corpus_dir
@@ -154,6 +153,8 @@ def _refuse_several_processes() -> None:
     """Refuse torchrun's N processes before any of them touches the run directory: synth, export and evaluate run
     in one process, and N copies of them would race for the same outputs. The stages that share work among
     processes run alone under torchrun, and a plain ``run`` afterwards skips what they made."""
+    from m3distill.distributed import process_count  # here: m3distill imports without torch (the ONNX encoder)
+
     processes = process_count()
     if processes > 1:
         raise M3DistillError(
