@@ -24,6 +24,14 @@ Pairs are drawn by :func:`draw_similarity_pairs`: every test question with its o
   context as its one relevant context, computed by ir-measures (R@k, RR@10, nDCG@10; :func:`ground_truth_metrics`).
 * ``hnsw_vs_exact_overlap@k`` (per model): the overlap of a model's HNSW top-k with its own exact top-k (HNSW recall).
 
+**Real questions** (``evaluation.real_questions``: people's questions, never trained on) are searched like the test
+questions (exact search, among the same contexts), and each model's figures carry the prefix
+:func:`real_questions_index`: ``real_questions_exact_overlap@k`` (per student: P@k of its top-k against the
+teacher's), ``real_questions_query_side_exact_overlap@k`` (its questions searched among the teacher's context
+embeddings), ``real_questions_exact_recall@k`` / ``_mrr@10`` / ``_ndcg@10`` (every context of a question's answer
+document relevant; questions without one left out) and ``real_questions_mean_cosine`` (mean cosine of a student's
+question embeddings to the teacher's).
+
 **M3 outputs** (models with bge-m3's sparse and ColBERT heads, see :mod:`m3distill.m3`): retrieval by each output
 beyond dense (:data:`M3_RETRIEVAL_OUTPUTS`: ``sparse``, ``colbert``, ``hybrid``; exact search) is measured as above
 with the output's name as the prefix (:func:`output_prefix`): ``sparse_overlap@10``, ``colbert_mrr@10``,
@@ -340,6 +348,16 @@ def query_side_overlap_metric(index: str, k: int) -> str:
     return overlap_metric(query_side_index(index), k)
 
 
+REAL_QUESTIONS = "real_questions"
+REAL_QUESTIONS_MEAN_COSINE = f"{REAL_QUESTIONS}_mean_cosine"
+
+
+def real_questions_index(index: str) -> str:
+    """Metric prefix of the real questions searched by index kind ``index`` (``exact``, or a query-side one):
+    ``overlap_metric(real_questions_index("exact"), 10)`` is ``real_questions_exact_overlap@10``."""
+    return f"{REAL_QUESTIONS}_{index}"
+
+
 # The outputs of an M3 model searched beside dense (the names of m3distill.m3's outputs, plus their hybrid);
 # each is the prefix of its retrieval metrics. Dense keeps its index-kind prefixes (exact_, hnsw_).
 HYBRID = "hybrid"
@@ -395,21 +413,25 @@ def top_k_overlap(top_a: np.ndarray, top_b: np.ndarray, k: int, *,
     return float(np.mean(shares))
 
 
-def ground_truth_metrics(top: np.ndarray, relevant: Sequence[int], ks: Sequence[int], index: str) -> dict[str, float]:
-    """Recall@k for each k, MRR@10 and nDCG@10 with each question's own context as its one relevant context.
+def ground_truth_metrics(
+    top: np.ndarray, relevant: Sequence[int] | Sequence[Sequence[int]], ks: Sequence[int], index: str
+) -> dict[str, float]:
+    """Recall@k for each k, MRR@10 and nDCG@10 against each question's relevant contexts.
 
     Args:
         top: ranked context rows, one row per question.
-        relevant: the row of each question's own context.
+        relevant: the row of each question's own context, or the rows of all its relevant contexts (the contexts
+            of its answer document, say; Recall@k is then the share of them in the top k).
         ks: cut-offs for Recall@k.
         index: index kind, the metrics' name prefix.
 
     Computed by ir-measures; documents are scored by rank so its tie-breaking cannot reorder our lists.
     """
     if len(top) != len(relevant):
-        raise ValueError("one relevant context per question is needed")
+        raise ValueError("relevant contexts are needed for every question")
     depth = top.shape[1]
-    qrels = [ir_measures.Qrel(str(q), str(int(context)), 1) for q, context in enumerate(relevant)]
+    qrels = [ir_measures.Qrel(str(q), str(int(context)), 1)
+             for q, rows in enumerate(relevant) for context in np.atleast_1d(rows)]
     run = [
         ir_measures.ScoredDoc(str(q), str(int(context)), float(depth - rank))
         for q, row in enumerate(top)
