@@ -43,17 +43,18 @@ def _config(corpus: Path, general: Path | None = None, **changes) -> SynthConfig
                        overlap_tokens=16, **changes)
 
 
-def test_pseudo_queries_are_spans_of_their_context_deterministic_and_order_free():
+def test_copied_sentences_are_spans_of_their_context_deterministic_and_order_free():
     contexts = [
         _context(f"doc{i}#0", f"Sentence one of doc {i} is here. The second sentence of doc {i} follows it. "
                               f"A third one about topic {i} closes the paragraph.")
         for i in range(20)
     ] + [_context("ja#0", "これは日本語の長い文章で、検索のための疑似クエリを作る例です。" * 3)]
-    generator = PseudoQueryGenerator(questions_per_context=2, seed=7)
+    generator = PseudoQueryGenerator(questions_per_context=2, seed=7, query_shapes=["sentence"])
 
     forward = generator.generate(contexts, show_progress=False).questions
     backward = generator.generate(contexts[::-1], show_progress=False).questions[::-1]
-    other_seed = PseudoQueryGenerator(questions_per_context=2, seed=8).generate(contexts, show_progress=False).questions
+    other_seed = PseudoQueryGenerator(questions_per_context=2, seed=8, query_shapes=["sentence"]).generate(
+        contexts, show_progress=False).questions
 
     assert forward == backward
     assert forward != other_seed
@@ -210,7 +211,7 @@ def test_same_seed_gives_byte_identical_files_and_a_rerun_is_up_to_date(tmp_path
 
 
 def test_an_interrupted_run_leaves_no_dataset(tmp_path, small_corpus, minilm_path, monkeypatch):
-    def interrupted(self, contexts, *, show_progress=True):
+    def interrupted(self, contexts, *, languages=None, show_progress=True):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(PseudoQueryGenerator, "generate", interrupted)

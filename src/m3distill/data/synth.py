@@ -131,7 +131,8 @@ def synthesize(
     contexts, duplicate_contexts = _chunk(corpus, loaded_tokenizer, config, show_progress, "chunking corpus")
     languages = _languages(contexts, config.detect_language, show_progress)
     splits = assign_splits([context.context_id for context in contexts], config.splits, config.seed)
-    generation = generator.generate(contexts, show_progress=show_progress)
+    generation = generator.generate(contexts, languages=languages if config.detect_language else None,
+                                    show_progress=show_progress)
 
     context_rows = [
         {**_context_fields(context), "language": language, "split": split}

@@ -1,6 +1,7 @@
 """Question generators: one interface (:class:`QuestionGenerator`), two implementations.
 
-- ``pseudo`` (default, offline): inverse-cloze pseudo-queries sampled from each context.
+- ``pseudo`` (default, offline): queries shaped like what people type (questions on key phrases, keywords,
+  headings) or sentences copied from each context (``synth.query_shapes``).
 - ``llm``: real questions from any OpenAI-compatible chat-completions endpoint, cached on disk.
 """
 
@@ -37,7 +38,8 @@ def make_question_generator(config: SynthConfig, out_dir: str | Path) -> Questio
     """
     if config.generator == "pseudo":
         return PseudoQueryGenerator(
-            config.questions_per_context, config.seed, max_question_chars=config.llm.max_question_chars
+            config.questions_per_context, config.seed, max_question_chars=config.llm.max_question_chars,
+            query_shapes=config.query_shapes,
         )
     cache_path = Path(config.llm.cache_path) if config.llm.cache_path else default_cache_path(out_dir)
     if cache_path.resolve().is_relative_to(Path(out_dir).resolve()):

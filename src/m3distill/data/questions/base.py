@@ -50,8 +50,10 @@ class QuestionGenerator(Protocol):
         """The generator's settings for the dataset manifest (never a secret)."""
         ...
 
-    def generate(self, contexts: Sequence[Context], *, show_progress: bool = True) -> GenerationResult:
-        """Questions for each of ``contexts``, in the same order; independent of that order."""
+    def generate(self, contexts: Sequence[Context], *, languages: Sequence[str] | None = None,
+                 show_progress: bool = True) -> GenerationResult:
+        """Questions for each of ``contexts``, in the same order; independent of that order. ``languages`` holds
+        each context's detected language code, where synth detected them."""
         ...
 
 

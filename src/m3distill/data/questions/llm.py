@@ -43,11 +43,14 @@ from m3distill.errors import M3DistillError
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT_TEMPLATE = (
-    "Write {n} different questions that are answered by the text below.\n"
-    "- Write every question in the same language as the text.\n"
-    "- Each question must make sense on its own, to someone who has not seen the text.\n"
-    "- Do not copy sentences from the text; ask the way a user searching for this information would.\n"
-    "Reply with the questions only, one per line, without numbering or any other text.\n\n"
+    "Write {n} different search queries that people would type to find the text below.\n"
+    "- Write every query in the same language as the text.\n"
+    "- Keep them short, the way people type into a search box: mostly 3 to 12 words.\n"
+    "- Vary their form: questions (how do I ..., what is ..., why does ... not ...), a problem as a user would "
+    "describe it, and bare keywords.\n"
+    "- Each query must make sense on its own, to someone who has not seen the text.\n"
+    "- Do not copy sentences or long phrases from the text; use the words a user would know before reading it.\n"
+    "Reply with the queries only, one per line, without numbering or any other text.\n\n"
     "Text:\n{context}"
 )
 DUMMY_API_KEY = "EMPTY"
@@ -102,7 +105,8 @@ class LLMQuestionGenerator:
         """The prompt for one context (``{n}`` first, so braces inside the context are never substituted)."""
         return self.prompt_template.replace("{n}", str(self.questions_per_context)).replace("{context}", context_text)
 
-    def generate(self, contexts: Sequence[Context], *, show_progress: bool = True) -> GenerationResult:
+    def generate(self, contexts: Sequence[Context], *, languages: Sequence[str] | None = None,
+                 show_progress: bool = True) -> GenerationResult:
         self._stats = Counter(requests=0, retries=0, cache_hits=0)
         self._stop.clear()
         answers: list[str | None] = [None] * len(contexts)
