@@ -332,6 +332,12 @@ class EvaluationConfig(_Section):
         "score (FlagEmbedding's default 1 : 0.3 : 1).",
     )
     device: str | None = Field(None, description="cpu, cuda, cuda:1, mps; auto when unset.")
+    real_questions: str | None = Field(
+        None, description="People's questions to measure on (never trained on): a .jsonl/.csv/.parquet file with "
+        "a text column and optionally doc_id, the id of the document that answers each (its path under a corpus "
+        "folder, e.g. en/faq-12.txt). They are searched among the indexed contexts like the test questions, and the "
+        "report's first table gives each student's top-k agreement with the teacher on them.",
+    )
     onnx_variants: bool = Field(
         True, description="Also evaluate each student's ONNX exports (fp32 and int8, made by `m3distill export`) "
         "as models of their own, on onnxruntime's CPU provider: speed, P@k with the teacher and with the torch "
@@ -438,7 +444,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
 # Fields that name a file or folder: a relative one in a config file is relative to that file's folder (as in
 # compose files), so a config works from any directory. PATH_OR_ID fields may also be a hub id ("BAAI/bge-m3"):
 # they are taken as a path when they look like one or exist beside the config file, and left alone otherwise.
-_PATH_FIELDS = ("run_dir", "synth.llm.cache_path")
+_PATH_FIELDS = ("run_dir", "synth.llm.cache_path", "evaluation.real_questions")
 _PATH_OR_ID_FIELDS = ("synth.corpus", "synth.general", "synth.tokenizer", "teacher.model")
 
 
@@ -446,8 +452,8 @@ def load_config(path: str | Path | None = None) -> M3DistillConfig:
     """Load a YAML config file; ``None`` gives the defaults.
 
     Relative paths inside the file (``run_dir``, ``synth.corpus``, ``synth.general``, ``synth.tokenizer``,
-    ``synth.llm.cache_path``, ``teacher.model``) are taken from the file's own folder, and ``~`` is expanded, so the
-    result does not depend on the directory the command runs in. A value that is a hub id rather than a path
+    ``synth.llm.cache_path``, ``evaluation.real_questions``, ``teacher.model``) are taken from the file's own
+    folder, and ``~`` is expanded, so the result does not depend on the directory the command runs in. A value that is a hub id rather than a path
     (``BAAI/bge-m3``, a dataset id) is left as written.
 
     Raises :class:`M3DistillError` naming the file and the first bad field.

@@ -56,6 +56,7 @@ from m3distill.atomic import atomic_dir, atomic_path
 from m3distill.config import EvaluationConfig, TeacherConfig
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
+from m3distill.evaluation.real_questions import RealQuestionSet, measure_real_questions, real_question_set
 from m3distill.evaluation.retrieval import (
     INDEX_KINDS,
     IndexKind,
@@ -161,6 +162,7 @@ class _TestData:
     own_context: np.ndarray  # per question: its context's row in ``contexts``
     test_context_rows: np.ndarray  # rows of ``contexts`` that are test contexts
     summary: dict[str, Any]
+    context_docs: list[str]  # the document id of each context
 
 
 def evaluate_models(
@@ -206,6 +208,7 @@ def evaluate_models(
     _check_report_dir(out_dir)
     data = _load_test_data(dataset_dir, config)
     check_k_fits(config.k, len(data.contexts))
+    real = real_question_set(config.real_questions, data.context_docs) if config.real_questions else None
     student_dirs = [Path(path) for path in student_dirs]
     for path in student_dirs:
         if not path.is_dir():
@@ -244,11 +247,21 @@ def evaluate_models(
                                                          show_progress)
                            for label, variant in variants.items()})
         embeddings = {label: embeddings[label] for label in labels}
+        real_embeddings = _embed_real_questions(real, models, variants, cache_dir, config.batch_size,
+                                                show_progress) if real is not None else {}
     metrics: dict[str, dict[str, Any]] = {label: {} for label in labels}
     pairs = _measure_alignment(embeddings, data, config, metrics)
     with _timed(timings, "retrieval"):
         pair_reports, depth = _measure_retrieval(embeddings, data, config, backend, metrics, show_progress,
                                                  {label: variant.student for label, variant in variants.items()})
+    real_questions = None
+    if real is not None:
+        with _timed(timings, "real_questions"):
+            n_questions = len(data.questions)
+            real_questions = measure_real_questions(
+                {label: real_embeddings[label] for label in labels},
+                {label: embeddings[label].dense[n_questions:] for label in labels}, real, config.k, backend, metrics,
+                TEACHER_LABEL)
     outputs = [DENSE]
     if heads.get(TEACHER_LABEL) is not None:
         outputs += list(M3_RETRIEVAL_OUTPUTS)
@@ -323,6 +336,7 @@ def evaluate_models(
         ),
         models=model_reports,
         pairs=pair_reports,
+        real_questions=real_questions,
     )
     # The new report replaces the old folder (and its embeddings cache) only once every file is written.
     with atomic_dir(out_dir.absolute(), overwrite=True) as new_report_dir:
@@ -502,6 +516,19 @@ def _embed_all(
             found.dense = provided
         embeddings[label] = found
     return embeddings
+
+
+def _embed_real_questions(real: RealQuestionSet, models: dict[str, SentenceTransformer],
+                          variants: dict[str, _Variant], cache_dir: Path, batch_size: int,
+                          show_progress: bool) -> dict[str, np.ndarray]:
+    """Every model's dense embeddings of the real questions (their other outputs are not searched)."""
+    found = {label: _encode_cached(model, None, real.texts, cache_dir, f"{label}-real-questions", batch_size,
+                                   show_progress).dense
+             for label, model in models.items()}
+    found.update({label: _encode_variant_cached(variant, real.texts, cache_dir, f"{label}-real-questions",
+                                                batch_size, show_progress).dense
+                  for label, variant in variants.items()})
+    return found
 
 
 def _measure_alignment(embeddings: dict[str, M3Embeddings], data: _TestData, config: EvaluationConfig,
@@ -707,6 +734,7 @@ def _load_test_data(dataset_dir: str | Path, config: EvaluationConfig) -> _TestD
         own_context=np.array([row_of[context_id] for context_id in questions["context_id"]], dtype=np.int64),
         test_context_rows=np.array(test_contexts.index.to_numpy(), dtype=np.int64),
         summary=summary,
+        context_docs=contexts["doc_id"].tolist(),
     )
 
 

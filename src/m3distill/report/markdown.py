@@ -17,8 +17,10 @@ from m3distill.metrics import (
     ndcg_metric,
     output_prefix,
     overlap_metric,
+    REAL_QUESTIONS_MEAN_COSINE,
     query_side_index,
     query_side_overlap_metric,
+    real_questions_index,
     recall_metric,
 )
 from m3distill.report.schema import MetricValue, Report, variant_title
@@ -39,6 +41,7 @@ def render_markdown(report: Report, plot_files: dict[str, str]) -> str:
         "",
         _summary(report),
         "",
+        *_real_questions_section(report),
     ]
     for index in indexes:
         lines += [f"## Top-k overlap between models (P@k, Qdrant {_INDEX_TITLES[index]})", ""]
@@ -102,6 +105,46 @@ def render_markdown(report: Report, plot_files: dict[str, str]) -> str:
     lines += _guide(report)
     lines += _details(report)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _real_questions_section(report: Report) -> list[str]:
+    """The figures on people's questions, first: the test split's pseudo-questions resemble the training text."""
+    real = report.real_questions
+    if real is None:
+        return []
+    k = report.quality_k
+    index, side = real_questions_index("exact"), real_questions_index(query_side_index("exact"))
+    teacher_mrr = report.teacher.metrics.get(mrr_metric(index))
+    rows = []
+    for model in report.students:
+        mrr = model.metrics.get(mrr_metric(index))
+        rows.append([
+            model.name, _fraction(model.metrics.get(overlap_metric(index, k))),
+            _fraction(report.pair_metric(report.teacher.name, model.name, overlap_metric("exact", k))),
+            _fraction(model.metrics.get(overlap_metric(side, k))),
+            _fraction(mrr), _share(mrr, teacher_mrr), _fraction(model.metrics.get(recall_metric(index, k))),
+            _fraction(model.metrics.get(REAL_QUESTIONS_MEAN_COSINE)),
+        ])
+    answered = (f"{real.n_answered} of them with their answer document among the indexed contexts (ground truth)"
+                if real.n_answered else "none with an answer document among the indexed contexts (no ground truth)")
+    return [
+        "## Real questions: people's questions, never trained on", "",
+        *(_table([
+            "student", f"P@{k} vs teacher", f"P@{k} vs teacher (test-split pseudo-questions)",
+            f"P@{k} vs teacher, query-side", f"MRR@{GROUND_TRUTH_CUTOFF}", "MRR / teacher's", f"Recall@{k}",
+            "mean cosine to teacher (questions)"], rows) or ["(no students)"]),
+        "",
+        (f"{real.n_questions} questions from `{real.source}`, {answered}, searched (exact) among the same "
+         f"{report.retrieval.n_contexts} contexts as the test questions; the teacher's MRR@{GROUND_TRUTH_CUTOFF} is "
+         f"{_fraction(teacher_mrr)}. The test split's questions (the tables below) are generated from the corpus "
+         "like the students' training questions, so students agree with the teacher more on them than on what "
+         "people type: these are the figures to judge a student by."),
+        "",
+    ]
+
+
+def _share(value: float | None, of: float | None) -> str:
+    return "n/a" if value is None or not of else f"{100 * value / of:.1f}%"
 
 
 def _m3_outputs(report: Report) -> list[str]:

@@ -1,10 +1,10 @@
-"""The report as a typed object (:class:`Report`), its report.json schema (version 4), and reading it back.
+"""The report as a typed object (:class:`Report`), its report.json schema (version 5), and reading it back.
 
 report.json is the evaluation's single source of truth, ``Report.model_dump(mode="json")`` written with sorted
 keys; report.md and the plots are rendered from it alone (``m3distill report DIR``). Keys (lists keep their
 order)::
 
-    schema_version       4
+    schema_version       5
     m3distill_version    package version that wrote the report
     started_at           ISO-8601 UTC time the evaluation started; finished_at likewise; duration_s its length
     timings_s            {load, encode, retrieval, speed}: seconds spent in each phase
@@ -38,6 +38,9 @@ order)::
                           torch student.
     pairs                list, one per unordered pair of models (teacher included): {a, b, metrics}; an ONNX
                           variant is paired with the teacher, its torch student and that student's other variants only
+    real_questions       null, or {source, sha256, n_questions, n_answered}: the file of people's questions
+                          (evaluation.real_questions) the models were also measured on, and how many of its questions
+                          had their answer document among the indexed contexts (ground truth)
 
 Metric names are flat, sentence-transformers style, with a prefix per family (the names are defined once, in
 m3distill.metrics, speed's in m3distill.evaluation.speed):
@@ -61,6 +64,11 @@ m3distill.metrics, speed's in m3distill.evaluation.speed):
                       may honestly make faster), speed_parameters, speed_weights_bytes, speed_size_on_disk_bytes
                       (null when unknown), speed_peak_memory_increase_bytes, speed_memory_measure (how memory
                       was measured)
+                      real_questions_exact_overlap@{k}, real_questions_query_side_exact_overlap@{k}
+                                  (students) P@k against the teacher on the real questions, symmetric and query-side;
+                      real_questions_exact_recall@{k}, _mrr@10, _ndcg@10 (every model), and the same with
+                                  real_questions_query_side_exact_ (students): ground truth on the answered ones;
+                      real_questions_mean_cosine (students) mean cosine of their question embeddings to the teacher's
                       M3 teacher, models with heads: {output}_recall@{k}, {output}_mrr@10, {output}_ndcg@10 for
                                   output sparse, colbert, hybrid (exact search); students with heads also
                                   alignment_sparse_spearman, alignment_sparse_texts, alignment_sparse_mass_covered,
@@ -72,7 +80,8 @@ Versions: 1 had no spread, layer ratio or suspect flag and timed each model's re
 by migrating it (speed.order "sequential", min_seconds_per_repeat null, the suspect flag worked out from the
 layers). 2 had no outputs or hybrid weights (it searched dense alone): it is read as outputs ["dense"] and
 hybrid_weights null. 3 had no ONNX variants: its models are read as variant and variant_of null and device the
-report's device. A report of another version is refused with one line that says what to do.
+report's device. 4 had no real questions: it is read with real_questions null. A report of another version is
+refused with one line that says what to do.
 """
 
 from __future__ import annotations
@@ -86,7 +95,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from m3distill.errors import M3DistillError
 from m3distill.layout import REPORT_DIRNAME, REPORT_JSON_FILE
 
-REPORT_SCHEMA_VERSION = 4
+REPORT_SCHEMA_VERSION = 5
 
 MetricValue = float | int | bool | str | None
 """A metric is a number, a flag, a label (e.g. how memory was measured) or null when it could not be measured."""
@@ -211,10 +220,19 @@ class PairReport(_ReportPart):
     metrics: dict[str, float]
 
 
+class RealQuestionsInfo(_ReportPart):
+    """The people's questions the models were also measured on (``evaluation.real_questions``)."""
+
+    source: str
+    sha256: str
+    n_questions: int
+    n_answered: int  # questions whose answer document is among the indexed contexts
+
+
 class Report(_ReportPart):
     """A whole evaluation: what :func:`m3distill.evaluation.evaluate.evaluate_models` returns and report.json holds."""
 
-    schema_version: Literal[4] = REPORT_SCHEMA_VERSION
+    schema_version: Literal[5] = REPORT_SCHEMA_VERSION
     m3distill_version: str
     started_at: str
     finished_at: str
@@ -229,6 +247,7 @@ class Report(_ReportPart):
     speed: SpeedPolicy
     models: list[ModelReport]
     pairs: list[PairReport]
+    real_questions: RealQuestionsInfo | None = None
 
     @property
     def teacher(self) -> ModelReport:
@@ -329,6 +348,8 @@ def report_from_json_dict(data: Any, source: str = "report") -> Report:
         data = _migrate_v2(data)
     if data["schema_version"] == 3:
         data = _migrate_v3(data)
+    if data["schema_version"] == 4:
+        data = dict(data, schema_version=5)  # version 4 had no real questions: real_questions stays null
     try:
         return Report.model_validate(data)
     except ValidationError as error:

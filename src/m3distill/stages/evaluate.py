@@ -112,6 +112,7 @@ class EvaluateStage(Stage):
         return finished, {}, skipped
 
     def fingerprint(self) -> Fingerprint:
+        from m3distill.data.real_questions import real_questions_digest
         from m3distill.evaluation.evaluate import export_record_digest
         from m3distill.teacher.fingerprint import hash_model_files
         from m3distill.training import STUDENT_METADATA_FILE
@@ -133,6 +134,11 @@ class EvaluateStage(Stage):
         settings = self.config.evaluation.model_dump(mode="json", exclude=set(_EVALUATION_LOGISTICS))
         settings = {key: value for key, value in flatten("evaluation", settings).items()
                     if key not in _ADDED_LATER or value != _ADDED_LATER[key]}
+        # The real questions count by their contents, not by where the file lies; without them, nothing is added
+        # (reports from before they existed stay current).
+        real_questions = settings.pop("evaluation.real_questions", None)
+        if real_questions is not None:
+            settings["evaluation.real_questions" + CONTENTS] = real_questions_digest(real_questions)
         return Fingerprint({"dataset" + CONTENTS: dataset_fingerprint(self.dataset_dir), **teacher, **students,
                             **settings})
 
@@ -147,8 +153,11 @@ class EvaluateStage(Stage):
 
     def check_inputs(self) -> None:
         from m3distill.data.dataset import require_complete_dataset
+        from m3distill.data.real_questions import load_real_questions
 
         require_complete_dataset(self.dataset_dir)
+        if self.config.evaluation.real_questions:
+            load_real_questions(self.config.evaluation.real_questions)
 
     def run(self, *, replace_stale: bool = True, force: bool = False, show_progress: bool = True) -> EvaluationResult:
         """Evaluate and write the report; the old report is replaced only once the new one is complete.
