@@ -8,8 +8,14 @@ part that is mixed into training. Rerunnable and deterministic for a given set o
 
     python scripts/build_sample_corpus.py            # writes data/sample/{domain,general}/<lang>/*.txt
     python scripts/build_sample_corpus.py --check    # prints what it would write, touches nothing
+    python scripts/build_sample_corpus.py --only-questions   # the perlfaq8 part alone (below)
 
-Needs `man` and the man pages (Debian: apt-get install man-db manpages manpages-{de,fr,es,...}).
+It also bundles a small set of real questions: perlfaq8 ("System Interaction", from Debian's perl-doc), whose
+entries are people-written questions with their answers. Each answer, without its question, becomes a domain
+document (domain/en/perlfaq8-NN.txt), and data/sample/questions/perlfaq8.jsonl holds the questions with the id of
+their answer's document, for `evaluation.real_questions` (the demo's "real questions" table).
+
+Needs `man` and the man pages (Debian: apt-get install man-db manpages manpages-{de,fr,es,...}), and perl-doc.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -38,6 +45,7 @@ DESCRIPTION_HEADINGS = {
     "DESCRIPTION", "BESCHREIBUNG", "DESCRIPCIÓN", "DESCRIPCION", "ОПИСАНИЕ", "説明", "DESCRIÇÃO", "DESCRIZIONE",
     "OPIS", "AÇIKLAMA", "ОПИС", "描述", "说明", "BESCHRIJVING", "POPIS", "BESKRIVNING", "설명", "TANIM",
 }
+PERLFAQ8 = Path("/usr/share/perl/5.36/pod/perlfaq8.pod")
 DOMAIN_SECTIONS = ("man1",)
 GENERAL_SECTIONS = ("man5", "man7", "man8")
 MIN_CHARS = 300
@@ -123,12 +131,45 @@ def collect(lang_dir: str, sections: tuple[str, ...], limit: int) -> dict[str, s
     return texts
 
 
+def perlfaq_questions() -> tuple[dict[Path, str], str]:
+    """perlfaq8's answers as domain documents, and the questions file pointing at them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from faq_sets import MIN_ANSWER_WORDS, perlfaq_entries
+
+    documents, lines = {}, []
+    for entry in perlfaq_entries(PERLFAQ8):
+        if len(entry.answer.split()) < MIN_ANSWER_WORDS:
+            continue
+        documents[OUT / "domain" / "en" / f"{entry.name}.txt"] = entry.answer + "\n"
+        lines.append(json.dumps({"text": entry.question, "doc_id": f"en/{entry.name}.txt"}, ensure_ascii=False))
+    return documents, "".join(line + "\n" for line in lines)
+
+
+def write_perlfaq(check: bool) -> int:
+    if not PERLFAQ8.is_file():
+        print(f"{PERLFAQ8} is missing: apt-get install perl-doc", file=sys.stderr)
+        return 1
+    documents, questions = perlfaq_questions()
+    print(f"perlfaq8: {len(documents)} answers (domain/en), {questions.count(chr(10))} questions")
+    if not check:
+        for path in (OUT / "domain" / "en").glob("perlfaq8-*.txt"):
+            path.unlink()
+        for path, text in documents.items():
+            path.write_text(text, encoding="utf-8")
+        (OUT / "questions").mkdir(exist_ok=True)
+        (OUT / "questions" / "perlfaq8.jsonl").write_text(questions, encoding="utf-8")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain-per-language", type=int, default=45)
     parser.add_argument("--general-per-language", type=int, default=25)
     parser.add_argument("--check", action="store_true", help="report counts and sizes without writing")
+    parser.add_argument("--only-questions", action="store_true", help="write the perlfaq8 documents and questions only")
     args = parser.parse_args()
+    if args.only_questions:
+        return write_perlfaq(args.check)
     if shutil.which("man") is None:
         print("man(1) is not installed: apt-get install man-db", file=sys.stderr)
         return 1
@@ -151,7 +192,7 @@ def main() -> int:
     for path, text in plan.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-    return 0
+    return write_perlfaq(check=False)
 
 
 if __name__ == "__main__":

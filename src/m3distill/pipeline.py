@@ -211,6 +211,7 @@ def demo_config(run_dir: str | Path = "m3distill-demo", *, m3: bool = False) -> 
     data["run_dir"] = str(run_dir)
     data["synth"]["corpus"] = str(sample / "domain")
     data["synth"]["general"] = str(sample / "general")
+    data["evaluation"]["real_questions"] = str(sample / "questions" / "perlfaq8.jsonl")
     if m3:
         from m3distill.m3 import is_m3_model, make_m3_test_teacher
 
