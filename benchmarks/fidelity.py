@@ -53,6 +53,7 @@ from m3distill.config import (  # noqa: E402
     LossConfig,
     M3DistillConfig,
     StudentsConfig,
+    SynthConfig,
     TrainingConfig,
     load_config,
 )
@@ -72,6 +73,10 @@ from m3distill.metrics import (  # noqa: E402
 from m3distill.models import load_sentence_transformer  # noqa: E402
 from m3distill.teacher.cache import TeacherCache, build_teacher_cache, is_complete_cache  # noqa: E402
 from m3distill.training import is_trained_student, train_students  # noqa: E402
+
+from faq_sets import SETS as FAQ_SETS  # noqa: E402
+from faq_sets import write_sets  # noqa: E402
+from real_questions import RealQuestionSearch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,6 +110,11 @@ def ablations(default: TrainingConfig) -> dict[str, TrainingConfig]:
         rows["- dev/test contexts (train split only)"] = default.model_copy(update={"all_contexts": False})
     if default.learning_rate != 2e-4:
         rows["- high lr (2e-4)"] = default.model_copy(update={"learning_rate": 2e-4})
+    rows[f"+ higher lr ({2 * default.learning_rate:g})"] = default.model_copy(
+        update={"learning_rate": 2 * default.learning_rate})
+    steps = default.max_steps or DEFAULT_TRAINING_STEPS
+    rows[f"- half budget ({steps // 2} steps)"] = default.model_copy(update={"max_steps": steps // 2})
+    rows[f"+ double budget ({steps * 2} steps)"] = default.model_copy(update={"max_steps": steps * 2})
     if default.dropout is not None:
         rows["- dropout 0 (teacher's rate)"] = default.model_copy(update={"dropout": None})
     if default.best_metric != "spearman":
@@ -124,11 +134,36 @@ def additions(default: TrainingConfig) -> dict[str, TrainingConfig]:
             for term, weight in (("in_batch_kl", 0.1), ("token", 1.0)) if not getattr(loss, term)}
 
 
+# Synth settings a row may change (the dataset variants): the previous default's copied sentences, and the
+# query-shaped texts of the offline generator. Each variant gets a dataset of its own; one teacher cache serves all.
+PREVIOUS_DEFAULT_SYNTH = {"query_shapes": ["sentence"], "questions_per_context": 2}
+
+
+def synth_variants(default: SynthConfig) -> dict[str, dict]:
+    """Ablation rows that change what synth writes: each query shape of the default left out, and the copied
+    sentences added (the recipe's training settings stay the default's)."""
+    rows: dict[str, dict] = {}
+    shapes = list(default.query_shapes)
+    if len(shapes) > 1:
+        for shape in shapes:
+            rows[f"- {shape} texts"] = {"query_shapes": [s for s in shapes if s != shape]}
+    for shape in ("span", "sentence"):
+        if shape not in shapes:
+            rows[f"+ {shape} texts"] = {"query_shapes": [*shapes, shape],
+                                        "questions_per_context": default.questions_per_context + 1}
+    rows[f"+ queries per context ({2 * default.questions_per_context})"] = {
+        "questions_per_context": 2 * default.questions_per_context}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, help="working folder (default: a new temporary folder)")
-    parser.add_argument("--rows", default="seed,default,ablation",
-                        help="which of seed,default,ablation,additions to run")
+    parser.add_argument("--corpus", choices=("faq", "sample"), default="faq",
+                        help="faq: the real-question sets of faq_sets.py (scored on real and pseudo-questions); "
+                        "sample: the bundled sample corpus (pseudo-questions only, the tables before issue 22)")
+    parser.add_argument("--rows", default="seed,previous,default,ablation",
+                        help="which of seed,previous,default,ablation,additions to run")
     parser.add_argument("--layers", default="3,2,1", help="student layer counts for the seed and default rows")
     parser.add_argument("--ablation-layers", type=int, default=2, help="layer count of the ablation rows")
     parser.add_argument("--max-steps", type=int, help="step budget of every row (default: the default recipe's)")
@@ -136,46 +171,63 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="42", help="training seeds, comma-separated; each row is trained per seed")
     parser.add_argument("--crop-spans", type=int, default=2,
                         help="random spans per training context that synth adds to the crops (synth.crop_spans)")
+    parser.add_argument("--per-set", action="store_true", help="also print real-question P@10 per set")
     args = parser.parse_args(argv)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="m3distill-fidelity-"))
     config = load_config(REPO / "configs" / "demo.yaml")
-    dataset_dir, cache_dir = prepare_sample_run(config, work, crop_spans=args.crop_spans)
     default = TrainingConfig(max_steps=args.max_steps) if args.max_steps else TrainingConfig()
     default = default.model_copy(update={"max_seq_length": config.training.max_seq_length})
     budget = default.max_steps or DEFAULT_TRAINING_STEPS
     wanted = set(args.rows.split(","))
     counts = [int(n) for n in args.layers.split(",")]
+    faq = args.corpus == "faq"
+    default_synth = {}
 
     # The seed recipe kept evenly spaced layers from the first one up; the default uses StudentsConfig's strategy.
     seed_layers, default_layers = "uniform", StudentsConfig().strategy
-    runs: list[tuple[str, int, str, TrainingConfig]] = []
+    runs: list[tuple[str, int, str, TrainingConfig, dict]] = []
     for n in counts:
         if "seed" in wanted:
-            runs.append(("seed recipe", n, seed_layers, seed_recipe(default)))
+            runs.append(("seed recipe", n, seed_layers, seed_recipe(default), PREVIOUS_DEFAULT_SYNTH if faq else {}))
+        if "previous" in wanted and faq:
+            runs.append(("previous default", n, default_layers, default, PREVIOUS_DEFAULT_SYNTH))
         if "default" in wanted:
-            runs.append(("default", n, default_layers, default))
+            runs.append(("default", n, default_layers, default, default_synth))
     if "ablation" in wanted:
-        runs += [(name, args.ablation_layers, default_layers, training) for name, training in ablations(default).items()]
+        runs += [(name, args.ablation_layers, default_layers, training, default_synth)
+                 for name, training in ablations(default).items()]
         if default_layers != seed_layers:
-            runs.append((f"- {default_layers} layers ({seed_layers})", args.ablation_layers, seed_layers, default))
+            runs.append((f"- {default_layers} layers ({seed_layers})", args.ablation_layers, seed_layers, default,
+                         default_synth))
+        if faq:
+            runs += [(name, args.ablation_layers, default_layers, default, synth)
+                     for name, synth in synth_variants(SynthConfig()).items()]
     if "additions" in wanted:
-        runs += [(name, args.ablation_layers, default_layers, training) for name, training in additions(default).items()]
-
+        runs += [(name, args.ablation_layers, default_layers, training, default_synth)
+                 for name, training in additions(default).items()]
     if args.only:
         runs = [run for run in runs if any(word in run[0] for word in args.only.split(","))]
-    evaluation = TestSearch(config, dataset_dir, cache_dir)
+
+    if faq:
+        bench = FaqBenchmark(config, work, crop_spans=args.crop_spans)
+    else:
+        dataset_dir, cache_dir = prepare_sample_run(config, work, crop_spans=args.crop_spans)
+        evaluation = TestSearch(config, dataset_dir, cache_dir)
     # Rows measured before in this work folder are reused while their student is still there (trained students are
     # skipped by train_students, and measuring one again gives the same figures).
     measured_file = work / "rows.json"
     measured = json.loads(measured_file.read_text()) if measured_file.is_file() else {}
     seeds = [int(seed) for seed in args.seeds.split(",")]
     results = []
-    for (name, n_layers, strategy, base_training), seed in itertools.product(runs, seeds):
+    for (name, n_layers, strategy, base_training, synth), seed in itertools.product(runs, seeds):
         training = base_training.model_copy(update={"seed": seed})
         slug = name.replace("- ", "minus ").replace("+ ", "plus ")
         # The recipe's settings name the folder too: a row whose recipe changed (a new default) trains afresh.
-        recipe = hashlib.sha256(training.model_copy(update={"seed": 0}).model_dump_json().encode()).hexdigest()[:8]
+        recipe_settings = training.model_copy(update={"seed": 0}).model_dump_json()
+        if faq:
+            recipe_settings += json.dumps(bench.synth(synth).model_dump(mode="json"), sort_keys=True)
+        recipe = hashlib.sha256(recipe_settings.encode()).hexdigest()[:8]
         folder = work / "students" / f"{''.join(char if char.isalnum() else '_' for char in slug)}_{recipe}"
         if seed != TrainingConfig().seed:  # the default seed keeps the folder names of runs without --seeds
             folder = folder.with_name(f"{folder.name}_seed{seed}")
@@ -184,16 +236,20 @@ def main(argv: list[str] | None = None) -> int:
             row = measured[key]
         else:
             students = StudentsConfig(layers=[n_layers], strategy=strategy)
+            dataset_dir, cache_dir = bench.prepare(synth) if faq else (dataset_dir, cache_dir)
             result = train_students(dataset_dir, cache_dir, teacher=config.teacher, students=students,
                                     training=training, out_dir=folder, resume=True, show_progress=False)[0]
             row = {"recipe": name, "layers": n_layers, "kept": list(result.layers), "steps": result.global_step,
                    "minutes": result.train_seconds / 60, "student": result.path.name,
-                   **evaluation.measure(result.path)}
+                   **(bench.measure(result.path) if faq else evaluation.measure(result.path))}
             measured[key] = row
             measured_file.write_text(json.dumps(measured, indent=1))
         results.append({**row, "seed": seed})
         print(json.dumps(results[-1]), flush=True)
 
+    if faq:
+        print_faq_tables(results, seeds, bench, budget, default.batch_size, per_set=args.per_set)
+        return 0
     print(f"\nsample corpus, all-MiniLM-L6-v2 teacher (6 layers), {budget} steps x {default.batch_size} texts per "
           f"student; test split: {evaluation.n_questions} questions among {evaluation.n_contexts} contexts"
           + (f"; mean (sd) over seeds {args.seeds}" if len(seeds) > 1 else "") + "\n")
@@ -207,6 +263,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {first['recipe']} | {first['layers']}L {first['kept']} | {first['steps']} | {' | '.join(cells)} | "
               f"{np.mean([row['minutes'] for row in group]):.1f} |")
     return 0
+
+
+def print_faq_tables(results: list[dict], seeds: list[int], bench: FaqBenchmark, budget: int, batch_size: int, *,
+                     per_set: bool) -> None:
+    groups = [results[start : start + len(seeds)] for start in range(0, len(results), len(seeds))]
+    over = f"; mean (sd) over seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    print(f"\nreal questions: {bench.real.n_questions} people-written questions of {len(bench.real.set_names)} FAQ "
+          f"sets, each searched among all {len(bench.real.contexts)} contexts (mean over the sets); all-MiniLM-L6-v2 "
+          f"teacher, {budget} steps x {batch_size} texts per student{over}\n")
+    print("| recipe | student | steps | P@10 | P@50 | P@10 query-side | MRR@10 / teacher's | R@10 / teacher's | "
+          "cos questions | cos passages | pseudo P@10 (sentences) | pseudo P@10 (queries) | minutes |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for group in groups:
+        first = group[0]
+        cells = [_cell([row["real"]["mean"][key] for row in group], share=key.endswith("share"))
+                 for key in ("p@10", "p@50", "query_side_p@10", "mrr_share", "recall_share", "cos_questions",
+                             "cos_passages")]
+        pseudo = [_cell([row["pseudo"][kind]["p@10"] for row in group]) if kind in first.get("pseudo", {}) else ""
+                  for kind in ("sentences", "queries")]
+        print(f"| {first['recipe']} | {first['layers']}L {first['kept']} | {first['steps']} | {' | '.join(cells)} | "
+              f"{' | '.join(pseudo)} | {np.mean([row['minutes'] for row in group]):.1f} |")
+    if per_set:
+        names = bench.real.set_names
+        print("\nreal-question P@10 per set (questions in brackets)\n")
+        print("| recipe | student | " + " | ".join(f"{name} ({len([s for s in bench.real.sets if s == name])})"
+                                                  for name in names) + " | mean |")
+        print("|---|---|" + "---:|" * (len(names) + 1))
+        for group in groups:
+            first = group[0]
+            cells = [_cell([row["real"][name]["p@10"] for row in group]) for name in (*names, "mean")]
+            print(f"| {first['recipe']} | {first['layers']}L {first['kept']} | {' | '.join(cells)} |")
 
 
 def _cell(values: list[float], share: bool = False) -> str:
@@ -286,6 +373,74 @@ class TestSearch:
             "mrr_share": mrr / self.teacher_mrr, "spearman": aligned[SPEARMAN_COSINE],
             "mean_cosine": aligned[MEAN_COSINE],
         }
+
+
+class FaqBenchmark:
+    """The FAQ corpus of :mod:`faq_sets` (built into ``work/faq`` once), its dataset variants, one teacher cache
+    for all of them, and the scoring of a student on the real questions and on two fixed pseudo-question test sets:
+    the copied sentences of the previous default and the query-shaped texts of the current one (the test contexts
+    are the same in every variant: splits depend on the context ids and the seed only)."""
+
+    def __init__(self, config: M3DistillConfig, work: Path, crop_spans: int = 2):
+        self.config, self.work = config, work
+        faq = work / "faq"
+        if not (faq / "questions.jsonl").is_file():
+            write_sets(faq, list(FAQ_SETS))
+        sample = REPO / "data" / "sample"
+        # demo.yaml's chunking and splits on the FAQ corpus; general text and crops are made so that the ablation
+        # can add them; the generator's settings are m3distill's defaults unless a variant changes them.
+        defaults = SynthConfig()
+        self.base = config.synth.model_copy(update={
+            "corpus": str(faq / "corpus"), "general": str(sample / "general"), "general_ratio": 0.5,
+            "crop_sentences": True, "crop_spans": crop_spans,
+            "questions_per_context": defaults.questions_per_context, "query_shapes": defaults.query_shapes})
+        self.cache_dir = work / "teacher_cache"
+        self.questions_file = faq / "questions.jsonl"
+        dataset_dir, _ = self.prepare({})
+        self.real = RealQuestionSearch(self.questions_file, dataset_dir, self.cache_dir, config.teacher, work,
+                                       batch_size=config.evaluation.batch_size)
+        self.real.n_questions = len(self.real.questions)
+        self.pseudo = {"sentences": self._pseudo_questions(PREVIOUS_DEFAULT_SYNTH)}
+        if "sentence" not in defaults.query_shapes:
+            self.pseudo["queries"] = self._pseudo_questions({})
+
+    def synth(self, overrides: dict) -> SynthConfig:
+        return self.base.model_copy(update=overrides)
+
+    def prepare(self, overrides: dict) -> tuple[Path, Path]:
+        """The dataset of a variant (made once) and the shared teacher cache, extended with its texts."""
+        synth = self.synth(overrides)
+        digest = hashlib.sha256(json.dumps(synth.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
+        dataset_dir = self.work / "datasets" / digest
+        synthesize(synth, dataset_dir, tokenizer=self.config.teacher.model, show_progress=False)
+        build_teacher_cache(dataset_dir, self.config.teacher, self.cache_dir, show_progress=False)
+        return dataset_dir, self.cache_dir
+
+    def _pseudo_questions(self, overrides: dict) -> dict:
+        dataset_dir, _ = self.prepare(overrides)
+        dataset = load_synth_dataset(dataset_dir)
+        questions = dataset.split_questions("test")
+        row_of = {context_id: row for row, context_id in enumerate(self.real.contexts_ids)}
+        texts = list(questions["text"])
+        teacher_q = TeacherCache.open(self.cache_dir).get(texts)
+        return {"texts": texts, "own": np.array([row_of[c] for c in questions["context_id"]]),
+                "teacher_q": teacher_q, "teacher_top": top_k_rows(teacher_q, self.real.teacher_c)}
+
+    def measure(self, student_dir: Path) -> dict:
+        student = load_sentence_transformer(student_dir, device="cpu")
+        encode = lambda texts: student.encode(texts, batch_size=self.config.evaluation.batch_size,  # noqa: E731
+                                              convert_to_numpy=True, show_progress_bar=False)
+        contexts = encode(self.real.contexts)
+        figures = {"real": self.real.measure(encode(self.real.questions), contexts), "pseudo": {}}
+        for kind, pseudo in self.pseudo.items():
+            q = encode(pseudo["texts"])
+            figures["pseudo"][kind] = {
+                "questions": len(pseudo["texts"]),
+                "p@10": top_k_overlap(top_k_rows(q, contexts), pseudo["teacher_top"], 10),
+                "query_side_p@10": top_k_overlap(top_k_rows(q, self.real.teacher_c), pseudo["teacher_top"], 10),
+                "cos_questions": float(np.mean(row_cosines(q, pseudo["teacher_q"]))),
+            }
+        return figures
 
 
 def top_k_rows(queries: np.ndarray, contexts: np.ndarray, k: int = 50) -> np.ndarray:
