@@ -510,16 +510,36 @@ def apply_overrides(config: M3DistillConfig, overrides: dict[str, Any]) -> M3Dis
 
 
 def config_to_yaml(config: M3DistillConfig) -> str:
-    """The config as YAML, the form ``load_config`` reads back, with credentials removed from its URLs.
+    """The config as YAML, the form ``load_config`` reads back, with credentials removed from its URLs
+    (:func:`settings_record`)."""
+    return yaml.safe_dump(settings_record(config), sort_keys=False, allow_unicode=True)
 
-    Only key *names* (``api_key_env``) are ever part of a config; a key written into ``synth.llm.base_url`` or
-    ``evaluation.qdrant_url`` (``user:pass@``, ``?api_key=``) is redacted by :func:`redact_url`.
+
+def settings_record(settings: BaseModel, **dump_options: Any) -> dict[str, Any]:
+    """``settings`` (the config or one of its sections) as every record m3distill writes or logs holds them:
+    ``settings.model_dump(mode="json", **dump_options)`` with the credentials of each URL in it removed.
+
+    The one way settings become a record (RUN_DIR/config.yaml, the dataset manifest, a student's metadata, the
+    fingerprints, the report), so that none can hold a credential, whichever field a URL sits in: only key *names*
+    (``api_key_env``) belong in a config, and a key written into a URL (``synth.llm.base_url``,
+    ``evaluation.qdrant_url``: ``user:pass@``, ``?api_key=``) is redacted by :func:`redact_url`. Fingerprints are
+    taken of the record too, so another host or path makes an output stale and another password does not.
     """
-    data = config.model_dump(mode="json")
-    data["synth"]["llm"]["base_url"] = redact_url(data["synth"]["llm"]["base_url"])
-    if data["evaluation"].get("qdrant_url"):
-        data["evaluation"]["qdrant_url"] = redact_url(data["evaluation"]["qdrant_url"])
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return _without_credentials(settings.model_dump(mode="json", **dump_options))
+
+
+# A URL with a scheme and no whitespace (a prompt template mentioning one is text, not a URL).
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S*$")
+
+
+def _without_credentials(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_credentials(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_credentials(item) for item in value]
+    if isinstance(value, str) and _URL.match(value):
+        return redact_url(value)
+    return value
 
 
 # Query parameters whose value is a credential (api_key, key, token, access_token, secret, password, sig...).
@@ -544,4 +564,6 @@ def redact_url(url: str) -> str:
         query = urlencode(
             [(name, REDACTED if _SECRET_QUERY_NAME.search(name) else value) for name, value in pairs], safe="*"
         )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing to remove: kept exactly as written (fingerprints of it stay as they were)
     return urlunsplit(parts._replace(netloc=netloc, query=query))

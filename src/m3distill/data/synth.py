@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from m3distill import __version__
 from m3distill.atomic import atomic_dir, write_json_atomic
-from m3distill.config import SynthConfig
+from m3distill.config import SynthConfig, settings_record
 from m3distill.data.chunking import Context, chunk_documents, load_tokenizer, model_token_limit
 from m3distill.data.corpus import Corpus, load_corpus
 from m3distill.data.crops import context_crops
@@ -231,8 +231,9 @@ def _read_inputs(config: SynthConfig, tokenizer: str | Path) -> tuple[Corpus, Co
     general = _load(config.general, config, None) if config.general else None
     loaded_tokenizer = load_tokenizer(tokenizer)
     tokenizer_hash = hashlib.sha256(loaded_tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
-    # Paths are left out (the contents count, not where they lie); so are LLM settings when no LLM is used.
-    settings = config.model_dump(mode="json", exclude={"corpus", "general"})
+    # Paths are left out (the contents count, not where they lie); so are LLM settings when no LLM is used. The
+    # record is redacted before it is hashed: the endpoint's host counts, a credential in its URL does not.
+    settings = settings_record(config, exclude={"corpus", "general"})
     if config.generator == "llm":
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in _TRANSPORT_SETTINGS}
     else:

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from m3distill import __version__
 from m3distill.atomic import atomic_dir, atomic_path
-from m3distill.config import EvaluationConfig, TeacherConfig
+from m3distill.config import EvaluationConfig, TeacherConfig, settings_record
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
 from m3distill.evaluation.retrieval import (
@@ -287,7 +287,7 @@ def evaluate_models(
         finished_at=_iso(time.time()),
         duration_s=time.time() - started,
         timings_s=timings,
-        config={"teacher": teacher.model_dump(mode="json"), "evaluation": config.model_dump(mode="json")},
+        config={"teacher": settings_record(teacher), "evaluation": settings_record(config)},
         versions=_library_versions(),
         device=DeviceInfo(name=str(device), description=device_description(device),
                           torch_threads=torch.get_num_threads(), platform=platform.platform()),
@@ -302,7 +302,7 @@ def evaluate_models(
         ),
         retrieval=RetrievalSettings(
             backend=backend.name,
-            qdrant_url=config.qdrant_url if qdrant_client is None else "(injected client)",
+            qdrant_url=settings_record(config)["qdrant_url"] if qdrant_client is None else "(injected client)",
             indexes=_index_kinds(config),
             k=list(config.k),
             depth=depth,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from m3distill import __version__
 from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
-from m3distill.config import ExportConfig
+from m3distill.config import ExportConfig, settings_record
 from m3distill.errors import M3DistillError
 from m3distill.onnx_serving import (
     EXPORT_RECORD_FILE,
@@ -92,7 +92,7 @@ def export_fingerprint(student_dir: str | Path, config: ExportConfig) -> Fingerp
     weights; not its card, its heads nor ``onnx/`` itself) and the settings that shape the files."""
     from m3distill.teacher.fingerprint import hash_model_files
 
-    settings = config.model_dump(mode="json", include={"variants", "opset", "quantization"})
+    settings = settings_record(config, include={"variants", "opset", "quantization"})
     if "int8" not in config.variants:
         settings.pop("quantization")
     return Fingerprint({"student" + CONTENTS: hash_model_files(student_dir), **flatten("export", settings)})
@@ -248,7 +248,7 @@ def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequ
                         "mean_cosine_vs_torch": variant.mean_cosine,
                         "min_cosine_vs_torch": variant.min_cosine,
                         "seconds": round(variant.seconds, 2),
-                        **({"quantization": config.quantization.model_dump(mode="json")} if name == "int8" else {}),
+                        **({"quantization": settings_record(config.quantization)} if name == "int8" else {}),
                     }
                     for name, variant in built.items()
                 },

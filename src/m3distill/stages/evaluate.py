@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from m3distill.atomic import write_json_atomic
-from m3distill.config import M3DistillConfig
+from m3distill.config import M3DistillConfig, settings_record
 from m3distill.errors import M3DistillError
 from m3distill.layout import REPORT_JSON_FILE
 from m3distill.stages.base import Stage, StageStatus
@@ -130,7 +130,7 @@ class EvaluateStage(Stage):
         for name in in_memory:
             students[f"students.{name}"] = "in memory"
         teacher = teacher_identity(self.config.teacher) if self.teacher_model is None else {"teacher": "in memory"}
-        settings = self.config.evaluation.model_dump(mode="json", exclude=set(_EVALUATION_LOGISTICS))
+        settings = settings_record(self.config.evaluation, exclude=set(_EVALUATION_LOGISTICS))
         settings = {key: value for key, value in flatten("evaluation", settings).items()
                     if key not in _ADDED_LATER or value != _ADDED_LATER[key]}
         return Fingerprint({"dataset" + CONTENTS: dataset_fingerprint(self.dataset_dir), **teacher, **students,

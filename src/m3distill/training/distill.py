@@ -43,7 +43,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from m3distill import __version__
 from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
-from m3distill.config import DEFAULT_TRAINING_STEPS, M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
+from m3distill.config import (
+    DEFAULT_TRAINING_STEPS,
+    M3DistillConfig,
+    StudentsConfig,
+    TeacherConfig,
+    TrainingConfig,
+    settings_record,
+)
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.encoding import resolve_precision
 from m3distill.errors import M3DistillError
@@ -600,7 +607,7 @@ class _TrainingJob:
                 "warmup_ratio": training.warmup_ratio,
                 "lr_scheduler": training.lr_scheduler,
                 "weight_decay": training.weight_decay,
-                "loss": training.loss.model_dump(mode="json"),
+                "loss": settings_record(training.loss),
                 "texts": list(training.texts),
                 "early_stopping_patience": training.early_stopping_patience,
                 "texts_seen": trainer.state.global_step * training.batch_size * trainer.args.world_size,
