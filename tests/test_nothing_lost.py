@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from sentence_transformers import SentenceTransformer
 
 from m3distill import pipeline
@@ -164,6 +165,28 @@ def test_run_after_a_corpus_typo_keeps_the_good_dataset(few_documents, tmp_path,
     with pytest.raises(_StopAfterSynth):
         pipeline.run_pipeline(good, show_progress=False, on_stage=lambda stage, event: stages.append((stage, event)))
     assert stages[0] == ("synth", "skip")
+
+
+def test_a_failed_run_keeps_the_config_of_the_last_good_one_and_logs_the_failure(few_documents, tmp_path, synth_only,
+                                                                                   capsys):
+    layout = RunLayout(tmp_path / "run")
+    good = _tiny_config(few_documents, layout.root)
+    with pytest.raises(_StopAfterSynth):
+        pipeline.run_pipeline(good, show_progress=False)
+    written = layout.config.read_text(encoding="utf-8")
+    assert str(few_documents) in written
+
+    typo = tmp_path / "typo.yaml"
+    settings = good.model_dump(mode="json")
+    settings["synth"]["corpus"] = str(few_documents) + "-typo"
+    typo.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    assert main(["-q", "run", str(typo)]) == 2
+    error = capsys.readouterr().err.strip()
+
+    assert layout.config.read_text(encoding="utf-8") == written  # still what the outputs were made from
+    log = layout.log.read_text(encoding="utf-8")
+    assert error.endswith(log.strip().splitlines()[-1].split("run failed: ", 1)[1])
+    assert "ERROR m3distill.pipeline: run failed: corpus not found" in log and "-typo" in log
 
 
 def test_rebuilding_the_teacher_cache_removes_only_a_folder_that_carries_m3distill_s_marker(tmp_path):
