@@ -304,6 +304,94 @@ def test_resolve_device_checks_what_it_is_given():
         resolve_device("tpu9")
 
 
+# --- settings checked before any work: numbers, split sizes, the config file's encoding -----------------------------
+
+
+@pytest.mark.parametrize("weights", ["nan,1,1", "inf,1,1", "1,-inf,1"])
+def test_hybrid_weights_that_are_not_finite_are_refused_before_any_encoding(weights, small_dataset, tiny_xlmr_path,
+                                                                            student, eval_config, tmp_path,
+                                                                            monkeypatch, capsys):
+    def encoding(*args, **kwargs):
+        raise AssertionError("the evaluation started before its settings were checked")
+
+    monkeypatch.setattr("m3distill.evaluation.evaluate.evaluate_models", encoding)
+    argv = _evaluate_argv(small_dataset, tiny_xlmr_path, [student], tmp_path / "report", eval_config,
+                          "--hybrid-weights", weights)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    line = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(line.splitlines()) == 1
+    assert "--hybrid-weights" in line and "finite number" in line
+
+
+def test_a_config_file_with_a_weight_that_is_not_finite_is_one_line(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("evaluation:\n  hybrid_weights: [.nan, 1, 1]\n", encoding="utf-8")
+    line = _one_line_error(main(["-q", "evaluate", "--config", str(config)]), capsys, "evaluate")
+    assert str(config) in line and "evaluation.hybrid_weights" in line and "finite number" in line
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--dev", "1.5"], "dev size 1.5 is neither a fraction below 1 nor a whole number"),
+    (["--dev", "0.6", "--test", "0.5"], "add up to 1 or more and leave no training contexts"),
+])
+def test_split_sizes_are_refused_before_the_corpus_is_read(flags, expected, few_documents, minilm_path, tmp_path,
+                                                           monkeypatch, capsys):
+    def reading(*args, **kwargs):
+        raise AssertionError("the corpus was read before the split sizes were checked")
+
+    monkeypatch.setattr("m3distill.data.synth.load_corpus", reading)
+    line = _one_line_error(main(_synth_argv(few_documents, tmp_path / "dataset", minilm_path, *flags)), capsys, "synth")
+    assert expected in line
+    assert not (tmp_path / "dataset").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "train", "synth"])
+def test_a_config_file_that_is_not_utf8_is_one_line(command, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_bytes("run_dir: runs/caf\u00e9\n".encode("latin-1"))
+    argv = ["-q", "run", str(config)] if command == "run" else ["-q", command, "--config", str(config)]
+    line = _one_line_error(main(argv), capsys, command)
+    assert f"config file {config} is not UTF-8 text" in line
+
+
+# --- corpus files that read as something else ---------------------------------------------------------------------
+
+
+def test_a_parquet_text_column_of_numbers_is_refused(minilm_path, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": [1, 2, 3]}), corpus)
+    line = _one_line_error(main(_synth_argv(corpus, tmp_path / "dataset", minilm_path)), capsys, "synth")
+    assert str(corpus) in line and "column 'text' holds int64 values, not text" in line and "--text-column" in line
+
+
+def test_a_jsonl_text_that_is_a_number_is_refused(tmp_path):
+    corpus = tmp_path / "numbers.jsonl"
+    corpus.write_text('{"text": "a real document"}\n{"text": 2}\n', encoding="utf-8")
+    with pytest.raises(M3DistillError, match="line 2: column 'text' holds a int, not text"):
+        load_corpus(corpus)
+
+
+def test_a_csv_with_an_unterminated_quote_warns_that_its_rows_merged(tmp_path, caplog):
+    corpus = tmp_path / "docs.csv"
+    rows = [f"{number},document {number} about disks and backups" for number in range(2, 9)]
+    corpus.write_text('id,text\n1,"document 1 opens a quote and never closes it\n' + "\n".join(rows) + "\n",
+                      encoding="utf-8")
+    with caplog.at_level("WARNING", logger="m3distill"):
+        assert len(load_corpus(corpus).documents) == 1
+    [warning] = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert "1 rows from 8 lines" in warning and "unterminated quote" in warning
+
+    caplog.clear()
+    corpus.write_text('id,text\n1,"a document\n\nof two paragraphs"\n2,another\n3,a third\n', encoding="utf-8")
+    with caplog.at_level("WARNING", logger="m3distill"):
+        assert len(load_corpus(corpus).documents) == 3
+    assert not caplog.records  # quoted line breaks alone are fine
+
+
 # --- minor: config paths, ~, credentials, file modes, names in messages ------------------------------------------
 
 

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -28,8 +29,9 @@ DEFAULT_TEACHER = "BAAI/bge-m3"
 
 
 class _Section(BaseModel):
-    # Unknown keys are typos in a user's YAML: refuse them instead of silently ignoring them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are typos in a user's YAML: refuse them instead of silently ignoring them. No setting means
+    # anything as nan or inf (a weight, a rate, a size): refuse those too, before any work, not after it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LLMConfig(_Section):
@@ -64,6 +66,21 @@ class SplitConfig(_Section):
 
     dev: float = Field(0.1, ge=0, description="Dev contexts: a fraction (< 1) or a count (>= 1).")
     test: float = Field(0.1, ge=0, description="Test contexts: a fraction (< 1) or a count (>= 1).")
+
+    @field_validator("dev", "test")
+    @classmethod
+    def _fraction_or_count(cls, value: float, info: ValidationInfo) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"{info.field_name} size {value} is neither a fraction below 1 nor a whole number of "
+                             "contexts")
+        return value
+
+    @model_validator(mode="after")
+    def _some_training_left(self) -> SplitConfig:
+        if self.dev < 1 and self.test < 1 and self.dev + self.test >= 1:
+            raise ValueError(f"the dev ({self.dev}) and test ({self.test}) fractions add up to 1 or more and leave no "
+                             "training contexts")
+        return self
 
 
 class SynthConfig(_Section):
@@ -451,6 +468,9 @@ def load_config(path: str | Path | None = None) -> M3DistillConfig:
         raise M3DistillError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise M3DistillError(f"config file {path} is not UTF-8 text (undecodable byte at offset {error.start}); save "
+                             "it as UTF-8") from None
     except yaml.YAMLError as error:
         raise M3DistillError(f"config file {path} is not valid YAML: {error}".splitlines()[0]) from error
     if not isinstance(data, dict):
