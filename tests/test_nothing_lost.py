@@ -94,6 +94,39 @@ def test_synth_refuses_a_corpus_inside_its_output_folder(few_documents, minilm_p
     assert sorted(p.name for p in corpus.iterdir()) == sorted(p.name for p in few_documents.iterdir())
 
 
+def _refusal(code: int, capsys, command: str) -> str:
+    """The one line a refused command printed (exit code 2)."""
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert error.startswith(f"m3distill {command}: error: ")
+    return error
+
+
+def test_synth_overwrite_refuses_its_own_dataset_holding_the_user_s_files_and_names_them(few_documents, minilm_path,
+                                                                                          tmp_path, capsys):
+    out = tmp_path / "dataset"
+    assert main(_synth_cli(few_documents, out, minilm_path)) == 0
+    files = _user_files(out)
+    manifest = (out / DATASET_MANIFEST_FILE).read_bytes()
+
+    error = _refusal(main(_synth_cli(few_documents, out, minilm_path, "--seed", "7", "--overwrite")), capsys, "synth")
+
+    assert "holds files m3distill did not write (notes.txt, thesis/)" in error and "move them out" in error
+    _assert_intact(out, files)
+    assert (out / DATASET_MANIFEST_FILE).read_bytes() == manifest
+
+
+def test_synth_overwrite_never_replaces_another_stage_s_output_and_says_what_it_is(few_documents, minilm_path,
+                                                                                   tiny_cache, tmp_path, capsys):
+    cache = shutil.copytree(tiny_cache, tmp_path / "teacher_cache")
+    before = sorted(path.relative_to(cache) for path in cache.rglob("*"))
+
+    error = _refusal(main(_synth_cli(few_documents, cache, minilm_path, "--overwrite")), capsys, "synth")
+
+    assert f"{cache} is a teacher cache, not a dataset" in error and "incomplete" not in error
+    assert sorted(path.relative_to(cache) for path in cache.rglob("*")) == before
+
+
 # --- run (the pipeline) --------------------------------------------------------------------------------------------
 
 
@@ -205,6 +238,37 @@ def test_rebuilding_the_teacher_cache_removes_only_a_folder_that_carries_m3disti
     _assert_intact(layout.teacher_cache, cache_files)
 
 
+def test_teacher_force_refuses_a_cache_holding_the_user_s_files_and_names_them(small_dataset, tiny_xlmr_path,
+                                                                              tiny_cache, tmp_path, capsys):
+    cache = shutil.copytree(tiny_cache, tmp_path / "teacher_cache")
+    files = _user_files(cache)
+    (cache / "shards" / "my-shard-notes.md").write_text("mine", encoding="utf-8")
+
+    error = _refusal(main(["-q", "teacher", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path), "--out",
+                           str(cache), "--device", "cpu", "--force"]), capsys, "teacher")
+
+    assert "holds files m3distill did not write (notes.txt, shards/my-shard-notes.md, thesis/)" in error
+    _assert_intact(cache, files)
+    assert (cache / "manifest.json").is_file()
+
+
+def test_a_replaced_folder_that_gained_files_while_the_stage_ran_is_kept(tmp_path, caplog):
+    from m3distill.atomic import atomic_dir
+
+    target = tmp_path / "report"
+    target.mkdir()
+    (target / "report.json").write_text("{}", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="m3distill"), atomic_dir(target, overwrite=True,
+                                                                    ours=["report.json"]) as tmp:
+        (tmp / "report.json").write_text('{"new": 1}', encoding="utf-8")
+        (target / "written-meanwhile.txt").write_text("the user's", encoding="utf-8")
+
+    assert (target / "report.json").read_text(encoding="utf-8") == '{"new": 1}'
+    [kept] = tmp_path.glob("report.replaced-*")
+    assert (kept / "written-meanwhile.txt").read_text(encoding="utf-8") == "the user's"
+    assert "written-meanwhile.txt" in caplog.text and str(kept) in caplog.text
+
+
 # --- train ---------------------------------------------------------------------------------------------------------
 
 
@@ -238,6 +302,53 @@ def test_train_still_replaces_its_own_unfinished_student(small_dataset, tiny_cac
     assert main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out),
                  "--layers", "1", "--max-steps", "1", "--batch-size", "8"]) == 0
     assert (out / "student-1L" / "m3distill_student.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained_students(small_dataset, tiny_cache, tmp_path_factory) -> Path:
+    """A students folder holding one trained 1-layer student of the tiny stand-in (read-only: copy it)."""
+    out = tmp_path_factory.mktemp("trained") / "students"
+    assert main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out),
+                 "--layers", "1", "--max-steps", "1", "--batch-size", "8", "--eval-steps", "1"]) == 0
+    return out
+
+
+def _train_cli(small_dataset: Path, tiny_cache: Path, out: Path, *extra: str) -> list[str]:
+    return ["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out), "--layers",
+            "1", "--max-steps", "1", "--batch-size", "8", "--eval-steps", "1", *extra]
+
+
+def test_train_force_refuses_a_student_holding_the_user_s_own_onnx_folder(small_dataset, tiny_cache, trained_students,
+                                                                          tmp_path, capsys):
+    out = shutil.copytree(trained_students, tmp_path / "students")
+    student = out / "student-1L"
+    (student / "onnx").mkdir()
+    (student / "onnx" / "model.onnx").write_bytes(b"the user's own export")
+    files = _user_files(student)
+    weights = (student / "model.safetensors").read_bytes()
+
+    error = _refusal(main(_train_cli(small_dataset, tiny_cache, out, "--force")), capsys, "train")
+
+    assert f"{student} holds files m3distill did not write (notes.txt, onnx/, thesis/)" in error
+    assert "retraining the student would remove them" in error
+    assert (student / "onnx" / "model.onnx").read_bytes() == b"the user's own export"
+    _assert_intact(student, files)
+    assert (student / "model.safetensors").read_bytes() == weights
+
+
+def test_export_force_refuses_an_export_holding_the_user_s_files_and_names_them(trained_students, tmp_path, capsys):
+    student = shutil.copytree(trained_students / "student-1L", tmp_path / "student-1L")
+    export = ["-q", "export", str(student), "--variants", "onnx", "--verify-texts", "8"]
+    assert main(export) == 0
+    capsys.readouterr()
+    (student / "onnx" / "benchmark.txt").write_text("my timings", encoding="utf-8")
+    graph = (student / "onnx" / "model.onnx").read_bytes()
+
+    error = _refusal(main([*export, "--force"]), capsys, "export")
+
+    assert f"{student / 'onnx'} holds files m3distill did not write (benchmark.txt)" in error
+    assert (student / "onnx" / "benchmark.txt").read_text(encoding="utf-8") == "my timings"
+    assert (student / "onnx" / "model.onnx").read_bytes() == graph
 
 
 # --- evaluate ------------------------------------------------------------------------------------------------------
@@ -301,3 +412,19 @@ def test_evaluate_refuses_an_output_folder_that_is_not_a_report(tiny_xlmr_path, 
     assert code == 2 and len(error.splitlines()) == 1 and "not an m3distill report folder" in error
     _assert_intact(out_dir, files)
     assert sorted(p.name for p in out_dir.iterdir()) == ["notes.txt", "thesis"]
+
+
+def test_evaluate_refuses_a_report_folder_holding_the_user_s_files_and_names_them(tiny_xlmr_path, xlmr_student,
+                                                                                 small_dataset, tmp_path, capsys):
+    out_dir = tmp_path / "report"
+    good = _good_report(out_dir)
+    mine = {"notes.txt": b"my notes", "data.bin": b"\x00\x01", "sub/nested.md": b"# mine\n"}
+    for name, content in mine.items():
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / name).write_bytes(content)
+
+    error = _refusal(main(["-q", "evaluate", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path),
+                           "--students", str(xlmr_student), "--out", str(out_dir), "--k", "5"]), capsys, "evaluate")
+
+    assert f"{out_dir} holds files m3distill did not write (data.bin, notes.txt, sub/)" in error
+    _assert_intact(out_dir, {**good, **mine})

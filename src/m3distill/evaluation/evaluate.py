@@ -52,7 +52,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, atomic_path
+from m3distill.atomic import atomic_dir, atomic_path, refuse_files_not_ours
 from m3distill.config import EvaluationConfig, TeacherConfig, settings_record
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
@@ -72,7 +72,14 @@ from m3distill.evaluation.speed import (
     speed_texts,
     timed_onnx_encoder,
 )
-from m3distill.layout import REPORT_JSON_FILE, SPLITS, STUDENT_METADATA_FILE
+from m3distill.layout import (
+    EMBEDDINGS_CACHE_DIRNAME,
+    REPORT_FILES,
+    REPORT_JSON_FILE,
+    SPLITS,
+    STUDENT_METADATA_FILE,
+    folder_kind,
+)
 from m3distill.m3 import (
     DENSE,
     HEAD_FILES,
@@ -125,7 +132,6 @@ logger = logging.getLogger(__name__)
 
 TEACHER_LABEL = "teacher"
 IN_MEMORY_SOURCE = "(in memory)"
-EMBEDDINGS_CACHE_DIRNAME = ".embeddings-cache"
 _VERSIONED_PACKAGES = ("torch", "transformers", "sentence-transformers", "qdrant-edge-py", "qdrant-client",
                        "ir-measures", "numpy", "onnxruntime")
 # Where a student keeps its ONNX exports (m3distill.onnx_serving.ONNX_DIR), for the warning without onnxruntime.
@@ -325,24 +331,28 @@ def evaluate_models(
         pairs=pair_reports,
     )
     # The new report replaces the old folder (and its embeddings cache) only once every file is written.
-    with atomic_dir(out_dir.absolute(), overwrite=True) as new_report_dir:
+    with atomic_dir(out_dir.absolute(), overwrite=True, ours=REPORT_FILES) as new_report_dir:
         write_report(report, new_report_dir)
     logger.info("evaluated %d models in %.1fs; report in %s", len(labels), report.duration_s, out_dir)
     return report
 
 
 def _check_report_dir(out_dir: Path) -> None:
-    """Refuse an ``out_dir`` the new report may not replace: anything but a new, empty or m3distill report folder."""
+    """Refuse an ``out_dir`` the new report may not replace: anything but a new, empty or m3distill report folder,
+    and a report folder holding files m3distill did not write (named)."""
     if not out_dir.exists():
         return
     if out_dir.is_dir():
         if (out_dir / REPORT_JSON_FILE).is_file() or (out_dir / EMBEDDINGS_CACHE_DIRNAME).is_dir():
+            refuse_files_not_ours(out_dir, REPORT_FILES, replacing="writing the new report")
             return
         if not any(out_dir.iterdir()):
             return
+    kind = folder_kind(out_dir)
     raise M3DistillError(
-        f"{out_dir} is not an m3distill report folder (no {REPORT_JSON_FILE}) and is not empty; the report replaces "
-        "its folder, so choose another --out, or empty it yourself"
+        f"{out_dir} is not an m3distill report folder (no {REPORT_JSON_FILE}) and is not empty"
+        f"{f' (it is {kind})' if kind else ''}; the report replaces its folder, so choose another --out, or empty it "
+        "yourself"
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from m3distill.atomic import atomic_dir, refuse_files_not_ours, write_json_atomic, write_text_atomic
 from m3distill.config import ExportConfig, settings_record
 from m3distill.errors import M3DistillError
 from m3distill.onnx_serving import (
@@ -30,6 +30,7 @@ from m3distill.onnx_serving import (
     ONNX_DIR,
     ONNX_VARIANT_FILES,
     VARIANTS,
+    export_files,
     read_export_record,
     serving_spec,
 )
@@ -120,14 +121,15 @@ def student_export_status(student_dir: str | Path, config: ExportConfig) -> Stag
 
 
 def check_onnx_dir_is_ours(student_dir: str | Path) -> None:
-    """Raise :class:`M3DistillError` when ``student_dir/onnx`` exists without m3distill's export record: it is the
-    user's, and exporting would replace it."""
+    """Raise :class:`M3DistillError` when ``student_dir/onnx`` exists without m3distill's export record (it is the
+    user's), or holds files besides the export m3distill wrote (they are named): exporting replaces the folder."""
     onnx_dir = Path(student_dir) / ONNX_DIR
     if (onnx_dir.exists() or onnx_dir.is_symlink()) and read_export_record(student_dir) is None:
         raise M3DistillError(
             f"{onnx_dir} exists and m3distill did not write it (no {Path(EXPORT_RECORD_FILE).name}); move it away "
             "to export this student"
         )
+    refuse_files_not_ours(onnx_dir, export_files(student_dir), replacing="exporting the student again")
 
 
 def verification_texts(config: ExportConfig, dataset_dir: str | Path | None = None) -> list[str]:
@@ -227,7 +229,7 @@ def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequ
             bar.n = steps.index(name)
             bar.set_postfix_str(name)
 
-        with atomic_dir(onnx_dir, overwrite=True) as tmp:
+        with atomic_dir(onnx_dir, overwrite=True, ours=export_files(student_dir)) as tmp:
             built, facts = build_variants(student_dir, tmp, config, verify_on, step=step)
             record = {
                 "format": EXPORT_RECORD_FORMAT,

@@ -13,7 +13,7 @@ from typing import Any
 from m3distill.atomic import write_json_atomic
 from m3distill.config import M3DistillConfig, settings_record
 from m3distill.errors import M3DistillError
-from m3distill.layout import REPORT_JSON_FILE
+from m3distill.layout import REPORT_INPUTS_FILE, REPORT_JSON_FILE
 from m3distill.stages.base import Stage, StageStatus
 from m3distill.stages.fingerprint import (
     CONTENTS,
@@ -26,8 +26,6 @@ from m3distill.stages.fingerprint import (
 
 logger = logging.getLogger(__name__)
 
-# Written into the report folder after report.json: what the report was made from.
-REPORT_INPUTS_FILE = "inputs.json"
 # Evaluation settings that change how results are fetched, not what they are.
 _EVALUATION_LOGISTICS = ("qdrant_api_key_env",)
 # Settings added after reports were first written, with the value that reproduces those reports: at that value they

@@ -92,10 +92,10 @@ class ExportStage(Stage):
 
         self.check_inputs()
         self.check_outputs_writable()
-        for student in self.students:
-            check_onnx_dir_is_ours(student)
         statuses = self.student_statuses()
         for student, status in statuses.items():
+            if status.state != "current" or force:  # every export to replace, before the first is made
+                check_onnx_dir_is_ours(student)
             if status.state == "stale" and not (replace_stale or force):
                 raise M3DistillError(
                     f"the export in {student / 'onnx'} is out of date: {status.reason}; pass {self.redo_flag} to "

@@ -7,6 +7,7 @@ import shutil
 from functools import cached_property
 from pathlib import Path
 
+from m3distill.atomic import refuse_files_not_ours
 from m3distill.config import M3DistillConfig, TeacherConfig
 from m3distill.errors import M3DistillError
 from m3distill.stages.base import Stage, StageStatus
@@ -118,9 +119,10 @@ class TeacherStage(Stage):
 
         require_complete_dataset(self.dataset_dir)
 
-    def clear(self) -> None:
-        """Remove the cache so that it is rebuilt, only when it carries m3distill's marker."""
-        from m3distill.teacher.cache import CACHE_TEACHER_FILE
+    def check_clearable(self) -> None:
+        """Raise :class:`M3DistillError` unless the cache may be removed to be rebuilt: it carries m3distill's
+        marker and holds nothing m3distill did not write (those files are named)."""
+        from m3distill.teacher.cache import CACHE_FILES, CACHE_TEACHER_FILE
 
         if not self.out_dir.exists():
             return
@@ -130,8 +132,14 @@ class TeacherStage(Stage):
                 f"{self.out_dir} is not a teacher cache m3distill wrote (no {CACHE_TEACHER_FILE}); it is left alone: "
                 "move it away or choose another output folder"
             )
-        logger.info("removing %s to rebuild the teacher cache", self.out_dir)
-        shutil.rmtree(self.out_dir)
+        refuse_files_not_ours(self.out_dir, CACHE_FILES, replacing="rebuilding the teacher cache")
+
+    def clear(self) -> None:
+        """Remove the cache so that it is rebuilt, only when :meth:`check_clearable` allows it."""
+        self.check_clearable()
+        if self.out_dir.exists():
+            logger.info("removing %s to rebuild the teacher cache", self.out_dir)
+            shutil.rmtree(self.out_dir)
 
     def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True):
         """Build, resume or extend the cache; returns :class:`m3distill.teacher.cache.CacheSummary`."""
@@ -145,6 +153,7 @@ class TeacherStage(Stage):
             replace = force or self._teacher_changed()
             if replace:
                 self.refuse_if_stale(self.status(), replace_stale=replace_stale, force=force)
+                self.check_clearable()  # in every process: a refusal must end all of them, not leave them waiting
             group.barrier()
             if replace and group.is_main:
                 self.clear()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from m3distill.atomic import refuse_files_not_ours, remove_our_folder
 from m3distill.config import M3DistillConfig
 from m3distill.errors import M3DistillError
 from m3distill.stages.base import Stage, StageStatus
@@ -127,6 +127,7 @@ class TrainStage(Stage):
         """Train the missing and stale students (all with ``force``); current ones are reported as skipped."""
         from m3distill.distributed import process_group, process_rank
         from m3distill.training import is_trained_student, train_students
+        from m3distill.training.distill import student_files
 
         self.check_inputs()
         self.check_outputs_writable()
@@ -140,6 +141,9 @@ class TrainStage(Stage):
                         f"{self.redo_flag} to retrain it, or choose another --out"
                     )
             redo = [name for name, status in statuses.items() if status.state == "stale" or (force and status.current)]
+            for name in redo:  # in every process: a refusal must end all of them, not leave them waiting
+                refuse_files_not_ours(self.out_dir / name, student_files(self.out_dir / name),
+                                      replacing="retraining the student")
             group.barrier()
             # Under torchrun only process 0 sets old students aside (and later restores or removes them): a second
             # process would find the folder gone, or take the copy just set aside for a leftover and delete it.
@@ -159,7 +163,7 @@ class TrainStage(Stage):
         for name in statuses if process_rank() == 0 else ():
             old = self._aside_path(self.out_dir / name)
             if old.exists() and is_trained_student(self.out_dir / name):
-                _remove_our_student(old)
+                _remove_our_student(old, kept_as=self.out_dir / name)
         return TrainResult(out_dir=self.out_dir, students=results)
 
     @staticmethod
@@ -170,19 +174,20 @@ class TrainStage(Stage):
         """Move a finished student out of the way of its replacement (it has m3distill's marker: it is ours)."""
         aside = self._aside_path(folder)
         if aside.exists():
-            _remove_our_student(aside)  # an older stale copy of the same student, left by an interrupted retrain
+            _remove_our_student(aside, kept_as=folder)  # an older stale copy of the same student, left by an interrupted retrain
         logger.info("retraining %s; the old student stays in %s until the new one is complete", folder.name, aside)
         os.replace(folder, aside)
         return aside
 
 
-def _remove_our_student(folder: Path) -> None:
-    """Delete a set-aside student, only when it carries m3distill's student marker; anything else is the user's."""
-    from m3distill.training.distill import is_m3distill_student_dir
+def _remove_our_student(folder: Path, *, kept_as: Path | None = None) -> None:
+    """Delete a set-aside student, only when it carries m3distill's student marker; anything else is the user's,
+    and so are files in it that m3distill did not write (the folder is then kept, see remove_our_folder)."""
+    from m3distill.training.distill import is_m3distill_student_dir, student_files
 
     if not is_m3distill_student_dir(folder):
         raise M3DistillError(f"{folder} is in the way of a retrain but m3distill did not write it; move it away")
-    shutil.rmtree(folder)
+    remove_our_folder(folder, student_files(folder), kept_as=kept_as)
 
 
 def trained_student_record(training_fingerprint: Fingerprint) -> dict:

@@ -62,6 +62,7 @@ from m3distill.config import TeacherConfig
 from m3distill.data.dataset import load_synth_dataset
 from m3distill.encoding import encode_texts, resolve_precision
 from m3distill.errors import M3DistillError
+from m3distill.layout import CACHE_TEACHER_FILE, folder_kind
 from m3distill.models import load_sentence_transformer, process_device
 from m3distill.distributed import ProcessGroup, process_group
 from m3distill.teacher.fingerprint import TeacherFingerprint, check_fingerprint, teacher_fingerprint
@@ -70,11 +71,12 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 CACHE_MANIFEST_FILE = "manifest.json"
-CACHE_TEACHER_FILE = "teacher.json"
 SHARDS_DIRNAME = "shards"
 DENSE_OUTPUT = "dense"
 # The compute precision of caches that do not record one (written before it was recorded): full precision.
 DEFAULT_CACHE_PRECISION = "fp32"
+# What m3distill writes in a cache folder, as patterns for m3distill.atomic.files_not_ours.
+CACHE_FILES = (CACHE_TEACHER_FILE, CACHE_MANIFEST_FILE, f"{SHARDS_DIRNAME}/shard-*.npy")
 _KEY_DTYPE = "S64"
 _SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.keys\.npy$")
 
@@ -439,7 +441,9 @@ def _check_cache_owner(out_dir: Path, fingerprint: TeacherFingerprint, dtype: st
             )
         return True
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise M3DistillError(f"{out_dir} is not empty and is not a teacher cache; choose an empty or new folder")
+        kind = folder_kind(out_dir)
+        raise M3DistillError(f"{out_dir} is {kind or 'not empty'} and is not a teacher cache; choose an empty or new "
+                             "folder")
     return False
 
 

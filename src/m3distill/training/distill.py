@@ -42,7 +42,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from m3distill.atomic import atomic_dir, refuse_files_not_ours, write_json_atomic, write_text_atomic
 from m3distill.config import (
     DEFAULT_TRAINING_STEPS,
     M3DistillConfig,
@@ -54,7 +54,8 @@ from m3distill.config import (
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.encoding import resolve_precision
 from m3distill.errors import M3DistillError
-from m3distill.layout import STUDENT_METADATA_FILE
+from m3distill.layout import STUDENT_METADATA_FILE, folder_kind
+from m3distill.layout import STUDENT_RUN_FILE as RUN_FILE
 from m3distill.m3 import (
     HEAD_FILES,
     M3_OUTPUTS,
@@ -98,7 +99,6 @@ from m3distill.training.sampler import ContextGroupedBatchSampler, LengthGrouped
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 _DEV_HEAD_TEXTS = 256
 CHECKPOINTS_DIRNAME = "checkpoints"
 LOGS_DIRNAME = "logs"
@@ -331,16 +331,44 @@ def is_m3distill_student_dir(path: str | Path) -> bool:
         return False
 
 
+# What a student folder saved by an earlier m3distill (whose metadata lists no files) holds besides the files
+# student_files names for every student: sentence-transformers' files and module folders, the M3 heads.
+_SAVED_BEFORE_FILES_WERE_RECORDED = ("*.json", "*.safetensors", "*.bin", "*.model", "*.pt", "*.tiktoken", "vocab.txt",
+                                     "merges.txt", "[0-9]_*/**")
+
+
+def student_files(student_dir: str | Path) -> list[str]:
+    """What m3distill wrote in a student folder, as patterns for :func:`m3distill.atomic.files_not_ours`: the files
+    the finished student was saved with (listed in its metadata), what training writes (run.json, checkpoints/,
+    logs/) and an export m3distill made (``onnx/`` with its record). Anything else there is the user's."""
+    from m3distill.onnx_serving import ONNX_DIR, export_files
+
+    student_dir = Path(student_dir)
+    saved: list[str] = []
+    if is_trained_student(student_dir):
+        try:
+            recorded = read_student_metadata(student_dir).get("files")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            recorded = None
+        saved = recorded if isinstance(recorded, list) else list(_SAVED_BEFORE_FILES_WERE_RECORDED)
+    return [*saved, STUDENT_METADATA_FILE, "README.md", RUN_FILE, f"{CHECKPOINTS_DIRNAME}/**", f"{LOGS_DIRNAME}/**",
+            *(f"{ONNX_DIR}/{name}" for name in export_files(student_dir))]
+
+
 def _check_student_dir_is_ours(student_dir: Path) -> None:
     """Refuse a student folder holding files m3distill did not write: finishing the student replaces the folder."""
     if not student_dir.exists() and not student_dir.is_symlink():
         return
-    if student_dir.is_dir() and (is_m3distill_student_dir(student_dir) or not any(student_dir.iterdir())):
+    if student_dir.is_dir() and not any(student_dir.iterdir()):
         return
-    raise M3DistillError(
-        f"{student_dir} holds files that are not an m3distill student (no {STUDENT_METADATA_FILE} or {RUN_FILE}); "
-        "training would replace it: move it away or choose another --out"
-    )
+    if not (student_dir.is_dir() and is_m3distill_student_dir(student_dir)):
+        kind = folder_kind(student_dir)
+        raise M3DistillError(
+            f"{student_dir} holds files that are not an m3distill student (no {STUDENT_METADATA_FILE} or {RUN_FILE}"
+            f"{f'; it is {kind}' if kind else ''}); training would replace it: move it away or choose another --out"
+        )
+    if not is_trained_student(student_dir):  # a finished one is only replaced by a retrain, which checks it itself
+        refuse_files_not_ours(student_dir, student_files(student_dir), replacing="finishing the student")
 
 
 def _check_resumable(student_dir: Path, resume: bool) -> None:
@@ -635,7 +663,7 @@ class _TrainingJob:
                        heads: M3Heads | None) -> None:
         # The finished folder replaces the training folder in one rename: a student is either complete or absent.
         _check_student_dir_is_ours(student_dir)
-        with atomic_dir(student_dir, overwrite=True) as tmp:
+        with atomic_dir(student_dir, overwrite=True, ours=student_files(student_dir)) as tmp:
             model.save(str(tmp), create_model_card=False)
             if heads is not None:
                 heads.save(tmp)
@@ -643,6 +671,9 @@ class _TrainingJob:
                 if kept and (student_dir / kept).is_dir():
                     shutil.copytree(student_dir / kept, tmp / kept)
             write_text_atomic(tmp / "README.md", student_model_card(metadata))
+            # What the student consists of: anything else that appears in its folder later is the user's.
+            metadata = {**metadata, "files": sorted(
+                f"{path.name}/**" if path.is_dir() else path.name for path in tmp.iterdir())}
             write_json_atomic(tmp / STUDENT_METADATA_FILE, metadata)  # last: marks the student complete
         logger.info("wrote %s", student_dir)
 
