@@ -254,6 +254,16 @@ def test_a_truncated_model_safetensors_is_one_line(small_dataset, tiny_xlmr_path
     assert not (tmp_path / "report" / "report.json").exists()
 
 
+def test_exporting_a_student_with_a_truncated_model_safetensors_is_one_line(student, tmp_path, capsys):
+    damaged = shutil.copytree(student, tmp_path / "student-1L")
+    weights = damaged / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    line = _one_line_error(main(["-q", "export", str(damaged), "--variants", "onnx"]), capsys, "export")
+    assert str(damaged) in line and "damaged or truncated" in line
+    assert not (damaged / "onnx").exists() and not any(path.name.startswith(".onnx") for path in damaged.iterdir())
+
+
 def test_an_unfinished_student_is_called_unfinished(small_dataset, tiny_xlmr_path, eval_config, tmp_path, capsys):
     unfinished = tmp_path / "students" / "student-1L"
     unfinished.mkdir(parents=True)

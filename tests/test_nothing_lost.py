@@ -351,6 +351,38 @@ def test_export_force_refuses_an_export_holding_the_user_s_files_and_names_them(
     assert (student / "onnx" / "model.onnx").read_bytes() == graph
 
 
+# --- a student's identity is its files ----------------------------------------------------------------------------
+
+
+def _truncate(file: Path) -> None:
+    with open(file, "r+b") as handle:
+        handle.truncate(file.stat().st_size // 2)
+
+
+def test_a_student_with_a_truncated_model_is_not_taken_for_a_trained_one(small_dataset, tiny_cache, tiny_xlmr_path,
+                                                                         trained_students, tmp_path, capsys):
+    out = shutil.copytree(trained_students, tmp_path / "students")
+    student = out / "student-1L"
+    _truncate(student / "model.safetensors")
+
+    error = _refusal(main(_train_cli(small_dataset, tiny_cache, out)), capsys, "train")
+    assert f"{student} is out of date: its files changed since it was trained (model.safetensors changed)" in error
+    assert "--force" in error
+    for command, argv in {
+        "export": ["-q", "export", str(student), "--variants", "onnx"],
+        "evaluate": ["-q", "evaluate", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path), "--students",
+                     str(student), "--out", str(tmp_path / "report"), "--k", "5"],
+    }.items():
+        error = _refusal(main(argv), capsys, command)
+        assert f"{student} was changed or damaged since it was trained (model.safetensors changed)" in error
+        assert "m3distill train --force" in error
+
+    assert main(_train_cli(small_dataset, tiny_cache, out, "--force")) == 0
+    assert "1 steps" in capsys.readouterr().out  # retrained, not "already trained"
+    assert main(_train_cli(small_dataset, tiny_cache, out)) == 0
+    assert "already trained" in capsys.readouterr().out
+
+
 # --- evaluate ------------------------------------------------------------------------------------------------------
 
 

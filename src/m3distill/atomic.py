@@ -378,7 +378,7 @@ def disk_full_message(folder: str | os.PathLike[str], needed: int | None = None)
     path = Path(folder)
     existing = next((candidate for candidate in (path, *path.parents) if candidate.exists()), None)
     free = shutil.disk_usage(existing).free if existing is not None else None
-    figures = [f"about {_size(needed)} needed" if needed else "", f"{_size(free)} free there" if free is not None else ""]
+    figures = [f"about {_size(needed)} needed" if needed else "", "" if free is None else f"{_size(free)} free there"]
     shown = ", ".join(figure for figure in figures if figure)
     return (f"cannot write {path}: no space left on the device{f' ({shown})' if shown else ''}; free some space or "
             "choose another location")

@@ -51,8 +51,8 @@ QUALITY_VS_SPEED_PLOT = "quality_vs_speed.png"
 EMBEDDINGS_CACHE_DIRNAME = ".embeddings-cache"  # the models' embeddings of an unfinished evaluation
 # What m3distill writes in a report directory, as patterns for m3distill.atomic.files_not_ours (p_at_k_<output>.png
 # are an M3 teacher's plots).
-REPORT_FILES = (REPORT_JSON_FILE, REPORT_MD_FILE, REPORT_INPUTS_FILE, P_AT_K_PLOT, "p_at_k_*.png", QUALITY_VS_SPEED_PLOT,
-                f"{EMBEDDINGS_CACHE_DIRNAME}/**")
+REPORT_FILES = (REPORT_JSON_FILE, REPORT_MD_FILE, REPORT_INPUTS_FILE, P_AT_K_PLOT, "p_at_k_*.png",
+                QUALITY_VS_SPEED_PLOT, f"{EMBEDDINGS_CACHE_DIRNAME}/**")
 
 SPLITS = ("train", "dev", "test")
 

@@ -205,10 +205,13 @@ def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequ
     from m3distill.export.onnx import build_variants
     from m3distill.m3 import is_m3_model
 
+    from m3distill.training.distill import check_student_contents
+
     student_dir = Path(student_dir)
     if not student_dir.is_dir():
         raise M3DistillError(f"student folder not found: {student_dir}")
     spec = serving_spec(student_dir)
+    check_student_contents(student_dir)  # a student damaged since it was trained gives no export
     status = student_export_status(student_dir, config)
     if status.current and not force:
         logger.info("%s: export up to date, skipped", student_dir.name)

@@ -111,16 +111,15 @@ class EvaluateStage(Stage):
 
     def fingerprint(self) -> Fingerprint:
         from m3distill.evaluation.evaluate import export_record_digest
-        from m3distill.teacher.fingerprint import hash_model_files
-        from m3distill.training import STUDENT_METADATA_FILE
+        from m3distill.training.distill import compare_student_contents
 
         folders, in_memory, _ = self.selection
         students: dict[str, Any] = {}
         for folder in folders:
-            metadata = read_json(folder / STUDENT_METADATA_FILE) or {}
-            students[f"students.{folder.name}" + CONTENTS] = (
-                metadata.get("trained") or (hash_model_files(folder) if folder.is_dir() else None)
-            )
+            # What the report measured: the students' files (weights, heads, tokenizer), so that new weights, from a
+            # retrain or copied in, make it stale.
+            contents = compare_student_contents(folder)[0] if folder.is_dir() else None
+            students[f"students.{folder.name}" + CONTENTS] = contents
             # The report measures a student's ONNX exports too: exporting it, or exporting it again, is news.
             export = export_record_digest(folder) if self.config.evaluation.onnx_variants else None
             if export is not None:
@@ -155,10 +154,14 @@ class EvaluateStage(Stage):
         until the new one is written, so there is nothing to refuse.
         """
         from m3distill.evaluation.evaluate import evaluate_models
+        from m3distill.training.distill import check_student_contents
 
         self.check_inputs()
         self.check_outputs_writable()
         folders, in_memory, skipped = self.selection
+        for folder in folders:  # a student damaged since it was trained is no measurement of it
+            if folder.is_dir():
+                check_student_contents(folder)
         if skipped:
             logger.warning("evaluating %d finished student(s); skipped %s", len(folders),
                            "; ".join(f"{name} ({why})" for name, why in skipped.items()))

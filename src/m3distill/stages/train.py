@@ -14,7 +14,6 @@ from m3distill.stages.base import Stage, StageStatus
 from m3distill.stages.fingerprint import (
     Fingerprint,
     dataset_fingerprint,
-    digest_of,
     plan_spec,
     student_fingerprint,
 )
@@ -37,9 +36,10 @@ class TrainStage(Stage):
     """Students of ``config.students`` trained with ``config.training`` on a dataset and its teacher cache.
 
     Each student's fingerprint (the dataset's, the cache's teacher, the training settings and its own plan) is
-    written into its metadata (``m3distill_student.json``); a finished student whose fingerprint differs is
-    retrained (pipeline, or ``--force``) and refused otherwise. The old student stays whole beside the new one
-    until the new one is complete.
+    written into its metadata (``m3distill_student.json``), with the hashes of the files it was saved with; a
+    finished student whose fingerprint differs, or whose files changed since (a truncated or replaced
+    ``model.safetensors``), is retrained (pipeline, or ``--force``) and refused otherwise. The old student stays
+    whole beside the new one until the new one is complete.
     """
 
     name = "train"
@@ -92,6 +92,7 @@ class TrainStage(Stage):
         """Each planned student's status: missing (absent or unfinished), current or stale."""
         from m3distill.teacher.cache import is_complete_cache
         from m3distill.training import is_trained_student, read_student_metadata
+        from m3distill.training.distill import compare_student_contents
 
         if not is_complete_cache(self.cache_dir):
             return {name: StageStatus("missing") for name in self.planned()}
@@ -102,10 +103,12 @@ class TrainStage(Stage):
                 statuses[name] = StageStatus("missing")
                 continue
             metadata = read_student_metadata(folder)
-            if metadata.get("fingerprint") == fingerprint.digest:
-                statuses[name] = StageStatus("current")
-            else:
+            if metadata.get("fingerprint") != fingerprint.digest:
                 statuses[name] = StageStatus("stale", f"{name}: {fingerprint.change(metadata.get('inputs'))}")
+                continue
+            _, change = compare_student_contents(folder)
+            statuses[name] = (StageStatus("current") if change is None else
+                              StageStatus("stale", f"{name}: its files changed since it was trained ({change})"))
         return statuses
 
     def status(self) -> StageStatus:
@@ -159,6 +162,10 @@ class TrainStage(Stage):
                 if not (self.out_dir / name).exists():  # nothing of the new one yet: the old one goes back
                     os.replace(old, self.out_dir / name)
             raise
+        for result in results:
+            if result.skipped and "contents" not in result.metadata:
+                logger.info("%s was trained by an earlier m3distill, which did not record the hashes of its files: a "
+                            "damaged or replaced file cannot be noticed (--force retrains it with them)", result.name)
         # The replaced students, including any an interrupted earlier retrain left aside, go once the new are whole.
         for name in statuses if process_rank() == 0 else ():
             old = self._aside_path(self.out_dir / name)
@@ -174,7 +181,8 @@ class TrainStage(Stage):
         """Move a finished student out of the way of its replacement (it has m3distill's marker: it is ours)."""
         aside = self._aside_path(folder)
         if aside.exists():
-            _remove_our_student(aside, kept_as=folder)  # an older stale copy of the same student, left by an interrupted retrain
+            # An older stale copy of the same student, left by an interrupted retrain.
+            _remove_our_student(aside, kept_as=folder)
         logger.info("retraining %s; the old student stays in %s until the new one is complete", folder.name, aside)
         os.replace(folder, aside)
         return aside
@@ -191,6 +199,6 @@ def _remove_our_student(folder: Path, *, kept_as: Path | None = None) -> None:
 
 
 def trained_student_record(training_fingerprint: Fingerprint) -> dict:
-    """The fields a finished student's metadata carries: its fingerprint, and a token new at every training,
-    so that an evaluation of the old weights is not taken for one of the new."""
-    return {**training_fingerprint.to_record(), "trained": digest_of([training_fingerprint.digest, os.urandom(16).hex()])}
+    """The fields a finished student's metadata carries for the train stage: its fingerprint (what it was made
+    from). What it is, the hashes of its files, is added when it is saved (the evaluation's fingerprint of it)."""
+    return training_fingerprint.to_record()

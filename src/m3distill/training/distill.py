@@ -83,7 +83,12 @@ from m3distill.students.layer_plan import (
 )
 from m3distill.students.search import search_layer_plan
 from m3distill.teacher.cache import TeacherCache
-from m3distill.teacher.fingerprint import check_fingerprint, teacher_fingerprint
+from m3distill.teacher.fingerprint import (
+    check_fingerprint,
+    combine_file_digests,
+    model_file_digests,
+    teacher_fingerprint,
+)
 from m3distill.training.dev_set import (
     DEV_TOP_K,
     DevSet,
@@ -161,6 +166,51 @@ def read_student_metadata(path: str | Path) -> dict[str, Any]:
             f"{path} is not a finished m3distill student ({STUDENT_METADATA_FILE} is missing); run `m3distill train`"
         )
     return json.loads(file.read_text(encoding="utf-8"))
+
+
+def student_contents(student_dir: str | Path) -> dict[str, str]:
+    """The SHA-256 of each file a student computes with, by name: its model files (config, tokenizer, weights, as
+    :func:`~m3distill.teacher.fingerprint.hash_model_files` sees them) and a student of an M3 teacher's two head
+    files; not its metadata, card, logs or exports.
+
+    Recorded in the metadata when the student is saved, so that a file damaged or replaced later is noticed by
+    whatever reads the student (:func:`check_student_contents`): a student's identity is its contents.
+    """
+    return model_file_digests(student_dir, leave_out=(STUDENT_METADATA_FILE,), also=HEAD_FILES)
+
+
+def compare_student_contents(student_dir: str | Path) -> tuple[str, str | None]:
+    """The digest of a student's files (:func:`student_contents`), and what changed in them since it was saved
+    (``"model.safetensors changed"``), None when nothing did or the student records nothing to compare with (it
+    was trained by an earlier m3distill, or elsewhere)."""
+    student_dir = Path(student_dir)
+    current = student_contents(student_dir)
+    digest = combine_file_digests(current)
+    try:
+        recorded = read_student_metadata(student_dir).get("contents") if is_trained_student(student_dir) else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return digest, None
+    changes = [*(f"{name} changed" for name in recorded if name in current and current[name] != recorded[name]),
+               *(f"{name} is missing" for name in recorded if name not in current),
+               *(f"{name} was added" for name in current if name not in recorded)]
+    return digest, ", ".join(changes) or None
+
+
+def check_student_contents(student_dir: str | Path) -> str:
+    """The digest of a student's files, once they are checked against the ones it was saved with.
+
+    Raises :class:`M3DistillError` naming the files that changed (a truncated or replaced ``model.safetensors``)
+    and how to retrain the student.
+    """
+    digest, change = compare_student_contents(student_dir)
+    if change is not None:
+        raise M3DistillError(
+            f"{student_dir} was changed or damaged since it was trained ({change}); retrain it with `m3distill train "
+            "--force` (`m3distill run` retrains it by itself)"
+        )
+    return digest
 
 
 def completed_student_dirs(students_dir: str | Path) -> list[Path]:
@@ -404,6 +454,7 @@ class _TrainingJob:
 
     def train(self, plan: LayerPlan, student_dir: Path, *, resume: bool) -> StudentResult:
         if is_trained_student(student_dir):
+            check_student_contents(student_dir)
             logger.info("%s is already trained; skipping it (delete the folder to retrain)", student_dir)
             return StudentResult.from_metadata(student_dir, read_student_metadata(student_dir), skipped=True)
         is_main = _rank() == 0
@@ -470,7 +521,7 @@ class _TrainingJob:
         if heads is not None:
             metadata["dev_heads_before"], metadata["dev_heads_after"] = heads_before, heads_after
         if trainer.is_world_process_zero():
-            self._write_student(trainer.model, student_dir, metadata, heads)
+            metadata = self._write_student(trainer.model, student_dir, metadata, heads)
         trainer.accelerator.wait_for_everyone()
         return StudentResult.from_metadata(student_dir, metadata, skipped=False)
 
@@ -660,7 +711,8 @@ class _TrainingJob:
         }
 
     def _write_student(self, model: SentenceTransformer, student_dir: Path, metadata: dict[str, Any],
-                       heads: M3Heads | None) -> None:
+                       heads: M3Heads | None) -> dict[str, Any]:
+        """Save the student in one rename; returns its metadata as written (with its files' hashes)."""
         # The finished folder replaces the training folder in one rename: a student is either complete or absent.
         _check_student_dir_is_ours(student_dir)
         with atomic_dir(student_dir, overwrite=True, ours=student_files(student_dir)) as tmp:
@@ -671,11 +723,13 @@ class _TrainingJob:
                 if kept and (student_dir / kept).is_dir():
                     shutil.copytree(student_dir / kept, tmp / kept)
             write_text_atomic(tmp / "README.md", student_model_card(metadata))
-            # What the student consists of: anything else that appears in its folder later is the user's.
-            metadata = {**metadata, "files": sorted(
+            # What the student consists of: its files' hashes are its identity (checked whenever it is read), and
+            # anything else that appears in its folder later is the user's.
+            metadata = {**metadata, "contents": student_contents(tmp), "files": sorted(
                 f"{path.name}/**" if path.is_dir() else path.name for path in tmp.iterdir())}
             write_json_atomic(tmp / STUDENT_METADATA_FILE, metadata)  # last: marks the student complete
         logger.info("wrote %s", student_dir)
+        return metadata
 
 
 class _HeadsTrainer(SentenceTransformerTrainer):
