@@ -92,13 +92,21 @@ class TeacherStage(Stage):
         return read_json(self.out_dir / CACHE_MANIFEST_FILE) or {}
 
     def status(self) -> StageStatus:
+        from m3distill.teacher.cache import damaged_shards
+
         manifest = self._recorded()
         if manifest is None:
             return StageStatus("missing")
         fingerprint = self.fingerprint()
-        if manifest.get("inputs", {}).get("fingerprint") == fingerprint.digest:
-            return StageStatus("current")
-        return StageStatus("stale", fingerprint.change(manifest.get("inputs", {}).get("inputs")))
+        if manifest.get("inputs", {}).get("fingerprint") != fingerprint.digest:
+            return StageStatus("stale", fingerprint.change(manifest.get("inputs", {}).get("inputs")))
+        damaged = damaged_shards(self.out_dir)
+        if damaged:
+            # Unfinished, not stale: the run embeds the damaged shards' texts again and keeps the rest.
+            logger.warning("teacher cache %s is damaged (%s); embedding those texts again", self.out_dir,
+                           "; ".join(f"shard {name} {why}" for name, why in damaged.items()))
+            return StageStatus("missing")
+        return StageStatus("current")
 
     def _teacher_changed(self) -> bool:
         """True when the cache holds another teacher's embeddings (so it cannot be extended, only replaced)."""
