@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -460,3 +464,52 @@ def test_evaluate_refuses_a_report_folder_holding_the_user_s_files_and_names_the
 
     assert f"{out_dir} holds files m3distill did not write (data.bin, notes.txt, sub/)" in error
     _assert_intact(out_dir, {**good, **mine})
+
+
+# --- one writer per output ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _held_by_another_process(output: Path, doing: str) -> Iterator[int]:
+    """``output``'s lock, held by another m3distill process until the block ends; yields that process's id."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from m3distill.locks import hold_outputs\n"
+         "with hold_outputs([Path(sys.argv[1])], doing=sys.argv[2]):\n"
+         "    print('held', flush=True); sys.stdin.read()", str(output), doing],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+@pytest.mark.parametrize("command", ["synth", "teacher", "train", "export", "evaluate", "report"])
+def test_a_second_command_writing_the_same_output_is_refused_naming_the_first(
+    command, few_documents, minilm_path, small_dataset, tiny_cache, tiny_xlmr_path, trained_students, tmp_path, capsys
+):
+    students = shutil.copytree(trained_students, tmp_path / "students")
+    report = tmp_path / "report"
+    _good_report(report)
+    output, argv = {
+        "synth": (tmp_path / "dataset", _synth_cli(few_documents, tmp_path / "dataset", minilm_path)),
+        "teacher": (tmp_path / "cache", ["-q", "teacher", "--data", str(small_dataset), "--teacher",
+                                         str(tiny_xlmr_path), "--out", str(tmp_path / "cache"), "--device", "cpu"]),
+        "train": (students, _train_cli(small_dataset, tiny_cache, students, "--force")),
+        "export": (students, ["-q", "export", str(students / "student-1L"), "--variants", "onnx"]),
+        "evaluate": (report, ["-q", "evaluate", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path),
+                              "--students", str(students / "student-1L"), "--out", str(report), "--k", "5"]),
+        "report": (report, ["-q", "report", str(report)]),
+    }[command]
+    before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*") if ".lock" not in path.name)
+
+    with _held_by_another_process(output, "train") as pid:
+        error = _refusal(main(argv), capsys, command)
+
+    assert error.endswith(f"{output} is in use by m3distill process {pid} (train); wait for it to finish or choose "
+                          "another output folder")
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*") if ".lock" not in path.name) == before
+    if command == "synth":  # once the first is done, the output is free again
+        assert main(argv) == 0

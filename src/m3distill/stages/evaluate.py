@@ -158,31 +158,32 @@ class EvaluateStage(Stage):
 
         self.check_inputs()
         self.check_outputs_writable()
-        folders, in_memory, skipped = self.selection
-        for folder in folders:  # a student damaged since it was trained is no measurement of it
-            if folder.is_dir():
-                check_student_contents(folder)
-        if skipped:
-            logger.warning("evaluating %d finished student(s); skipped %s", len(folders),
-                           "; ".join(f"{name} ({why})" for name, why in skipped.items()))
-        if not folders and not in_memory:
-            logger.warning("no finished student to evaluate: the report covers the teacher alone")
-        fingerprint = self.fingerprint()
-        used_cache: list[bool] = []
+        with self.holding_outputs():  # a second command writing the same output is refused
+            folders, in_memory, skipped = self.selection
+            for folder in folders:  # a student damaged since it was trained is no measurement of it
+                if folder.is_dir():
+                    check_student_contents(folder)
+            if skipped:
+                logger.warning("evaluating %d finished student(s); skipped %s", len(folders),
+                               "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+            if not folders and not in_memory:
+                logger.warning("no finished student to evaluate: the report covers the teacher alone")
+            fingerprint = self.fingerprint()
+            used_cache: list[bool] = []
 
-        def teacher_embeddings(texts: list[str]):
-            found = self._cached_teacher_embeddings(texts)
-            used_cache.append(found is not None)
-            return found
+            def teacher_embeddings(texts: list[str]):
+                found = self._cached_teacher_embeddings(texts)
+                used_cache.append(found is not None)
+                return found
 
-        report = evaluate_models(
-            self.dataset_dir, self.config.teacher, folders, self.config.evaluation, self.out_dir,
-            show_progress=show_progress, teacher_embeddings=teacher_embeddings, student_models=in_memory,
-            teacher_model=self.teacher_model,
-        )
-        write_json_atomic(self.out_dir / REPORT_INPUTS_FILE, fingerprint.to_record())
-        return EvaluationResult(report_dir=self.out_dir, report=report, skipped=skipped,
-                                teacher_from_cache=any(used_cache))
+            report = evaluate_models(
+                self.dataset_dir, self.config.teacher, folders, self.config.evaluation, self.out_dir,
+                show_progress=show_progress, teacher_embeddings=teacher_embeddings, student_models=in_memory,
+                teacher_model=self.teacher_model,
+            )
+            write_json_atomic(self.out_dir / REPORT_INPUTS_FILE, fingerprint.to_record())
+            return EvaluationResult(report_dir=self.out_dir, report=report, skipped=skipped,
+                                    teacher_from_cache=any(used_cache))
 
     def _cached_teacher_embeddings(self, texts: list[str]):
         """The teacher stage's embeddings of ``texts``, or None so that the evaluation encodes them itself.

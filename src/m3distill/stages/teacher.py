@@ -156,16 +156,17 @@ class TeacherStage(Stage):
 
         self.check_inputs()
         self.check_outputs_writable()
-        with process_group() as group:
-            # Every process decides from the files as they are now, before process 0 may clear them.
-            replace = force or self._teacher_changed()
-            if replace:
-                self.refuse_if_stale(self.status(), replace_stale=replace_stale, force=force)
-                self.check_clearable()  # in every process: a refusal must end all of them, not leave them waiting
-            group.barrier()
-            if replace and group.is_main:
-                self.clear()
-            group.barrier()
-            # Shards are keyed by text: a dataset that changed only gets its new texts embedded.
-            return build_teacher_cache(self.dataset_dir, self.teacher, self.out_dir, show_progress=show_progress,
-                                       inputs=self.fingerprint().to_record())
+        with self.holding_outputs():  # a second command writing the same output is refused
+            with process_group() as group:
+                # Every process decides from the files as they are now, before process 0 may clear them.
+                replace = force or self._teacher_changed()
+                if replace:
+                    self.refuse_if_stale(self.status(), replace_stale=replace_stale, force=force)
+                    self.check_clearable()  # in every process: a refusal must end all of them, not leave them waiting
+                group.barrier()
+                if replace and group.is_main:
+                    self.clear()
+                group.barrier()
+                # Shards are keyed by text: a dataset that changed only gets its new texts embedded.
+                return build_teacher_cache(self.dataset_dir, self.teacher, self.out_dir, show_progress=show_progress,
+                                           inputs=self.fingerprint().to_record())

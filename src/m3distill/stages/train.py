@@ -134,44 +134,50 @@ class TrainStage(Stage):
 
         self.check_inputs()
         self.check_outputs_writable()
-        with process_group() as group:
-            # Every process decides from the folders as they are now, before process 0 moves any of them.
-            statuses = self.student_statuses()
-            for name, status in statuses.items():
-                if status.state == "stale" and not (replace_stale or force):
-                    raise M3DistillError(
-                        f"{self.out_dir / name} is out of date: {status.reason.split(': ', 1)[1]}; pass "
-                        f"{self.redo_flag} to retrain it, or choose another --out"
-                    )
-            redo = [name for name, status in statuses.items() if status.state == "stale" or (force and status.current)]
-            for name in redo:  # in every process: a refusal must end all of them, not leave them waiting
-                refuse_files_not_ours(self.out_dir / name, student_files(self.out_dir / name),
-                                      replacing="retraining the student")
-            group.barrier()
-            # Under torchrun only process 0 sets old students aside (and later restores or removes them): a second
-            # process would find the folder gone, or take the copy just set aside for a leftover and delete it.
-            aside = {name: self._set_aside(self.out_dir / name) for name in redo} if group.is_main else {}
-            group.barrier()
-        try:
-            results = train_students(
-                self.dataset_dir, self.cache_dir, teacher=self.config.teacher, students=self.config.students,
-                training=self.config.training, out_dir=self.out_dir, resume=self.resume, show_progress=show_progress,
-            )
-        except BaseException:
-            for name, old in aside.items():
-                if not (self.out_dir / name).exists():  # nothing of the new one yet: the old one goes back
-                    os.replace(old, self.out_dir / name)
-            raise
-        for result in results:
-            if result.skipped and "contents" not in result.metadata:
-                logger.info("%s was trained by an earlier m3distill, which did not record the hashes of its files: a "
-                            "damaged or replaced file cannot be noticed (--force retrains it with them)", result.name)
-        # The replaced students, including any an interrupted earlier retrain left aside, go once the new are whole.
-        for name in statuses if process_rank() == 0 else ():
-            old = self._aside_path(self.out_dir / name)
-            if old.exists() and is_trained_student(self.out_dir / name):
-                _remove_our_student(old, kept_as=self.out_dir / name)
-        return TrainResult(out_dir=self.out_dir, students=results)
+        with self.holding_outputs():  # a second command writing the same output is refused
+            with process_group() as group:
+                # Every process decides from the folders as they are now, before process 0 moves any of them.
+                statuses = self.student_statuses()
+                for name, status in statuses.items():
+                    if status.state == "stale" and not (replace_stale or force):
+                        raise M3DistillError(
+                            f"{self.out_dir / name} is out of date: {status.reason.split(': ', 1)[1]}; pass "
+                            f"{self.redo_flag} to retrain it, or choose another --out"
+                        )
+                redo = [name for name, status in statuses.items()
+                        if status.state == "stale" or (force and status.current)]
+                for name in redo:  # in every process: a refusal must end all of them, not leave them waiting
+                    refuse_files_not_ours(self.out_dir / name, student_files(self.out_dir / name),
+                                          replacing="retraining the student")
+                group.barrier()
+                # Under torchrun only process 0 sets old students aside (and later restores or removes them): a
+                # second process would find the folder gone, or take the copy just set aside for a leftover and
+                # delete it.
+                aside = {name: self._set_aside(self.out_dir / name) for name in redo} if group.is_main else {}
+                group.barrier()
+            try:
+                results = train_students(
+                    self.dataset_dir, self.cache_dir, teacher=self.config.teacher, students=self.config.students,
+                    training=self.config.training, out_dir=self.out_dir, resume=self.resume,
+                    show_progress=show_progress,
+                )
+            except BaseException:
+                for name, old in aside.items():
+                    if not (self.out_dir / name).exists():  # nothing of the new one yet: the old one goes back
+                        os.replace(old, self.out_dir / name)
+                raise
+            for result in results:
+                if result.skipped and "contents" not in result.metadata:
+                    logger.info("%s was trained by an earlier m3distill, which did not record the hashes of its files: "
+                                "a damaged or replaced file cannot be noticed (--force retrains it with them)",
+                                result.name)
+            # The replaced students, including any an interrupted earlier retrain left aside, go once the new are
+            # whole.
+            for name in statuses if process_rank() == 0 else ():
+                old = self._aside_path(self.out_dir / name)
+                if old.exists() and is_trained_student(self.out_dir / name):
+                    _remove_our_student(old, kept_as=self.out_dir / name)
+            return TrainResult(out_dir=self.out_dir, students=results)
 
     @staticmethod
     def _aside_path(folder: Path) -> Path:
