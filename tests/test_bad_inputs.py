@@ -198,6 +198,57 @@ def test_run_with_an_unwritable_run_dir(few_documents, unwritable, tmp_path, cap
     assert "cannot write" in line and str(unwritable) in line
 
 
+# --- a disk that fills up while a stage writes: every stage ---------------------------------------------------------
+
+
+def _disk_full(kind: str):
+    """A writer that finds the disk full, raising what the library behind it raises."""
+    def write(*args, **kwargs):
+        if kind == "pyarrow":  # no errno, the number is in the text
+            raise OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device")
+        if kind == "safetensors":
+            from safetensors import SafetensorError
+
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return write
+
+
+@pytest.mark.parametrize("command", ["synth", "run", "teacher", "train", "export", "evaluate"])
+def test_a_full_disk_is_one_line_naming_the_folder_and_the_space_needed(command, few_documents, minilm_path,
+                                                                        small_dataset, tiny_xlmr_path, tiny_cache,
+                                                                        student, eval_config, tmp_path, monkeypatch,
+                                                                        capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "synth": {"corpus": str(few_documents)},
+                                      "teacher": {"model": str(minilm_path)}}), encoding="utf-8")
+    student_copy = shutil.copytree(student, tmp_path / "students" / "student-1L")
+    writer, folder, argv = {
+        "synth": ("m3distill.data.dataset.pq.write_table", tmp_path / "dataset",
+                  _synth_argv(few_documents, tmp_path / "dataset", minilm_path)),
+        "run": ("m3distill.data.dataset.pq.write_table", tmp_path / "run" / "dataset", ["-q", "run", str(config)]),
+        "teacher": ("m3distill.teacher.cache.np.save", tmp_path / "cache",
+                    ["-q", "teacher", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path), "--out",
+                     str(tmp_path / "cache"), "--device", "cpu"]),
+        "train": ("transformers.modeling_utils.safe_save_file", tmp_path / "trained" / "student-1L",
+                  _train_argv(small_dataset, tiny_cache, tmp_path / "trained")),
+        "export": ("m3distill.export.onnx.export_graph", student_copy / "onnx",
+                   ["-q", "export", str(student_copy), "--variants", "onnx"]),
+        "evaluate": ("m3distill.evaluation.evaluate.write_report", tmp_path / "report",
+                     _evaluate_argv(small_dataset, tiny_xlmr_path, [student], tmp_path / "report", eval_config)),
+    }[command]
+    kind = {"synth": "pyarrow", "run": "pyarrow", "train": "safetensors"}.get(command, "os")
+    monkeypatch.setattr(writer, _disk_full(kind))
+
+    line = _one_line_error(main(argv), capsys, command)
+
+    assert line.startswith(f"m3distill {command}: error: cannot write {folder}: no space left on the device (about ")
+    assert " needed, " in line and " free there); free some space or choose another location" in line
+    assert not [path for path in tmp_path.rglob("*") if ".tmp" in path.name]  # no temporary file left behind
+    assert not (folder / "report.json").exists() and not (folder / "manifest.json").exists()
+
+
 def test_the_cli_backstop_turns_an_unchecked_permission_error_into_one_line(monkeypatch, capsys):
     from m3distill.cli import teacher as teacher_command
 

@@ -329,9 +329,11 @@ def remove_our_folder(folder: str | os.PathLike[str], ours: Iterable[str], *,
 
 
 # The words a full disk is reported with by the libraries that write for m3distill: Python and numpy raise OSError
-# ENOSPC, pyarrow an OSError whose text carries errno 28, safetensors a SafetensorError.
+# ENOSPC, pyarrow an OSError whose text carries errno 28, safetensors a SafetensorError, sqlite (the LLM answers'
+# cache) an OperationalError.
 _DISK_FULL_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
-_DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "[errno 28]")
+_DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "[errno 28]",
+                    "database or disk is full")
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, refuse_files_not_ours, write_json_atomic
+from m3distill.atomic import atomic_dir, disk_space_for, refuse_files_not_ours, write_json_atomic
 from m3distill.config import SynthConfig, settings_record
 from m3distill.data.chunking import Context, chunk_documents, load_tokenizer, model_token_limit
 from m3distill.data.corpus import Corpus, load_corpus
@@ -189,7 +189,10 @@ def synthesize(
         },
         "languages": dict(sorted(Counter(languages).items())) if config.detect_language else None,
     }
-    with atomic_dir(out_dir, overwrite=replace, ours=DATASET_FILES) as tmp:
+    # About what the tables hold (Parquet compresses the text; the ids and offsets are small beside it).
+    needed = sum(len(row["text"].encode("utf-8")) for rows in (context_rows, question_rows, general_rows, crop_rows)
+                 for row in rows)
+    with disk_space_for(out_dir, needed), atomic_dir(out_dir, overwrite=replace, ours=DATASET_FILES) as tmp:
         write_table(tmp / CONTEXTS_FILE, context_rows, CONTEXT_SCHEMA)
         write_table(tmp / QUESTIONS_FILE, question_rows, QUESTION_SCHEMA)
         write_table(tmp / GENERAL_FILE, general_rows, GENERAL_SCHEMA)

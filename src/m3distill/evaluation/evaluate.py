@@ -52,7 +52,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, atomic_path, refuse_files_not_ours
+from m3distill.atomic import atomic_dir, atomic_path, disk_space_for, refuse_files_not_ours
 from m3distill.config import EvaluationConfig, TeacherConfig, settings_record
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
@@ -242,8 +242,12 @@ def evaluate_models(
     # Each variant follows its torch student, in the tables as in the speed turns.
     labels = [name for label in labels
               for name in [label, *[own for own, variant in variants.items() if variant.student == label]]]
-    with _timed(timings, "encode"):
-        texts = data.questions + data.contexts
+    texts = data.questions + data.contexts
+    # The embeddings kept in the report folder until the report is written (float32; an M3 model's sparse and
+    # ColBERT outputs come on top), then the report itself (a few plots).
+    needed = 4 * len(texts) * sum(int(model.get_embedding_dimension()) for model in models.values()) * (
+        1 + len(variants) / max(len(models), 1)) + 2_000_000
+    with disk_space_for(out_dir, int(needed)), _timed(timings, "encode"):
         embeddings = _embed_all(models, heads, texts, cache_dir, config.batch_size, show_progress,
                                 teacher_embeddings)
         embeddings.update({label: _encode_variant_cached(variant, texts, cache_dir, label, config.batch_size,
@@ -331,7 +335,8 @@ def evaluate_models(
         pairs=pair_reports,
     )
     # The new report replaces the old folder (and its embeddings cache) only once every file is written.
-    with atomic_dir(out_dir.absolute(), overwrite=True, ours=REPORT_FILES) as new_report_dir:
+    with disk_space_for(out_dir, 2_000_000), atomic_dir(out_dir.absolute(), overwrite=True,
+                                                        ours=REPORT_FILES) as new_report_dir:
         write_report(report, new_report_dir)
     logger.info("evaluated %d models in %.1fs; report in %s", len(labels), report.duration_s, out_dir)
     return report

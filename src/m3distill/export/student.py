@@ -22,7 +22,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, refuse_files_not_ours, write_json_atomic, write_text_atomic
+from m3distill.atomic import (
+    atomic_dir,
+    disk_space_for,
+    refuse_files_not_ours,
+    write_json_atomic,
+    write_text_atomic,
+)
 from m3distill.config import ExportConfig, settings_record
 from m3distill.errors import M3DistillError
 from m3distill.onnx_serving import (
@@ -232,7 +238,8 @@ def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequ
             bar.n = steps.index(name)
             bar.set_postfix_str(name)
 
-        with atomic_dir(onnx_dir, overwrite=True, ours=export_files(student_dir)) as tmp:
+        with (disk_space_for(onnx_dir, _export_bytes(student_dir, config)),
+              atomic_dir(onnx_dir, overwrite=True, ours=export_files(student_dir)) as tmp):
             built, facts = build_variants(student_dir, tmp, config, verify_on, step=step)
             record = {
                 "format": EXPORT_RECORD_FORMAT,
@@ -264,6 +271,13 @@ def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequ
     result = _result_from_record(student_dir, record, skipped=False)
     logger.debug("%s", result.line())
     return result
+
+
+def _export_bytes(student_dir: Path, config: ExportConfig) -> int:
+    """About what an export of ``student_dir`` writes: the float32 graph holds the student's weights, int8 a
+    quarter of them."""
+    weights = sum(file.stat().st_size for pattern in ("*.safetensors", "*.bin") for file in student_dir.glob(pattern))
+    return int(weights * (("onnx" in config.variants) + 0.25 * ("int8" in config.variants)))
 
 
 def _files_sha256(folder: Path, files: list[str]) -> str:

@@ -62,7 +62,7 @@ import xxhash
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from m3distill.atomic import atomic_path, write_json_atomic
+from m3distill.atomic import atomic_path, disk_space_for, write_json_atomic
 from m3distill.config import TeacherConfig
 from m3distill.data.dataset import load_synth_dataset
 from m3distill.encoding import encode_texts, resolve_precision
@@ -229,8 +229,10 @@ def build_teacher_cache(
 
         started = time.perf_counter()
         desc = "teacher cache" if group.world_size == 1 else f"teacher cache (process 0 of {group.world_size})"
-        with tqdm(total=sum(len(chunk) for _, chunk in mine), unit="text", desc=desc, smoothing=0.1,
-                  disable=not (show_progress and group.is_main)) as bar:
+        # Each text's embedding in the storage dtype and its 64-byte key.
+        needed = sum(len(chunk) for _, chunk in mine) * (fingerprint.dim * np.dtype(teacher.dtype).itemsize + 64)
+        with disk_space_for(out_dir, needed), tqdm(total=sum(len(chunk) for _, chunk in mine), unit="text", desc=desc,
+                                                   smoothing=0.1, disable=not (show_progress and group.is_main)) as bar:
             for index, chunk in mine:
                 info = _write_shard(out_dir, index, chunk, model, teacher, precision, bar)
                 checksums[info.name] = info.checksums

@@ -42,7 +42,13 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, refuse_files_not_ours, write_json_atomic, write_text_atomic
+from m3distill.atomic import (
+    atomic_dir,
+    disk_space_for,
+    refuse_files_not_ours,
+    write_json_atomic,
+    write_text_atomic,
+)
 from m3distill.config import (
     DEFAULT_TRAINING_STEPS,
     M3DistillConfig,
@@ -502,28 +508,36 @@ class _TrainingJob:
         # One bar per student and one line per dev evaluation instead of the Trainer's raw log dicts.
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=last)
-        train_seconds = time.perf_counter() - started
-        dev_after = _best_dev_metrics(trainer) or dev_metrics(evaluator(trainer.model))
-        logger.info("%s trained: dev %s", plan.name, _format_metrics(dev_after))
-        with own_forward_pass(trainer.model) as trained:  # in fp32, as the dev metrics are
-            heads_after = self._dev_head_metrics(trained, heads)
-        if heads is not None:
-            logger.info("%s heads: dev %s (untrained: %s)", plan.name, _format_metrics(heads_after),
-                        _format_metrics(heads_before))
+        # Checkpoints, then the finished student, in the student's folder: a full disk is one line naming both.
+        with disk_space_for(student_dir, self._bytes_written(student, heads)):
+            started = time.perf_counter()
+            trainer.train(resume_from_checkpoint=last)
+            train_seconds = time.perf_counter() - started
+            dev_after = _best_dev_metrics(trainer) or dev_metrics(evaluator(trainer.model))
+            logger.info("%s trained: dev %s", plan.name, _format_metrics(dev_after))
+            with own_forward_pass(trainer.model) as trained:  # in fp32, as the dev metrics are
+                heads_after = self._dev_head_metrics(trained, heads)
+            if heads is not None:
+                logger.info("%s heads: dev %s (untrained: %s)", plan.name, _format_metrics(heads_after),
+                            _format_metrics(heads_before))
 
-        metadata = self._metadata(
-            plan, layers, search, trainer, precision=precision, n_parameters=count_parameters(student),
-            dev_before=dev_before, dev_after=dev_after, timer=timer, train_seconds=train_seconds,
-            resumed_from_step=int(Path(last).name.rsplit("-", 1)[-1]) if last else None,
-        )
-        if heads is not None:
-            metadata["dev_heads_before"], metadata["dev_heads_after"] = heads_before, heads_after
-        if trainer.is_world_process_zero():
-            metadata = self._write_student(trainer.model, student_dir, metadata, heads)
-        trainer.accelerator.wait_for_everyone()
+            metadata = self._metadata(
+                plan, layers, search, trainer, precision=precision, n_parameters=count_parameters(student),
+                dev_before=dev_before, dev_after=dev_after, timer=timer, train_seconds=train_seconds,
+                resumed_from_step=int(Path(last).name.rsplit("-", 1)[-1]) if last else None,
+            )
+            if heads is not None:
+                metadata["dev_heads_before"], metadata["dev_heads_after"] = heads_before, heads_after
+            if trainer.is_world_process_zero():
+                metadata = self._write_student(trainer.model, student_dir, metadata, heads)
+            trainer.accelerator.wait_for_everyone()
         return StudentResult.from_metadata(student_dir, metadata, skipped=False)
+
+    def _bytes_written(self, student: SentenceTransformer, heads: M3Heads | None) -> int:
+        """About what training a student writes: float32 weights, and in each checkpoint kept (the last
+        ``save_total_limit`` and the best) the weights plus AdamW's two moments."""
+        weights = 4 * (count_parameters(student) + (count_parameters(heads) if heads is not None else 0))
+        return weights * (1 + 3 * (self.training.save_total_limit + 1))
 
     def _dev_head_metrics(self, student: SentenceTransformer, heads: M3Heads | None) -> dict[str, float | None]:
         """How close the student's sparse and ColBERT outputs are to the teacher's on (up to 256) dev texts."""
