@@ -45,6 +45,14 @@ class StageStatus:
         return self.state == "current"
 
 
+def check_device(device: str | None) -> None:
+    """Raise :class:`M3DistillError` when ``device`` (a stage's setting; under torchrun, this process's) is not one
+    this machine has, so that the stage ends at its start, having touched nothing."""
+    from m3distill.models import process_device, resolve_device  # here: m3distill imports without torch
+
+    resolve_device(process_device(device))
+
+
 class Stage(ABC):
     """One step of the pipeline, reading and writing folders of the run directory."""
 
@@ -74,7 +82,8 @@ class Stage(ABC):
         return self.status().current
 
     def check_inputs(self) -> None:
-        """Raise :class:`M3DistillError` when an input is missing; called before any output is touched."""
+        """Raise :class:`M3DistillError` when an input is missing or a device is not on this machine; called before
+        any output is touched (or locked)."""
 
     def check_outputs_writable(self) -> None:
         """Raise :class:`M3DistillError` when a folder the stage writes into cannot be written.

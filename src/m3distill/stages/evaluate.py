@@ -14,7 +14,7 @@ from m3distill.atomic import write_json_atomic
 from m3distill.config import M3DistillConfig, settings_record
 from m3distill.errors import M3DistillError
 from m3distill.layout import REPORT_INPUTS_FILE, REPORT_JSON_FILE
-from m3distill.stages.base import Stage, StageStatus
+from m3distill.stages.base import Stage, StageStatus, check_device
 from m3distill.stages.fingerprint import (
     CONTENTS,
     Fingerprint,
@@ -146,6 +146,7 @@ class EvaluateStage(Stage):
         from m3distill.data.dataset import require_complete_dataset
 
         require_complete_dataset(self.dataset_dir)
+        check_device(self.config.evaluation.device)
 
     def run(self, *, replace_stale: bool = True, force: bool = False, show_progress: bool = True) -> EvaluationResult:
         """Evaluate and write the report; the old report is replaced only once the new one is complete.

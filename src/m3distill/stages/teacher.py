@@ -10,7 +10,7 @@ from pathlib import Path
 from m3distill.atomic import refuse_files_not_ours
 from m3distill.config import M3DistillConfig, TeacherConfig
 from m3distill.errors import M3DistillError
-from m3distill.stages.base import Stage, StageStatus
+from m3distill.stages.base import Stage, StageStatus, check_device
 from m3distill.stages.fingerprint import (
     CONTENTS,
     Fingerprint,
@@ -126,6 +126,7 @@ class TeacherStage(Stage):
         from m3distill.data.dataset import require_complete_dataset
 
         require_complete_dataset(self.dataset_dir)
+        check_device(self.teacher.device)
 
     def check_clearable(self) -> None:
         """Raise :class:`M3DistillError` unless the cache may be removed to be rebuilt: it carries m3distill's

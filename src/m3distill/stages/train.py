@@ -10,7 +10,7 @@ from pathlib import Path
 from m3distill.atomic import refuse_files_not_ours, remove_our_folder
 from m3distill.config import M3DistillConfig
 from m3distill.errors import M3DistillError
-from m3distill.stages.base import Stage, StageStatus
+from m3distill.stages.base import Stage, StageStatus, check_device
 from m3distill.stages.fingerprint import (
     Fingerprint,
     dataset_fingerprint,
@@ -125,6 +125,7 @@ class TrainStage(Stage):
         require_complete_dataset(self.dataset_dir)
         if not is_complete_cache(self.cache_dir):
             raise M3DistillError(f"the teacher cache {self.cache_dir} is missing or incomplete; run teacher first")
+        check_device(self.config.training.device or self.config.teacher.device)
 
     def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True) -> TrainResult:
         """Train the missing and stale students (all with ``force``); current ones are reported as skipped."""
