@@ -387,6 +387,27 @@ def test_a_student_with_a_truncated_model_is_not_taken_for_a_trained_one(small_d
     assert "already trained" in capsys.readouterr().out
 
 
+def test_a_student_of_an_earlier_m3distill_without_file_hashes_is_still_used_and_its_files_still_guarded(
+    small_dataset, tiny_cache, trained_students, tmp_path, capsys, caplog
+):
+    out = shutil.copytree(trained_students, tmp_path / "students")
+    student = out / "student-1L"
+    metadata_file = student / "m3distill_student.json"
+    metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+    for added_later in ("contents", "files"):
+        del metadata[added_later]
+    metadata_file.write_text(json.dumps(metadata), encoding="utf-8")
+
+    with caplog.at_level("INFO", logger="m3distill"):  # (without -q, which keeps INFO lines off every handler)
+        assert main(_train_cli(small_dataset, tiny_cache, out)[1:]) == 0
+    assert "already trained" in capsys.readouterr().out
+    assert "did not record the hashes of its files" in caplog.text
+
+    (student / "notes.txt").write_text("mine", encoding="utf-8")
+    error = _refusal(main(_train_cli(small_dataset, tiny_cache, out, "--force")), capsys, "train")
+    assert "holds files m3distill did not write (notes.txt)" in error
+
+
 # --- evaluate ------------------------------------------------------------------------------------------------------
 
 
@@ -503,13 +524,13 @@ def test_a_second_command_writing_the_same_output_is_refused_naming_the_first(
                               "--students", str(students / "student-1L"), "--out", str(report), "--k", "5"]),
         "report": (report, ["-q", "report", str(report)]),
     }[command]
-    before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*") if ".lock" not in path.name)
+    before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
 
     with _held_by_another_process(output, "train") as pid:
         error = _refusal(main(argv), capsys, command)
 
     assert error.endswith(f"{output} is in use by m3distill process {pid} (train); wait for it to finish or choose "
                           "another output folder")
-    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*") if ".lock" not in path.name) == before
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before  # nothing touched
     if command == "synth":  # once the first is done, the output is free again
         assert main(argv) == 0

@@ -2,15 +2,18 @@
 
 Every command that writes takes the lock of what it writes, ``run`` and ``demo`` the run directory's too: a second
 command on the same output is refused at its start, in one line naming the process that holds it, instead of both
-writing the same folder (two ``train`` on one ``--out`` gave a corrupt student). The lock of an output folder is a
-hidden file beside it (``.NAME.lock``, with ``.NAME.lock.owner`` naming the holder), since the folder itself is
-replaced when the output is redone; the run directory's is ``RUN_DIR/.lock``. The operating system releases a lock
-whose process died, so a killed run never leaves its output locked.
+writing the same folder (two ``train`` on one ``--out`` gave a corrupt student). The run directory's lock is
+``RUN_DIR/.lock``. An output folder's lock lives in the system's temporary folder (``m3distill-locks/``), named by
+a hash of the folder's resolved path: not in the folder, which is replaced when the output is redone, nor beside
+it, where a command that fails at once would leave a file (and the folders above it) behind. The operating system
+releases a lock whose process died, so a killed run never leaves its output locked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -37,7 +40,7 @@ def hold_lock(lock_file: str | os.PathLike[str], *, holds: str, instead: str, do
     owner = lock_file.with_name(lock_file.name + ".owner")
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(lock_file)
+        lock = FileLock(lock_file, mode=0o666)  # another user's command on the same output must open it too
         lock.acquire(timeout=0)
     except Timeout:
         try:
@@ -58,9 +61,14 @@ def hold_lock(lock_file: str | os.PathLike[str], *, holds: str, instead: str, do
 
 
 def output_lock_file(output: str | os.PathLike[str]) -> Path:
-    """The lock file of an output folder: hidden, beside it (the folder itself is replaced when redone)."""
-    output = Path(output).expanduser().absolute()
-    return output.with_name(f".{output.name}.lock")
+    """The lock file of an output folder: in the system's temporary folder, named by the folder's resolved path
+    (the same for every way of naming the folder), shared by every user of the machine."""
+    folder = Path(tempfile.gettempdir()) / "m3distill-locks"
+    if not folder.is_dir():
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o1777)  # like /tmp itself: anyone's commands lock here, and none removes another's lock
+    key = hashlib.sha256(str(Path(output).expanduser().resolve()).encode("utf-8")).hexdigest()[:32]
+    return folder / f"{key}.lock"
 
 
 @contextmanager
@@ -75,9 +83,13 @@ def hold_outputs(outputs: list[Path], *, doing: str) -> Iterator[None]:
         yield
         return
     with ExitStack() as stack:
-        for output in dict.fromkeys(Path(output).expanduser().absolute() for output in outputs):
-            stack.enter_context(hold_lock(output_lock_file(output), holds=str(output),
-                                          instead="choose another output folder", doing=doing))
+        for output in dict.fromkeys(Path(output) for output in outputs):
+            try:
+                lock_file = output_lock_file(output)
+            except OSError as error:
+                raise M3DistillError(describe_os_error(error)) from error
+            stack.enter_context(hold_lock(lock_file, holds=str(output), instead="choose another output folder",
+                                          doing=doing))
         yield
 
 
