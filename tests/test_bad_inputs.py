@@ -198,6 +198,57 @@ def test_run_with_an_unwritable_run_dir(few_documents, unwritable, tmp_path, cap
     assert "cannot write" in line and str(unwritable) in line
 
 
+# --- a disk that fills up while a stage writes: every stage ---------------------------------------------------------
+
+
+def _disk_full(kind: str):
+    """A writer that finds the disk full, raising what the library behind it raises."""
+    def write(*args, **kwargs):
+        if kind == "pyarrow":  # no errno, the number is in the text
+            raise OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device")
+        if kind == "safetensors":
+            from safetensors import SafetensorError
+
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return write
+
+
+@pytest.mark.parametrize("command", ["synth", "run", "teacher", "train", "export", "evaluate"])
+def test_a_full_disk_is_one_line_naming_the_folder_and_the_space_needed(command, few_documents, minilm_path,
+                                                                        small_dataset, tiny_xlmr_path, tiny_cache,
+                                                                        student, eval_config, tmp_path, monkeypatch,
+                                                                        capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "synth": {"corpus": str(few_documents)},
+                                      "teacher": {"model": str(minilm_path)}}), encoding="utf-8")
+    student_copy = shutil.copytree(student, tmp_path / "students" / "student-1L")
+    writer, folder, argv = {
+        "synth": ("m3distill.data.dataset.pq.write_table", tmp_path / "dataset",
+                  _synth_argv(few_documents, tmp_path / "dataset", minilm_path)),
+        "run": ("m3distill.data.dataset.pq.write_table", tmp_path / "run" / "dataset", ["-q", "run", str(config)]),
+        "teacher": ("m3distill.teacher.cache.np.save", tmp_path / "cache",
+                    ["-q", "teacher", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path), "--out",
+                     str(tmp_path / "cache"), "--device", "cpu"]),
+        "train": ("transformers.modeling_utils.safe_save_file", tmp_path / "trained" / "student-1L",
+                  _train_argv(small_dataset, tiny_cache, tmp_path / "trained")),
+        "export": ("m3distill.export.onnx.export_graph", student_copy / "onnx",
+                   ["-q", "export", str(student_copy), "--variants", "onnx"]),
+        "evaluate": ("m3distill.evaluation.evaluate.write_report", tmp_path / "report",
+                     _evaluate_argv(small_dataset, tiny_xlmr_path, [student], tmp_path / "report", eval_config)),
+    }[command]
+    kind = {"synth": "pyarrow", "run": "pyarrow", "train": "safetensors"}.get(command, "os")
+    monkeypatch.setattr(writer, _disk_full(kind))
+
+    line = _one_line_error(main(argv), capsys, command)
+
+    assert line.startswith(f"m3distill {command}: error: cannot write {folder}: no space left on the device (about ")
+    assert " needed, " in line and " free there); free some space or choose another location" in line
+    assert not [path for path in tmp_path.rglob("*") if ".tmp" in path.name]  # no temporary file left behind
+    assert not (folder / "report.json").exists() and not (folder / "manifest.json").exists()
+
+
 def test_the_cli_backstop_turns_an_unchecked_permission_error_into_one_line(monkeypatch, capsys):
     from m3distill.cli import teacher as teacher_command
 
@@ -254,6 +305,16 @@ def test_a_truncated_model_safetensors_is_one_line(small_dataset, tiny_xlmr_path
     assert not (tmp_path / "report" / "report.json").exists()
 
 
+def test_exporting_a_student_with_a_truncated_model_safetensors_is_one_line(student, tmp_path, capsys):
+    damaged = shutil.copytree(student, tmp_path / "student-1L")
+    weights = damaged / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    line = _one_line_error(main(["-q", "export", str(damaged), "--variants", "onnx"]), capsys, "export")
+    assert str(damaged) in line and "damaged or truncated" in line
+    assert not (damaged / "onnx").exists() and not any(path.name.startswith(".onnx") for path in damaged.iterdir())
+
+
 def test_an_unfinished_student_is_called_unfinished(small_dataset, tiny_xlmr_path, eval_config, tmp_path, capsys):
     unfinished = tmp_path / "students" / "student-1L"
     unfinished.mkdir(parents=True)
@@ -302,6 +363,94 @@ def test_resolve_device_checks_what_it_is_given():
     assert resolve_device(None) in ("cuda", "mps", "cpu")
     with pytest.raises(M3DistillError, match="unknown device 'tpu9'"):
         resolve_device("tpu9")
+
+
+# --- settings checked before any work: numbers, split sizes, the config file's encoding -----------------------------
+
+
+@pytest.mark.parametrize("weights", ["nan,1,1", "inf,1,1", "1,-inf,1"])
+def test_hybrid_weights_that_are_not_finite_are_refused_before_any_encoding(weights, small_dataset, tiny_xlmr_path,
+                                                                            student, eval_config, tmp_path,
+                                                                            monkeypatch, capsys):
+    def encoding(*args, **kwargs):
+        raise AssertionError("the evaluation started before its settings were checked")
+
+    monkeypatch.setattr("m3distill.evaluation.evaluate.evaluate_models", encoding)
+    argv = _evaluate_argv(small_dataset, tiny_xlmr_path, [student], tmp_path / "report", eval_config,
+                          "--hybrid-weights", weights)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    line = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(line.splitlines()) == 1
+    assert "--hybrid-weights" in line and "finite number" in line
+
+
+def test_a_config_file_with_a_weight_that_is_not_finite_is_one_line(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("evaluation:\n  hybrid_weights: [.nan, 1, 1]\n", encoding="utf-8")
+    line = _one_line_error(main(["-q", "evaluate", "--config", str(config)]), capsys, "evaluate")
+    assert str(config) in line and "evaluation.hybrid_weights" in line and "finite number" in line
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--dev", "1.5"], "dev size 1.5 is neither a fraction below 1 nor a whole number"),
+    (["--dev", "0.6", "--test", "0.5"], "add up to 1 or more and leave no training contexts"),
+])
+def test_split_sizes_are_refused_before_the_corpus_is_read(flags, expected, few_documents, minilm_path, tmp_path,
+                                                           monkeypatch, capsys):
+    def reading(*args, **kwargs):
+        raise AssertionError("the corpus was read before the split sizes were checked")
+
+    monkeypatch.setattr("m3distill.data.synth.load_corpus", reading)
+    line = _one_line_error(main(_synth_argv(few_documents, tmp_path / "dataset", minilm_path, *flags)), capsys, "synth")
+    assert expected in line
+    assert not (tmp_path / "dataset").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "train", "synth"])
+def test_a_config_file_that_is_not_utf8_is_one_line(command, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_bytes("run_dir: runs/caf\u00e9\n".encode("latin-1"))
+    argv = ["-q", "run", str(config)] if command == "run" else ["-q", command, "--config", str(config)]
+    line = _one_line_error(main(argv), capsys, command)
+    assert f"config file {config} is not UTF-8 text" in line
+
+
+# --- corpus files that read as something else ---------------------------------------------------------------------
+
+
+def test_a_parquet_text_column_of_numbers_is_refused(minilm_path, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": [1, 2, 3]}), corpus)
+    line = _one_line_error(main(_synth_argv(corpus, tmp_path / "dataset", minilm_path)), capsys, "synth")
+    assert str(corpus) in line and "column 'text' holds int64 values, not text" in line and "--text-column" in line
+
+
+def test_a_jsonl_text_that_is_a_number_is_refused(tmp_path):
+    corpus = tmp_path / "numbers.jsonl"
+    corpus.write_text('{"text": "a real document"}\n{"text": 2}\n', encoding="utf-8")
+    with pytest.raises(M3DistillError, match="line 2: column 'text' holds a int, not text"):
+        load_corpus(corpus)
+
+
+def test_a_csv_with_an_unterminated_quote_warns_that_its_rows_merged(tmp_path, caplog):
+    corpus = tmp_path / "docs.csv"
+    rows = [f"{number},document {number} about disks and backups" for number in range(2, 9)]
+    corpus.write_text('id,text\n1,"document 1 opens a quote and never closes it\n' + "\n".join(rows) + "\n",
+                      encoding="utf-8")
+    with caplog.at_level("WARNING", logger="m3distill"):
+        assert len(load_corpus(corpus).documents) == 1
+    [warning] = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert "1 rows from 8 lines" in warning and "unterminated quote" in warning
+
+    caplog.clear()
+    corpus.write_text('id,text\n1,"a document\n\nof two paragraphs"\n2,another\n3,a third\n', encoding="utf-8")
+    with caplog.at_level("WARNING", logger="m3distill"):
+        assert len(load_corpus(corpus).documents) == 3
+    assert not caplog.records  # quoted line breaks alone are fine
 
 
 # --- minor: config paths, ~, credentials, file modes, names in messages ------------------------------------------

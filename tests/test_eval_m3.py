@@ -74,7 +74,7 @@ def test_an_m3_teacher_is_evaluated_on_every_output_with_qdrant_edge(m3_folders,
         report = evaluate_models(small_dataset, TeacherConfig(model=str(m3_folders["teacher"])), students, CONFIG,
                                  out_dir, show_progress=False)
 
-    assert report.schema_version == 4
+    assert report.schema_version == 5
     assert report.retrieval.outputs == ["dense", "sparse", "colbert", "hybrid"]
     assert report.retrieval.hybrid_weights == (1.0, 0.3, 1.0)
     assert load_report(out_dir).to_json_dict() == json.loads((out_dir / REPORT_JSON_FILE).read_text())
@@ -125,7 +125,7 @@ def test_an_m3_teacher_is_evaluated_on_every_output_with_qdrant_edge(m3_folders,
     del old["retrieval"]["outputs"], old["retrieval"]["hybrid_weights"]
     (out_dir / REPORT_JSON_FILE).write_text(json.dumps(old))
     migrated = load_report(out_dir)
-    assert migrated.schema_version == 4 and migrated.retrieval.outputs == ["dense"]
+    assert migrated.schema_version == 5 and migrated.retrieval.outputs == ["dense"]
     assert migrated.retrieval.hybrid_weights is None
 
 

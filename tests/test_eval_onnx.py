@@ -187,7 +187,7 @@ def test_a_version_3_report_still_loads(evaluated, tmp_path):
     folder.mkdir()
     (folder / REPORT_JSON_FILE).write_text(json.dumps(report))
     migrated = load_report(folder)
-    assert migrated.schema_version == 4
+    assert migrated.schema_version == 5
     assert [(model.variant, model.device) for model in migrated.models] == [(None, report["device"]["name"])] * 3
     assert "Serving variants" not in render_report(folder).read_text()
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 from sentence_transformers import SentenceTransformer
 
 from m3distill import pipeline
@@ -93,6 +98,39 @@ def test_synth_refuses_a_corpus_inside_its_output_folder(few_documents, minilm_p
     assert sorted(p.name for p in corpus.iterdir()) == sorted(p.name for p in few_documents.iterdir())
 
 
+def _refusal(code: int, capsys, command: str) -> str:
+    """The one line a refused command printed (exit code 2)."""
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert error.startswith(f"m3distill {command}: error: ")
+    return error
+
+
+def test_synth_overwrite_refuses_its_own_dataset_holding_the_user_s_files_and_names_them(few_documents, minilm_path,
+                                                                                          tmp_path, capsys):
+    out = tmp_path / "dataset"
+    assert main(_synth_cli(few_documents, out, minilm_path)) == 0
+    files = _user_files(out)
+    manifest = (out / DATASET_MANIFEST_FILE).read_bytes()
+
+    error = _refusal(main(_synth_cli(few_documents, out, minilm_path, "--seed", "7", "--overwrite")), capsys, "synth")
+
+    assert "holds files m3distill did not write (notes.txt, thesis/)" in error and "move them out" in error
+    _assert_intact(out, files)
+    assert (out / DATASET_MANIFEST_FILE).read_bytes() == manifest
+
+
+def test_synth_overwrite_never_replaces_another_stage_s_output_and_says_what_it_is(few_documents, minilm_path,
+                                                                                   tiny_cache, tmp_path, capsys):
+    cache = shutil.copytree(tiny_cache, tmp_path / "teacher_cache")
+    before = sorted(path.relative_to(cache) for path in cache.rglob("*"))
+
+    error = _refusal(main(_synth_cli(few_documents, cache, minilm_path, "--overwrite")), capsys, "synth")
+
+    assert f"{cache} is a teacher cache, not a dataset" in error and "incomplete" not in error
+    assert sorted(path.relative_to(cache) for path in cache.rglob("*")) == before
+
+
 # --- run (the pipeline) --------------------------------------------------------------------------------------------
 
 
@@ -166,6 +204,28 @@ def test_run_after_a_corpus_typo_keeps_the_good_dataset(few_documents, tmp_path,
     assert stages[0] == ("synth", "skip")
 
 
+def test_a_failed_run_keeps_the_config_of_the_last_good_one_and_logs_the_failure(few_documents, tmp_path, synth_only,
+                                                                                   capsys):
+    layout = RunLayout(tmp_path / "run")
+    good = _tiny_config(few_documents, layout.root)
+    with pytest.raises(_StopAfterSynth):
+        pipeline.run_pipeline(good, show_progress=False)
+    written = layout.config.read_text(encoding="utf-8")
+    assert str(few_documents) in written
+
+    typo = tmp_path / "typo.yaml"
+    settings = good.model_dump(mode="json")
+    settings["synth"]["corpus"] = str(few_documents) + "-typo"
+    typo.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    assert main(["-q", "run", str(typo)]) == 2
+    error = capsys.readouterr().err.strip()
+
+    assert layout.config.read_text(encoding="utf-8") == written  # still what the outputs were made from
+    log = layout.log.read_text(encoding="utf-8")
+    assert error.endswith(log.strip().splitlines()[-1].split("run failed: ", 1)[1])
+    assert "ERROR m3distill.pipeline: run failed: corpus not found" in log and "-typo" in log
+
+
 def test_rebuilding_the_teacher_cache_removes_only_a_folder_that_carries_m3distill_s_marker(tmp_path):
     from m3distill.stages import TeacherStage
 
@@ -180,6 +240,37 @@ def test_rebuilding_the_teacher_cache_removes_only_a_folder_that_carries_m3disti
     with pytest.raises(M3DistillError, match="not a teacher cache m3distill wrote"):
         stage.clear()
     _assert_intact(layout.teacher_cache, cache_files)
+
+
+def test_teacher_force_refuses_a_cache_holding_the_user_s_files_and_names_them(small_dataset, tiny_xlmr_path,
+                                                                              tiny_cache, tmp_path, capsys):
+    cache = shutil.copytree(tiny_cache, tmp_path / "teacher_cache")
+    files = _user_files(cache)
+    (cache / "shards" / "my-shard-notes.md").write_text("mine", encoding="utf-8")
+
+    error = _refusal(main(["-q", "teacher", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path), "--out",
+                           str(cache), "--device", "cpu", "--force"]), capsys, "teacher")
+
+    assert "holds files m3distill did not write (notes.txt, shards/my-shard-notes.md, thesis/)" in error
+    _assert_intact(cache, files)
+    assert (cache / "manifest.json").is_file()
+
+
+def test_a_replaced_folder_that_gained_files_while_the_stage_ran_is_kept(tmp_path, caplog):
+    from m3distill.atomic import atomic_dir
+
+    target = tmp_path / "report"
+    target.mkdir()
+    (target / "report.json").write_text("{}", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="m3distill"), atomic_dir(target, overwrite=True,
+                                                                    ours=["report.json"]) as tmp:
+        (tmp / "report.json").write_text('{"new": 1}', encoding="utf-8")
+        (target / "written-meanwhile.txt").write_text("the user's", encoding="utf-8")
+
+    assert (target / "report.json").read_text(encoding="utf-8") == '{"new": 1}'
+    [kept] = tmp_path.glob("report.replaced-*")
+    assert (kept / "written-meanwhile.txt").read_text(encoding="utf-8") == "the user's"
+    assert "written-meanwhile.txt" in caplog.text and str(kept) in caplog.text
 
 
 # --- train ---------------------------------------------------------------------------------------------------------
@@ -215,6 +306,106 @@ def test_train_still_replaces_its_own_unfinished_student(small_dataset, tiny_cac
     assert main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out),
                  "--layers", "1", "--max-steps", "1", "--batch-size", "8"]) == 0
     assert (out / "student-1L" / "m3distill_student.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained_students(small_dataset, tiny_cache, tmp_path_factory) -> Path:
+    """A students folder holding one trained 1-layer student of the tiny stand-in (read-only: copy it)."""
+    out = tmp_path_factory.mktemp("trained") / "students"
+    assert main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out),
+                 "--layers", "1", "--max-steps", "1", "--batch-size", "8", "--eval-steps", "1"]) == 0
+    return out
+
+
+def _train_cli(small_dataset: Path, tiny_cache: Path, out: Path, *extra: str) -> list[str]:
+    return ["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out", str(out), "--layers",
+            "1", "--max-steps", "1", "--batch-size", "8", "--eval-steps", "1", *extra]
+
+
+def test_train_force_refuses_a_student_holding_the_user_s_own_onnx_folder(small_dataset, tiny_cache, trained_students,
+                                                                          tmp_path, capsys):
+    out = shutil.copytree(trained_students, tmp_path / "students")
+    student = out / "student-1L"
+    (student / "onnx").mkdir()
+    (student / "onnx" / "model.onnx").write_bytes(b"the user's own export")
+    files = _user_files(student)
+    weights = (student / "model.safetensors").read_bytes()
+
+    error = _refusal(main(_train_cli(small_dataset, tiny_cache, out, "--force")), capsys, "train")
+
+    assert f"{student} holds files m3distill did not write (notes.txt, onnx/, thesis/)" in error
+    assert "retraining the student would remove them" in error
+    assert (student / "onnx" / "model.onnx").read_bytes() == b"the user's own export"
+    _assert_intact(student, files)
+    assert (student / "model.safetensors").read_bytes() == weights
+
+
+def test_export_force_refuses_an_export_holding_the_user_s_files_and_names_them(trained_students, tmp_path, capsys):
+    student = shutil.copytree(trained_students / "student-1L", tmp_path / "student-1L")
+    export = ["-q", "export", str(student), "--variants", "onnx", "--verify-texts", "8"]
+    assert main(export) == 0
+    capsys.readouterr()
+    (student / "onnx" / "benchmark.txt").write_text("my timings", encoding="utf-8")
+    graph = (student / "onnx" / "model.onnx").read_bytes()
+
+    error = _refusal(main([*export, "--force"]), capsys, "export")
+
+    assert f"{student / 'onnx'} holds files m3distill did not write (benchmark.txt)" in error
+    assert (student / "onnx" / "benchmark.txt").read_text(encoding="utf-8") == "my timings"
+    assert (student / "onnx" / "model.onnx").read_bytes() == graph
+
+
+# --- a student's identity is its files ----------------------------------------------------------------------------
+
+
+def _truncate(file: Path) -> None:
+    with open(file, "r+b") as handle:
+        handle.truncate(file.stat().st_size // 2)
+
+
+def test_a_student_with_a_truncated_model_is_not_taken_for_a_trained_one(small_dataset, tiny_cache, tiny_xlmr_path,
+                                                                         trained_students, tmp_path, capsys):
+    out = shutil.copytree(trained_students, tmp_path / "students")
+    student = out / "student-1L"
+    _truncate(student / "model.safetensors")
+
+    error = _refusal(main(_train_cli(small_dataset, tiny_cache, out)), capsys, "train")
+    assert f"{student} is out of date: its files changed since it was trained (model.safetensors changed)" in error
+    assert "--force" in error
+    for command, argv in {
+        "export": ["-q", "export", str(student), "--variants", "onnx"],
+        "evaluate": ["-q", "evaluate", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path), "--students",
+                     str(student), "--out", str(tmp_path / "report"), "--k", "5"],
+    }.items():
+        error = _refusal(main(argv), capsys, command)
+        assert f"{student} was changed or damaged since it was trained (model.safetensors changed)" in error
+        assert "m3distill train --force" in error
+
+    assert main(_train_cli(small_dataset, tiny_cache, out, "--force")) == 0
+    assert "1 steps" in capsys.readouterr().out  # retrained, not "already trained"
+    assert main(_train_cli(small_dataset, tiny_cache, out)) == 0
+    assert "already trained" in capsys.readouterr().out
+
+
+def test_a_student_of_an_earlier_m3distill_without_file_hashes_is_still_used_and_its_files_still_guarded(
+    small_dataset, tiny_cache, trained_students, tmp_path, capsys, caplog
+):
+    out = shutil.copytree(trained_students, tmp_path / "students")
+    student = out / "student-1L"
+    metadata_file = student / "m3distill_student.json"
+    metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+    for added_later in ("contents", "files"):
+        del metadata[added_later]
+    metadata_file.write_text(json.dumps(metadata), encoding="utf-8")
+
+    with caplog.at_level("INFO", logger="m3distill"):  # (without -q, which keeps INFO lines off every handler)
+        assert main(_train_cli(small_dataset, tiny_cache, out)[1:]) == 0
+    assert "already trained" in capsys.readouterr().out
+    assert "did not record the hashes of its files" in caplog.text
+
+    (student / "notes.txt").write_text("mine", encoding="utf-8")
+    error = _refusal(main(_train_cli(small_dataset, tiny_cache, out, "--force")), capsys, "train")
+    assert "holds files m3distill did not write (notes.txt)" in error
 
 
 # --- evaluate ------------------------------------------------------------------------------------------------------
@@ -278,3 +469,68 @@ def test_evaluate_refuses_an_output_folder_that_is_not_a_report(tiny_xlmr_path, 
     assert code == 2 and len(error.splitlines()) == 1 and "not an m3distill report folder" in error
     _assert_intact(out_dir, files)
     assert sorted(p.name for p in out_dir.iterdir()) == ["notes.txt", "thesis"]
+
+
+def test_evaluate_refuses_a_report_folder_holding_the_user_s_files_and_names_them(tiny_xlmr_path, xlmr_student,
+                                                                                 small_dataset, tmp_path, capsys):
+    out_dir = tmp_path / "report"
+    good = _good_report(out_dir)
+    mine = {"notes.txt": b"my notes", "data.bin": b"\x00\x01", "sub/nested.md": b"# mine\n"}
+    for name, content in mine.items():
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / name).write_bytes(content)
+
+    error = _refusal(main(["-q", "evaluate", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path),
+                           "--students", str(xlmr_student), "--out", str(out_dir), "--k", "5"]), capsys, "evaluate")
+
+    assert f"{out_dir} holds files m3distill did not write (data.bin, notes.txt, sub/)" in error
+    _assert_intact(out_dir, {**good, **mine})
+
+
+# --- one writer per output ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _held_by_another_process(output: Path, doing: str) -> Iterator[int]:
+    """``output``'s lock, held by another m3distill process until the block ends; yields that process's id."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from m3distill.locks import hold_outputs\n"
+         "with hold_outputs([Path(sys.argv[1])], doing=sys.argv[2]):\n"
+         "    print('held', flush=True); sys.stdin.read()", str(output), doing],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+@pytest.mark.parametrize("command", ["synth", "teacher", "train", "export", "evaluate", "report"])
+def test_a_second_command_writing_the_same_output_is_refused_naming_the_first(
+    command, few_documents, minilm_path, small_dataset, tiny_cache, tiny_xlmr_path, trained_students, tmp_path, capsys
+):
+    students = shutil.copytree(trained_students, tmp_path / "students")
+    report = tmp_path / "report"
+    _good_report(report)
+    output, argv = {
+        "synth": (tmp_path / "dataset", _synth_cli(few_documents, tmp_path / "dataset", minilm_path)),
+        "teacher": (tmp_path / "cache", ["-q", "teacher", "--data", str(small_dataset), "--teacher",
+                                         str(tiny_xlmr_path), "--out", str(tmp_path / "cache"), "--device", "cpu"]),
+        "train": (students, _train_cli(small_dataset, tiny_cache, students, "--force")),
+        "export": (students, ["-q", "export", str(students / "student-1L"), "--variants", "onnx"]),
+        "evaluate": (report, ["-q", "evaluate", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path),
+                              "--students", str(students / "student-1L"), "--out", str(report), "--k", "5"]),
+        "report": (report, ["-q", "report", str(report)]),
+    }[command]
+    before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
+
+    with _held_by_another_process(output, "train") as pid:
+        error = _refusal(main(argv), capsys, command)
+
+    assert error.endswith(f"{output} is in use by m3distill process {pid} (train); wait for it to finish or choose "
+                          "another output folder")
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before  # nothing touched
+    if command == "synth":  # once the first is done, the output is free again
+        assert main(argv) == 0

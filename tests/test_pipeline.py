@@ -150,12 +150,12 @@ def test_bge_m3_config_distils_8_6_4_layer_students_of_bge_m3():
 def test_a_run_directory_in_use_is_refused(sample_dir, tmp_path):
     from m3distill.config import M3DistillConfig
     from m3distill.errors import M3DistillError
-    from m3distill.pipeline import _run_dir_lock
+    from m3distill.locks import hold_run_dir
 
     config = M3DistillConfig.model_validate(_tiny_config_data(sample_dir, tmp_path / "run"))
     layout = RunLayout(tmp_path / "run")
     layout.root.mkdir()
-    with _run_dir_lock(layout), pytest.raises(M3DistillError, match="is in use by m3distill process"):
+    with hold_run_dir(layout.root), pytest.raises(M3DistillError, match="is in use by m3distill process"):
         run_pipeline(config, show_progress=False)
     assert not layout.dataset.exists()
 

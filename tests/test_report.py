@@ -76,7 +76,7 @@ def test_rerendering_from_report_json_gives_the_same_markdown(run_dir, report_co
 
 def test_report_json_round_trips_through_the_typed_report(report_copy, tmp_path):
     report = load_report(report_copy)
-    assert isinstance(report, Report) and report.schema_version == REPORT_SCHEMA_VERSION == 4
+    assert isinstance(report, Report) and report.schema_version == REPORT_SCHEMA_VERSION == 5
     assert report.to_json_dict() == json.loads((report_copy / REPORT_JSON_FILE).read_text())
     assert [model.role for model in report.models] == ["teacher", "student", "student"]
     assert report.speed.order == "interleaved" and report.speed.repeats == 2
@@ -183,7 +183,7 @@ def test_a_version_1_report_is_migrated(report_copy, tmp_path):
     report["models"][2]["metrics"][SPEEDUP] = 4.5  # above the 1-layer student's layer ratio of 4
     (report_copy / REPORT_JSON_FILE).write_text(json.dumps(report))
     migrated = load_report(report_copy)
-    assert migrated.schema_version == 4 and migrated.speed.order == "sequential"
+    assert migrated.schema_version == 5 and migrated.speed.order == "sequential"
     assert migrated.speed.min_seconds_per_repeat is None
     assert [model.metrics.get(SPEEDUP_SUSPECT) for model in migrated.models] == [None, False, True]
     markdown = render_report(report_copy).read_text()
@@ -221,7 +221,7 @@ def test_a_report_that_does_not_match_its_schema_is_one_line(report_copy, capsys
     report = json.loads((report_copy / REPORT_JSON_FILE).read_text())
     del report["retrieval"]["k"]
     (report_copy / REPORT_JSON_FILE).write_text(json.dumps(report))
-    with pytest.raises(M3DistillError, match=r"does not match report schema 4: retrieval\.k: Field required"):
+    with pytest.raises(M3DistillError, match=r"does not match report schema 5: retrieval\.k: Field required"):
         load_report(report_copy)
     report["retrieval"]["k"] = [2]
     report["schema_version"] = REPORT_SCHEMA_VERSION + 1

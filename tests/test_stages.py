@@ -18,7 +18,7 @@ from m3distill.cli import main
 from m3distill.config import M3DistillConfig
 from m3distill.layout import REPORT_JSON_FILE, RunLayout
 from m3distill.pipeline import STAGES, run_pipeline
-from m3distill.stages import EvaluateStage, TrainStage
+from m3distill.stages import EvaluateStage, TrainStage, run_stages
 from m3distill.training import is_trained_student, read_student_metadata
 
 pytestmark = pytest.mark.slow
@@ -130,6 +130,28 @@ def test_train_with_a_changed_setting_is_refused_alone_and_retrained_by_the_pipe
     assert (users / "notes.txt").read_text(encoding="utf-8") == "mine" and is_trained_student(student)
 
 
+def test_a_student_whose_weights_changed_is_retrained_by_run_and_its_report_redone(copy_of_run, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run_dir = copy_of_run / "run"
+    config = _config(copy_of_run / "corpus", copy_of_run / "general", run_dir)
+    weights = RunLayout(run_dir).student(STUDENT) / "model.safetensors"
+    # Another student's weights copied in: a valid file, other numbers.
+    save_file({name: tensor + 0.01 for name, tensor in load_file(weights).items()}, weights)
+
+    evaluate = run_stages(config)[-1]
+    assert evaluate.status().reason == f"students.{STUDENT} contents changed"
+    assert main(["-q", "train", "--config", str(_write_config(copy_of_run, config))]) == 2
+    assert "its files changed since it was trained (model.safetensors changed)" in capsys.readouterr().err
+
+    result = run_pipeline(config, show_progress=False)
+    assert _statuses(result)["train"] == "ran" and "model.safetensors changed" in result.stages["train"]["reason"]
+    # The report is of the weights there now: redone, or current when the retrain gave back the very weights it
+    # measured (training is deterministic on a CPU).
+    assert run_stages(config)[-1].status().current
+    assert _statuses(run_pipeline(config, show_progress=False)) == dict.fromkeys(STAGES, "skipped")
+
+
 def test_standalone_evaluate_skips_unfinished_students_and_reuses_the_teacher_cache(copy_of_run, capsys, caplog,
                                                                                      monkeypatch):
     import m3distill.evaluation.evaluate as evaluate_module
@@ -168,18 +190,20 @@ def test_standalone_evaluate_skips_unfinished_students_and_reuses_the_teacher_ca
     assert any("student-2L (unfinished" in record.getMessage() for record in caplog.records)
 
 
-def test_the_report_is_stale_once_a_student_is_retrained_even_with_the_same_settings(tmp_path):
-    """Retraining gives new weights from the same inputs: a report of the old weights must not count as current."""
-    from m3distill.training import STUDENT_METADATA_FILE
-
+def test_the_report_is_stale_once_a_student_s_weights_change(tmp_path):
+    """The report measured the students' files: new weights (a retrain, or another student's copied in) make a
+    report of the old ones stale, whatever the metadata beside them says."""
     student = tmp_path / "students" / STUDENT
     student.mkdir(parents=True)
-    config = M3DistillConfig()
-    stage = EvaluateStage(config, tmp_path / "dataset", tmp_path / "report", students=[student])
-    (student / STUDENT_METADATA_FILE).write_text(json.dumps({"trained": "first training"}))
-    first = stage.fingerprint()
-    (student / STUDENT_METADATA_FILE).write_text(json.dumps({"trained": "second training"}))
-    second = EvaluateStage(config, tmp_path / "dataset", tmp_path / "report", students=[student]).fingerprint()
+    (student / "model.safetensors").write_bytes(b"the first weights")
+
+    def fingerprint():
+        return EvaluateStage(M3DistillConfig(), tmp_path / "dataset", tmp_path / "report",
+                             students=[student]).fingerprint()
+
+    first = fingerprint()
+    (student / "model.safetensors").write_bytes(b"other weights")
+    second = fingerprint()
     assert first.digest != second.digest
     assert second.change(first.parts) == f"students.{STUDENT} contents changed"
 

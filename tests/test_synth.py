@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from m3distill.cli import main
 from m3distill.config import SplitConfig, SynthConfig
@@ -70,8 +71,11 @@ def test_split_sizes_fractions_counts_and_impossible_requests():
     assert split_sizes(5, SplitConfig(dev=0.1, test=0.1)) == {"train": 3, "dev": 1, "test": 1}
     with pytest.raises(M3DistillError, match="leave no training contexts"):
         split_sizes(10, SplitConfig(dev=5, test=5))
-    with pytest.raises(M3DistillError, match="whole number"):
-        split_sizes(10, SplitConfig(dev=2.5, test=0))
+    # Sizes no corpus can meet are refused with the settings, before any input is read.
+    with pytest.raises(ValidationError, match="whole number"):
+        SplitConfig(dev=2.5, test=0)
+    with pytest.raises(ValidationError, match="leave no training contexts"):
+        SplitConfig(dev=0.5, test=0.5)
 
 
 def test_splits_and_general_sample_depend_on_seed_and_ids_not_order():

@@ -217,3 +217,67 @@ def test_a_truncated_shard_is_one_clear_error_and_the_next_run_redoes_it(tiny_te
     summary = build_teacher_cache(small_dataset, tiny_teacher, cache_dir, show_progress=False)
     assert summary.n_computed == 10  # the damaged shard's texts, and no others
     np.testing.assert_allclose(TeacherCache.open(cache_dir).get(texts), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("damaged", ["dense", "keys"])
+def test_a_shard_changed_in_place_is_caught_by_its_checksum_and_the_next_teacher_run_redoes_it(
+    tiny_teacher, tiny_xlmr_path, tmp_path, damaged, capsys
+):
+    from conftest import write_small_dataset
+
+    from m3distill.config import M3DistillConfig
+    from m3distill.stages import TeacherStage
+
+    dataset = write_small_dataset(tmp_path / "dataset", per_language=1)
+    cache_dir = tmp_path / "cache"
+    config = M3DistillConfig(teacher=tiny_teacher)
+    TeacherStage(config, dataset, cache_dir).run(show_progress=False)
+    texts = load_synth_dataset(dataset).texts()
+    expected = TeacherCache.open(cache_dir).get(texts)
+    shard = cache_dir / "shards" / f"shard-00000.{damaged}.npy"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as handle:  # bytes overwritten inside the file: the size and the header stay right
+        handle.seek(size - 200)
+        handle.write(bytes(reversed(handle.read(100))) if damaged == "keys" else b"\x7f" * 100)
+    assert shard.stat().st_size == size
+
+    with pytest.raises(M3DistillError, match=rf"shard shard-00000 has a {damaged} file that does not match the "
+                                             r"checksum recorded when it was written"):
+        TeacherCache.open(cache_dir)
+    code = main(["-q", "train", "--data", str(dataset), "--cache", str(cache_dir), "--out", str(tmp_path / "students"),
+                 "--layers", "1", "--max-steps", "1"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "shard-00000" in error and "rerun `m3distill teacher`" in error
+    assert TeacherStage(config, dataset, cache_dir).status().state == "missing"  # run embeds it again
+
+    assert main(["-q", "teacher", "--config", _config_file(tmp_path, tiny_teacher), "--data", str(dataset), "--out",
+                 str(cache_dir)]) == 0
+    assert "(10 embedded, " in capsys.readouterr().out  # the damaged shard's texts, and no others
+    np.testing.assert_allclose(TeacherCache.open(cache_dir).get(texts), expected, atol=1e-6)
+    assert TeacherStage(config, dataset, cache_dir).status().current
+
+
+def _config_file(folder: Path, teacher: TeacherConfig) -> str:
+    import yaml
+
+    path = folder / "teacher.yaml"
+    path.write_text(yaml.safe_dump({"teacher": teacher.model_dump(mode="json")}), encoding="utf-8")
+    return str(path)
+
+
+def test_a_cache_from_before_checksums_opens_and_the_next_teacher_run_records_them(tiny_dataset, tiny_teacher,
+                                                                                    tmp_path, caplog):
+    cache_dir = tmp_path / "cache"
+    build_teacher_cache(tiny_dataset, tiny_teacher, cache_dir, show_progress=False)
+    manifest = json.loads((cache_dir / CACHE_MANIFEST_FILE).read_text(encoding="utf-8"))
+    recorded = {entry["name"]: entry.pop("checksums") for entry in manifest["shards"]}
+    (cache_dir / CACHE_MANIFEST_FILE).write_text(json.dumps(manifest), encoding="utf-8")
+
+    with caplog.at_level("INFO", logger="m3distill"):
+        assert len(TeacherCache.open(cache_dir)) > 0
+    assert "records no checksums" in caplog.text
+
+    summary = build_teacher_cache(tiny_dataset, tiny_teacher, cache_dir, show_progress=False)
+    assert summary.n_computed == 0
+    manifest = json.loads((cache_dir / CACHE_MANIFEST_FILE).read_text(encoding="utf-8"))
+    assert {entry["name"]: entry["checksums"] for entry in manifest["shards"]} == recorded

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -28,8 +29,9 @@ DEFAULT_TEACHER = "BAAI/bge-m3"
 
 
 class _Section(BaseModel):
-    # Unknown keys are typos in a user's YAML: refuse them instead of silently ignoring them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are typos in a user's YAML: refuse them instead of silently ignoring them. No setting means
+    # anything as nan or inf (a weight, a rate, a size): refuse those too, before any work, not after it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LLMConfig(_Section):
@@ -64,6 +66,21 @@ class SplitConfig(_Section):
 
     dev: float = Field(0.1, ge=0, description="Dev contexts: a fraction (< 1) or a count (>= 1).")
     test: float = Field(0.1, ge=0, description="Test contexts: a fraction (< 1) or a count (>= 1).")
+
+    @field_validator("dev", "test")
+    @classmethod
+    def _fraction_or_count(cls, value: float, info: ValidationInfo) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"{info.field_name} size {value} is neither a fraction below 1 nor a whole number of "
+                             "contexts")
+        return value
+
+    @model_validator(mode="after")
+    def _some_training_left(self) -> SplitConfig:
+        if self.dev < 1 and self.test < 1 and self.dev + self.test >= 1:
+            raise ValueError(f"the dev ({self.dev}) and test ({self.test}) fractions add up to 1 or more and leave no "
+                             "training contexts")
+        return self
 
 
 class SynthConfig(_Section):
@@ -465,6 +482,9 @@ def load_config(path: str | Path | None = None) -> M3DistillConfig:
         raise M3DistillError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise M3DistillError(f"config file {path} is not UTF-8 text (undecodable byte at offset {error.start}); save "
+                             "it as UTF-8") from None
     except yaml.YAMLError as error:
         raise M3DistillError(f"config file {path} is not valid YAML: {error}".splitlines()[0]) from error
     if not isinstance(data, dict):
@@ -524,16 +544,36 @@ def apply_overrides(config: M3DistillConfig, overrides: dict[str, Any]) -> M3Dis
 
 
 def config_to_yaml(config: M3DistillConfig) -> str:
-    """The config as YAML, the form ``load_config`` reads back, with credentials removed from its URLs.
+    """The config as YAML, the form ``load_config`` reads back, with credentials removed from its URLs
+    (:func:`settings_record`)."""
+    return yaml.safe_dump(settings_record(config), sort_keys=False, allow_unicode=True)
 
-    Only key *names* (``api_key_env``) are ever part of a config; a key written into ``synth.llm.base_url`` or
-    ``evaluation.qdrant_url`` (``user:pass@``, ``?api_key=``) is redacted by :func:`redact_url`.
+
+def settings_record(settings: BaseModel, **dump_options: Any) -> dict[str, Any]:
+    """``settings`` (the config or one of its sections) as every record m3distill writes or logs holds them:
+    ``settings.model_dump(mode="json", **dump_options)`` with the credentials of each URL in it removed.
+
+    The one way settings become a record (RUN_DIR/config.yaml, the dataset manifest, a student's metadata, the
+    fingerprints, the report), so that none can hold a credential, whichever field a URL sits in: only key *names*
+    (``api_key_env``) belong in a config, and a key written into a URL (``synth.llm.base_url``,
+    ``evaluation.qdrant_url``: ``user:pass@``, ``?api_key=``) is redacted by :func:`redact_url`. Fingerprints are
+    taken of the record too, so another host or path makes an output stale and another password does not.
     """
-    data = config.model_dump(mode="json")
-    data["synth"]["llm"]["base_url"] = redact_url(data["synth"]["llm"]["base_url"])
-    if data["evaluation"].get("qdrant_url"):
-        data["evaluation"]["qdrant_url"] = redact_url(data["evaluation"]["qdrant_url"])
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return _without_credentials(settings.model_dump(mode="json", **dump_options))
+
+
+# A URL with a scheme and no whitespace (a prompt template mentioning one is text, not a URL).
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S*$")
+
+
+def _without_credentials(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_credentials(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_credentials(item) for item in value]
+    if isinstance(value, str) and _URL.match(value):
+        return redact_url(value)
+    return value
 
 
 # Query parameters whose value is a credential (api_key, key, token, access_token, secret, password, sig...).
@@ -558,4 +598,6 @@ def redact_url(url: str) -> str:
         query = urlencode(
             [(name, REDACTED if _SECRET_QUERY_NAME.search(name) else value) for name, value in pairs], safe="*"
         )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing to remove: kept exactly as written (fingerprints of it stay as they were)
     return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -328,6 +328,18 @@ def read_export_record(model_dir: str | Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def export_files(model_dir: str | Path) -> list[str]:
+    """What m3distill wrote in a folder's ``onnx/``, by its export record: the record and each variant's files, as
+    names inside ``onnx/``; [] when there is no record (an ``onnx/`` folder of the user's)."""
+    record = read_export_record(model_dir)
+    if record is None:
+        return []
+    files = {Path(EXPORT_RECORD_FILE).name}
+    for entry in (record.get("variants") or {}).values():
+        files.update(Path(file).name for file in (entry.get("files") or []) if isinstance(file, str))
+    return sorted(files)
+
+
 def exported_variants(model_dir: str | Path) -> list[str]:
     """The variants the export record lists whose files exist, in ``("onnx", "int8")`` order; [] when none."""
     record = read_export_record(model_dir)

@@ -14,7 +14,6 @@ m3distill's own marker.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -22,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from m3distill.atomic import write_text_atomic
 from m3distill.config import M3DistillConfig, config_to_yaml, load_config
 from m3distill.errors import M3DistillError
 from m3distill.layout import RunLayout, is_inside
+from m3distill.locks import hold_run_dir
 from m3distill.resources import bundled_config, sample_corpus_dir
 from m3distill.stages import ALL_STAGE_NAMES, STAGE_NAMES, run_stages
 
@@ -35,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 STAGES = STAGE_NAMES  # every run's stages; ALL_STAGES adds export, which a run has when export.enabled
 ALL_STAGES = ALL_STAGE_NAMES
-_LOCK_FILE = ".lock"
-_LOCK_OWNER_FILE = ".lock.owner"
 
 
 @dataclass
@@ -87,13 +83,23 @@ def _check_sources_outside_outputs(config: M3DistillConfig, layout: RunLayout) -
 
 @contextmanager
 def _run_log(layout: RunLayout) -> Iterator[None]:
-    """Append everything m3distill logs during the run to RUN_DIR/m3distill.log (the terminal shows less)."""
+    """Append everything m3distill logs during the run to RUN_DIR/m3distill.log (the terminal shows less), and how
+    the run ended when it failed: the error (with its traceback when it is not a user's error), or the interruption."""
     handler = logging.FileHandler(layout.log, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package_logger = logging.getLogger("m3distill")
     package_logger.addHandler(handler)
     try:
         yield
+    except BaseException as error:
+        # Into the file alone: the terminal gets the CLI's one line (or the traceback) already.
+        interrupted = isinstance(error, KeyboardInterrupt)
+        handler.handle(logger.makeRecord(
+            logger.name, logging.ERROR, __file__, 0, "run interrupted" if interrupted else "run failed: %s",
+            () if interrupted else (error,),
+            None if interrupted or isinstance(error, M3DistillError) else (type(error), error, error.__traceback__),
+        ))
+        raise
     finally:
         package_logger.removeHandler(handler)
         handler.close()
@@ -122,10 +128,10 @@ def run_pipeline(
     _refuse_several_processes()
     layout = RunLayout(config.run_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
-    with _run_dir_lock(layout), _run_log(layout):
+    with hold_run_dir(layout.root), _run_log(layout):
         _check_sources_outside_outputs(config, layout)
-        write_text_atomic(layout.config, run_config_yaml(config))
         result = PipelineResult(run_dir=layout.root, report_dir=layout.report)
+        config_written = False
         for stage in run_stages(config):
             redo = stage.name in forced
             status = None if redo else stage.status()
@@ -137,6 +143,12 @@ def run_pipeline(
             if status is not None and status.state == "stale":
                 logger.info("stage %s is out of date (%s); redoing it", stage.name, status.reason)
             stage.check_inputs()
+            if not config_written:
+                # RUN_DIR/config.yaml describes what the outputs are made from: it changes when the first of them is
+                # about to, once what that stage reads (the corpus, the tokenizer, the teacher) has been read.
+                stage.fingerprint()
+                write_text_atomic(layout.config, run_config_yaml(config))
+                config_written = True
             if on_stage:
                 on_stage(stage.name, "start")
             started = time.perf_counter()
@@ -146,6 +158,8 @@ def run_pipeline(
                                          **({"reason": status.reason} if status is not None and status.reason else {})}
             if on_stage:
                 on_stage(stage.name, "done")
+        if not config_written:
+            write_text_atomic(layout.config, run_config_yaml(config))
         return result
 
 
@@ -169,30 +183,6 @@ def run_config_yaml(config: M3DistillConfig) -> str:
     ``m3distill run RUN_DIR/config.yaml`` (whose relative paths are taken from RUN_DIR) reruns this same run instead
     of starting a new one in RUN_DIR/RUN_DIR."""
     return config_to_yaml(config.model_copy(update={"run_dir": str(Path(config.run_dir).expanduser().resolve())}))
-
-
-@contextmanager
-def _run_dir_lock(layout: RunLayout) -> Iterator[None]:
-    """Hold the run directory for this process: two runs in one directory would delete each other's outputs."""
-    lock = FileLock(layout.root / _LOCK_FILE)
-    owner = layout.root / _LOCK_OWNER_FILE
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        try:
-            holder = owner.read_text(encoding="utf-8").strip()
-        except OSError:
-            holder = ""
-        raise M3DistillError(
-            f"run directory {layout.root} is in use by {holder or 'another process'}; wait for it to finish or use "
-            "another run directory"
-        ) from None
-    try:
-        owner.write_text(f"m3distill process {os.getpid()}", encoding="utf-8")
-        yield
-    finally:
-        owner.unlink(missing_ok=True)
-        lock.release()
 
 
 M3_DEMO_TEACHER_DIRNAME = "m3-test-teacher"

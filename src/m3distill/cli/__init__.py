@@ -93,15 +93,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except M3DistillError as error:
         print(f"m3distill {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
+    except Exception as error:
         # A backstop for paths the stages did not check first: an output on a read-only or full disk, a folder
-        # without permission, a file where a folder should be. Any other OSError is a bug and keeps its traceback.
-        from m3distill.atomic import USER_PATH_ERRNOS, describe_os_error
+        # without permission, a file where a folder should be. Any other error is a bug and keeps its traceback.
+        from m3distill.atomic import USER_PATH_ERRNOS, describe_os_error, is_disk_full
 
-        if error.errno not in USER_PATH_ERRNOS or error.filename is None:
+        if isinstance(error, OSError) and error.errno in USER_PATH_ERRNOS and error.filename is not None:
+            line = describe_os_error(error)
+        elif is_disk_full(error):  # a library's own words for it (pyarrow, safetensors, sqlite), no path given
+            line = "no space left on the device; free some space or choose another location"
+        else:
             raise
         logging.getLogger("m3distill").debug("the error in full:", exc_info=True)
-        print(f"m3distill {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        print(f"m3distill {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"m3distill {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

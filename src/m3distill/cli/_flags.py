@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from m3distill.config import M3DistillConfig
@@ -82,7 +82,9 @@ def _without_none(annotation: Any) -> Any:
 
 def _value_parser(annotation: Any, metadata: list[Any]) -> Callable[[str], Any]:
     """An argparse ``type``: the text (split on commas for a list) validated as ``annotation`` by pydantic."""
-    adapter = TypeAdapter(Annotated[(annotation, *metadata)] if metadata else annotation)
+    # The sections' own rule (nan and inf are no settings), so a bad number is the flag's error, not a later one.
+    config = ConfigDict(allow_inf_nan=False)
+    adapter = TypeAdapter(Annotated[(annotation, *metadata)] if metadata else annotation, config=config)
     is_list = get_origin(annotation) in (list, tuple)
 
     def parse(text: str) -> Any:

@@ -296,6 +296,11 @@ def _row_id(row: dict[str, Any] | Any, id_column: str | None, number: int) -> st
     return str(number) if id_column is None else str(row[id_column])
 
 
+def _not_text(values: Any, text_column: str) -> _BadFile:
+    """The refusal of a text column that holds something else (numbers read as the documents "1", "2", "3")."""
+    return _BadFile(f"column {text_column!r} holds {values}, not text; choose the text column with --text-column")
+
+
 def _jsonl_rows(text: str, text_column: str, id_column: str | None) -> list[tuple[str, Any]]:
     rows = []
     for line_number, line in enumerate(text.splitlines(), start=1):
@@ -309,6 +314,8 @@ def _jsonl_rows(text: str, text_column: str, id_column: str | None) -> list[tupl
             raise _BadFile(f"line {line_number} is not a JSON object")
         try:
             _columns_or_fail(list(record), text_column, id_column)
+            if not isinstance(record[text_column], str | None):
+                raise _not_text(f"a {type(record[text_column]).__name__}", text_column)
         except _BadFile as bad:
             raise _BadFile(f"line {line_number}: {bad}") from None
         rows.append((_row_id(record, id_column, len(rows)), record[text_column]))
@@ -322,9 +329,25 @@ def _csv_rows(text: str, text_column: str, id_column: str | None) -> list[tuple[
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         _columns_or_fail(list(reader.fieldnames or []), text_column, id_column)
-        return [(_row_id(row, id_column, number), row[text_column]) for number, row in enumerate(reader)]
+        rows = [(_row_id(row, id_column, number), row[text_column]) for number, row in enumerate(reader)]
     except csv.Error as error:
         raise _BadFile(f"not a valid CSV file ({error})") from None
+    _warn_if_rows_merged(text, rows)
+    return rows
+
+
+def _warn_if_rows_merged(text: str, rows: list[tuple[str, Any]]) -> None:
+    """Warn when one CSV row swallowed most of the file's lines: an unterminated quote makes every row after it part
+    of one field, so the file reads as a single document (and a split of 1/0/0) without any error."""
+    lines = sum(1 for line in text.splitlines()[1:] if line.strip())
+    spans = [len((value or "").splitlines()) for _, value in rows]
+    longest = max(spans, default=0)
+    if lines >= 4 and longest > lines / 2 and len(rows) < lines / 2:
+        logger.warning(
+            "CSV parsing gave %d rows from %d lines: row %d alone spans %d lines. An unterminated quote (\") merges "
+            "the rows after it into one document; check the file's quoting", len(rows), lines,
+            spans.index(longest) + 1, longest,
+        )
 
 
 def _parquet_rows(data: bytes, text_column: str, id_column: str | None) -> list[tuple[str, Any]]:
@@ -333,6 +356,12 @@ def _parquet_rows(data: bytes, text_column: str, id_column: str | None) -> list[
     except (pa.ArrowException, OSError) as error:
         raise _BadFile(f"not a valid Parquet file ({str(error).splitlines()[0]})") from None
     _columns_or_fail(table.column_names, text_column, id_column)
+    kind = table.schema.field(text_column).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+            or pa.types.is_null(kind)):
+        raise _not_text(f"{kind} values", text_column)
     texts = table.column(text_column).to_pylist()
     ids = table.column(id_column).to_pylist() if id_column else range(len(texts))
     return [(str(row_id), text) for row_id, text in zip(ids, texts)]
@@ -388,6 +417,9 @@ def _pick_split(loaded: Any, split: str, name: str) -> Any:
 def _read_hf(dataset: Any, text_column: str, id_column: str | None, name: str) -> Iterator[tuple[str, Any]]:
     try:
         _columns_or_fail(list(dataset.column_names), text_column, id_column)
+        kind = getattr((getattr(dataset, "features", None) or {}).get(text_column), "dtype", "string")
+        if kind not in ("string", "large_string", "null"):
+            raise _not_text(f"{kind} values", text_column)
     except _BadFile as bad:
         raise M3DistillError(f"dataset {name}: {bad}") from None
     texts = dataset[text_column]

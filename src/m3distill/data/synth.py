@@ -23,8 +23,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, write_json_atomic
-from m3distill.config import SynthConfig
+from m3distill.atomic import atomic_dir, disk_space_for, refuse_files_not_ours, write_json_atomic
+from m3distill.config import SynthConfig, settings_record
 from m3distill.data.chunking import Context, chunk_documents, load_tokenizer, model_token_limit
 from m3distill.data.corpus import Corpus, load_corpus
 from m3distill.data.crops import context_crops
@@ -42,10 +42,13 @@ from m3distill.errors import M3DistillError
 from m3distill.layout import (
     CONTEXTS_FILE,
     CROPS_FILE,
+    DATASET_CREATED_BY,
+    DATASET_FILES,
     DATASET_MANIFEST_FILE,
     GENERAL_FILE,
     QUESTIONS_FILE,
     SPLITS,
+    folder_kind,
     is_inside,
 )
 
@@ -157,7 +160,7 @@ def synthesize(
 
     manifest = {
         "format": DATASET_FORMAT,
-        "created_by": "m3distill synth",
+        "created_by": DATASET_CREATED_BY,
         "m3distill_version": __version__,
         "input_hash": input_hash,
         "inputs": inputs,
@@ -187,7 +190,10 @@ def synthesize(
         },
         "languages": dict(sorted(Counter(languages).items())) if config.detect_language else None,
     }
-    with atomic_dir(out_dir, overwrite=replace) as tmp:
+    # About what the tables hold (Parquet compresses the text; the ids and offsets are small beside it).
+    needed = sum(len(row["text"].encode("utf-8")) for rows in (context_rows, question_rows, general_rows, crop_rows)
+                 for row in rows)
+    with disk_space_for(out_dir, needed), atomic_dir(out_dir, overwrite=replace, ours=DATASET_FILES) as tmp:
         write_table(tmp / CONTEXTS_FILE, context_rows, CONTEXT_SCHEMA)
         write_table(tmp / QUESTIONS_FILE, question_rows, QUESTION_SCHEMA)
         write_table(tmp / GENERAL_FILE, general_rows, GENERAL_SCHEMA)
@@ -232,8 +238,9 @@ def _read_inputs(config: SynthConfig, tokenizer: str | Path) -> tuple[Corpus, Co
     general = _load(config.general, config, None) if config.general else None
     loaded_tokenizer = load_tokenizer(tokenizer)
     tokenizer_hash = hashlib.sha256(loaded_tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
-    # Paths are left out (the contents count, not where they lie); so are LLM settings when no LLM is used.
-    settings = config.model_dump(mode="json", exclude={"corpus", "general"})
+    # Paths are left out (the contents count, not where they lie); so are LLM settings when no LLM is used. The
+    # record is redacted before it is hashed: the endpoint's host counts, a credential in its URL does not.
+    settings = settings_record(config, exclude={"corpus", "general"})
     if config.generator == "llm":
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in _TRANSPORT_SETTINGS}
     else:
@@ -260,9 +267,16 @@ def _check_inputs_outside(out_dir: Path, sources: dict[str, str | None]) -> None
 def _check_out_dir(out_dir: Path, input_hash: str, overwrite: bool) -> bool | None:
     """``None`` when ``out_dir`` already holds this very dataset; else whether an existing folder is replaced.
 
-    Only a folder carrying a dataset manifest (m3distill's marker) is ever replaced; any other non-empty folder is
-    the user's and is refused even with ``overwrite``.
+    Only a folder carrying synth's marker (its manifest) is ever replaced, and only when it holds nothing but the
+    dataset's files; any other non-empty folder (the user's, or another stage's output such as a teacher cache) is
+    refused even with ``overwrite``, saying what it is.
     """
+    kind = folder_kind(out_dir)
+    if kind not in (None, "a dataset"):
+        raise M3DistillError(
+            f"{out_dir} is {kind}, not a dataset; synth replaces only a dataset it wrote, even with --overwrite: "
+            "choose another --out"
+        )
     if is_complete_dataset(out_dir):
         try:
             found = json.loads((out_dir / DATASET_MANIFEST_FILE).read_text(encoding="utf-8")).get("input_hash")
@@ -275,12 +289,13 @@ def _check_out_dir(out_dir: Path, input_hash: str, overwrite: bool) -> bool | No
                 f"{out_dir} already holds a dataset made from other inputs or settings; pass --overwrite to "
                 "replace it, or choose another --out"
             )
+        refuse_files_not_ours(out_dir, DATASET_FILES, replacing="replacing the dataset")
         return True
     if out_dir.exists():
         if not out_dir.is_dir():
             raise M3DistillError(f"{out_dir} is a file; --out must be a directory")
         if any(out_dir.iterdir()):
-            if not _has_dataset_manifest(out_dir):
+            if kind is None:
                 raise M3DistillError(
                     f"{out_dir} is not empty and is not an m3distill dataset (no {DATASET_MANIFEST_FILE}); m3distill "
                     "never replaces it, even with --overwrite: choose another --out, or empty the folder yourself"
@@ -290,16 +305,9 @@ def _check_out_dir(out_dir: Path, input_hash: str, overwrite: bool) -> bool | No
                     f"{out_dir} holds an incomplete m3distill dataset; pass --overwrite to replace it, or choose "
                     "another --out"
                 )
+            refuse_files_not_ours(out_dir, DATASET_FILES, replacing="replacing the dataset")
         return True
     return False
-
-
-def _has_dataset_manifest(folder: Path) -> bool:
-    """True when ``folder`` carries a dataset manifest: the marker of a folder m3distill synth wrote."""
-    try:
-        return isinstance(json.loads((folder / DATASET_MANIFEST_FILE).read_text(encoding="utf-8")), dict)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
 
 
 def _warn_if_model_reads_less(name: str | Path, tokenizer: Any, max_tokens: int) -> None:

@@ -52,8 +52,8 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, atomic_path
-from m3distill.config import EvaluationConfig, TeacherConfig
+from m3distill.atomic import atomic_dir, atomic_path, disk_space_for, refuse_files_not_ours
+from m3distill.config import EvaluationConfig, TeacherConfig, settings_record
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.errors import M3DistillError
 from m3distill.evaluation.real_questions import RealQuestionSet, measure_real_questions, real_question_set
@@ -73,7 +73,14 @@ from m3distill.evaluation.speed import (
     speed_texts,
     timed_onnx_encoder,
 )
-from m3distill.layout import REPORT_JSON_FILE, SPLITS, STUDENT_METADATA_FILE
+from m3distill.layout import (
+    EMBEDDINGS_CACHE_DIRNAME,
+    REPORT_FILES,
+    REPORT_JSON_FILE,
+    SPLITS,
+    STUDENT_METADATA_FILE,
+    folder_kind,
+)
 from m3distill.m3 import (
     DENSE,
     HEAD_FILES,
@@ -126,7 +133,6 @@ logger = logging.getLogger(__name__)
 
 TEACHER_LABEL = "teacher"
 IN_MEMORY_SOURCE = "(in memory)"
-EMBEDDINGS_CACHE_DIRNAME = ".embeddings-cache"
 _VERSIONED_PACKAGES = ("torch", "transformers", "sentence-transformers", "qdrant-edge-py", "qdrant-client",
                        "ir-measures", "numpy", "onnxruntime")
 # Where a student keeps its ONNX exports (m3distill.onnx_serving.ONNX_DIR), for the warning without onnxruntime.
@@ -239,8 +245,12 @@ def evaluate_models(
     # Each variant follows its torch student, in the tables as in the speed turns.
     labels = [name for label in labels
               for name in [label, *[own for own, variant in variants.items() if variant.student == label]]]
-    with _timed(timings, "encode"):
-        texts = data.questions + data.contexts
+    texts = data.questions + data.contexts
+    # The embeddings kept in the report folder until the report is written (float32; an M3 model's sparse and
+    # ColBERT outputs come on top), then the report itself (a few plots).
+    needed = 4 * len(texts) * sum(int(model.get_embedding_dimension()) for model in models.values()) * (
+        1 + len(variants) / max(len(models), 1)) + 2_000_000
+    with disk_space_for(out_dir, int(needed)), _timed(timings, "encode"):
         embeddings = _embed_all(models, heads, texts, cache_dir, config.batch_size, show_progress,
                                 teacher_embeddings)
         embeddings.update({label: _encode_variant_cached(variant, texts, cache_dir, label, config.batch_size,
@@ -300,7 +310,7 @@ def evaluate_models(
         finished_at=_iso(time.time()),
         duration_s=time.time() - started,
         timings_s=timings,
-        config={"teacher": teacher.model_dump(mode="json"), "evaluation": config.model_dump(mode="json")},
+        config={"teacher": settings_record(teacher), "evaluation": settings_record(config)},
         versions=_library_versions(),
         device=DeviceInfo(name=str(device), description=device_description(device),
                           torch_threads=torch.get_num_threads(), platform=platform.platform()),
@@ -315,7 +325,7 @@ def evaluate_models(
         ),
         retrieval=RetrievalSettings(
             backend=backend.name,
-            qdrant_url=config.qdrant_url if qdrant_client is None else "(injected client)",
+            qdrant_url=settings_record(config)["qdrant_url"] if qdrant_client is None else "(injected client)",
             indexes=_index_kinds(config),
             k=list(config.k),
             depth=depth,
@@ -339,24 +349,29 @@ def evaluate_models(
         real_questions=real_questions,
     )
     # The new report replaces the old folder (and its embeddings cache) only once every file is written.
-    with atomic_dir(out_dir.absolute(), overwrite=True) as new_report_dir:
+    with disk_space_for(out_dir, 2_000_000), atomic_dir(out_dir.absolute(), overwrite=True,
+                                                        ours=REPORT_FILES) as new_report_dir:
         write_report(report, new_report_dir)
     logger.info("evaluated %d models in %.1fs; report in %s", len(labels), report.duration_s, out_dir)
     return report
 
 
 def _check_report_dir(out_dir: Path) -> None:
-    """Refuse an ``out_dir`` the new report may not replace: anything but a new, empty or m3distill report folder."""
+    """Refuse an ``out_dir`` the new report may not replace: anything but a new, empty or m3distill report folder,
+    and a report folder holding files m3distill did not write (named)."""
     if not out_dir.exists():
         return
     if out_dir.is_dir():
         if (out_dir / REPORT_JSON_FILE).is_file() or (out_dir / EMBEDDINGS_CACHE_DIRNAME).is_dir():
+            refuse_files_not_ours(out_dir, REPORT_FILES, replacing="writing the new report")
             return
         if not any(out_dir.iterdir()):
             return
+    kind = folder_kind(out_dir)
     raise M3DistillError(
-        f"{out_dir} is not an m3distill report folder (no {REPORT_JSON_FILE}) and is not empty; the report replaces "
-        "its folder, so choose another --out, or empty it yourself"
+        f"{out_dir} is not an m3distill report folder (no {REPORT_JSON_FILE}) and is not empty"
+        f"{f' (it is {kind})' if kind else ''}; the report replaces its folder, so choose another --out, or empty it "
+        "yourself"
     )
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from m3distill.config import EvaluationConfig
+from m3distill.config import EvaluationConfig, redact_url
 from m3distill.errors import M3DistillError
 from m3distill.metrics import GROUND_TRUTH_CUTOFF
 
@@ -454,7 +454,8 @@ def _connect(url: str, api_key_env: str | None):
         client.get_collections()
     except Exception as error:  # any transport error: the user's URL, network or key is wrong
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise M3DistillError(f"cannot reach Qdrant at {url}: {cause}") from error
+        shown = redact_url(url)  # the one line must not carry a credential written into the URL
+        raise M3DistillError(f"cannot reach Qdrant at {shown}: {cause.replace(url, shown)}") from error
     return client
 
 

@@ -27,7 +27,7 @@ from sentence_transformers import SentenceTransformer
 from m3distill.config import ExportConfig, QuantizationConfig
 from m3distill.errors import M3DistillError
 from m3distill.metrics import row_cosines
-from m3distill.models import transformer_backbone
+from m3distill.models import load_sentence_transformer, transformer_backbone
 from m3distill.onnx_serving import ONNX_DIR, ONNX_VARIANT_FILES, OnnxEncoder, serving_spec
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts
     """
     step("loading the student")
     spec = serving_spec(student_dir)
-    model = SentenceTransformer(str(student_dir), device="cpu")
+    model = load_sentence_transformer(str(student_dir), device="cpu")  # a damaged folder is one line, not a traceback
     model.float().eval()
     if int(model.max_seq_length) != spec.max_seq_length:
         raise M3DistillError(

@@ -22,14 +22,21 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
-from m3distill.config import ExportConfig
+from m3distill.atomic import (
+    atomic_dir,
+    disk_space_for,
+    refuse_files_not_ours,
+    write_json_atomic,
+    write_text_atomic,
+)
+from m3distill.config import ExportConfig, settings_record
 from m3distill.errors import M3DistillError
 from m3distill.onnx_serving import (
     EXPORT_RECORD_FILE,
     ONNX_DIR,
     ONNX_VARIANT_FILES,
     VARIANTS,
+    export_files,
     read_export_record,
     serving_spec,
 )
@@ -92,7 +99,7 @@ def export_fingerprint(student_dir: str | Path, config: ExportConfig) -> Fingerp
     weights; not its card, its heads nor ``onnx/`` itself) and the settings that shape the files."""
     from m3distill.teacher.fingerprint import hash_model_files
 
-    settings = config.model_dump(mode="json", include={"variants", "opset", "quantization"})
+    settings = settings_record(config, include={"variants", "opset", "quantization"})
     if "int8" not in config.variants:
         settings.pop("quantization")
     return Fingerprint({"student" + CONTENTS: hash_model_files(student_dir), **flatten("export", settings)})
@@ -120,14 +127,15 @@ def student_export_status(student_dir: str | Path, config: ExportConfig) -> Stag
 
 
 def check_onnx_dir_is_ours(student_dir: str | Path) -> None:
-    """Raise :class:`M3DistillError` when ``student_dir/onnx`` exists without m3distill's export record: it is the
-    user's, and exporting would replace it."""
+    """Raise :class:`M3DistillError` when ``student_dir/onnx`` exists without m3distill's export record (it is the
+    user's), or holds files besides the export m3distill wrote (they are named): exporting replaces the folder."""
     onnx_dir = Path(student_dir) / ONNX_DIR
     if (onnx_dir.exists() or onnx_dir.is_symlink()) and read_export_record(student_dir) is None:
         raise M3DistillError(
             f"{onnx_dir} exists and m3distill did not write it (no {Path(EXPORT_RECORD_FILE).name}); move it away "
             "to export this student"
         )
+    refuse_files_not_ours(onnx_dir, export_files(student_dir), replacing="exporting the student again")
 
 
 def verification_texts(config: ExportConfig, dataset_dir: str | Path | None = None) -> list[str]:
@@ -203,10 +211,13 @@ def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequ
     from m3distill.export.onnx import build_variants
     from m3distill.m3 import is_m3_model
 
+    from m3distill.training.distill import check_student_contents
+
     student_dir = Path(student_dir)
     if not student_dir.is_dir():
         raise M3DistillError(f"student folder not found: {student_dir}")
     spec = serving_spec(student_dir)
+    check_student_contents(student_dir)  # a student damaged since it was trained gives no export
     status = student_export_status(student_dir, config)
     if status.current and not force:
         logger.info("%s: export up to date, skipped", student_dir.name)
@@ -227,7 +238,8 @@ def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequ
             bar.n = steps.index(name)
             bar.set_postfix_str(name)
 
-        with atomic_dir(onnx_dir, overwrite=True) as tmp:
+        with (disk_space_for(onnx_dir, _export_bytes(student_dir, config)),
+              atomic_dir(onnx_dir, overwrite=True, ours=export_files(student_dir)) as tmp):
             built, facts = build_variants(student_dir, tmp, config, verify_on, step=step)
             record = {
                 "format": EXPORT_RECORD_FORMAT,
@@ -248,7 +260,7 @@ def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequ
                         "mean_cosine_vs_torch": variant.mean_cosine,
                         "min_cosine_vs_torch": variant.min_cosine,
                         "seconds": round(variant.seconds, 2),
-                        **({"quantization": config.quantization.model_dump(mode="json")} if name == "int8" else {}),
+                        **({"quantization": settings_record(config.quantization)} if name == "int8" else {}),
                     }
                     for name, variant in built.items()
                 },
@@ -259,6 +271,13 @@ def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequ
     result = _result_from_record(student_dir, record, skipped=False)
     logger.debug("%s", result.line())
     return result
+
+
+def _export_bytes(student_dir: Path, config: ExportConfig) -> int:
+    """About what an export of ``student_dir`` writes: the float32 graph holds the student's weights, int8 a
+    quarter of them."""
+    weights = sum(file.stat().st_size for pattern in ("*.safetensors", "*.bin") for file in student_dir.glob(pattern))
+    return int(weights * (("onnx" in config.variants) + 0.25 * ("int8" in config.variants)))
 
 
 def _files_sha256(folder: Path, files: list[str]) -> str:

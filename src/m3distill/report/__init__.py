@@ -14,6 +14,7 @@ from pathlib import Path
 
 from m3distill.atomic import write_json_atomic, write_text_atomic
 from m3distill.layout import REPORT_JSON_FILE, REPORT_MD_FILE
+from m3distill.locks import hold_outputs
 from m3distill.report.schema import (
     REPORT_SCHEMA_VERSION,
     AlignmentPairsInfo,
@@ -77,7 +78,8 @@ def render_report(report_dir: str | Path) -> Path:
         report_dir: a report directory, or a run directory whose ``report/`` holds one.
     """
     report_dir = find_report_dir(report_dir)
-    return _render_files(load_report(report_dir), report_dir)
+    with hold_outputs([report_dir], doing="report"):  # the report's own lock: evaluate writes it too
+        return _render_files(load_report(report_dir), report_dir)
 
 
 def _render_files(report: Report, report_dir: Path) -> Path:

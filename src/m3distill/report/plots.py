@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from m3distill.atomic import atomic_path
+from m3distill.layout import P_AT_K_PLOT, QUALITY_VS_SPEED_PLOT
 from m3distill.metrics import (
     SPEEDUP,
     SPEEDUP_MAX,
@@ -32,8 +33,6 @@ from m3distill.metrics import (
 )
 from m3distill.report.schema import TORCH_TITLE, ModelReport, PairReport, Report, variant_title
 
-P_AT_K_PLOT = "p_at_k.png"
-QUALITY_VS_SPEED_PLOT = "quality_vs_speed.png"
 _DPI = 120
 _OUTPUT_NAMES = {"sparse": "sparse lexical weights", "colbert": "ColBERT multi-vector", "hybrid": "hybrid"}
 # Markers by what ran a model: the teacher, a torch student, and each ONNX variant (others: a diamond).

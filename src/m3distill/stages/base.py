@@ -2,19 +2,24 @@
 
 The pipeline and the standalone commands hold the same stage objects, so they decide alike: a current output is
 reused, a missing one is made, and a stale one (outputs present, fingerprint different) is redone by the pipeline
-and refused by a standalone command with one line naming what changed and the flag that redoes it.
+and refused by a standalone command with one line naming what changed and the flag that redoes it. While a stage
+runs it holds the lock of what it writes (:mod:`m3distill.locks`): a second command on the same output, alone or in
+a pipeline, is refused in one line naming the process that runs the first.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from m3distill.atomic import check_can_create
 from m3distill.errors import M3DistillError
+from m3distill.locks import hold_outputs
 from m3distill.stages.fingerprint import Fingerprint
 
 logger = logging.getLogger(__name__)
@@ -38,6 +43,14 @@ class StageStatus:
     @property
     def current(self) -> bool:
         return self.state == "current"
+
+
+def check_device(device: str | None) -> None:
+    """Raise :class:`M3DistillError` when ``device`` (a stage's setting; under torchrun, this process's) is not one
+    this machine has, so that the stage ends at its start, having touched nothing."""
+    from m3distill.models import process_device, resolve_device  # here: m3distill imports without torch
+
+    resolve_device(process_device(device))
 
 
 class Stage(ABC):
@@ -69,7 +82,8 @@ class Stage(ABC):
         return self.status().current
 
     def check_inputs(self) -> None:
-        """Raise :class:`M3DistillError` when an input is missing; called before any output is touched."""
+        """Raise :class:`M3DistillError` when an input is missing or a device is not on this machine; called before
+        any output is touched (or locked)."""
 
     def check_outputs_writable(self) -> None:
         """Raise :class:`M3DistillError` when a folder the stage writes into cannot be written.
@@ -79,6 +93,17 @@ class Stage(ABC):
         """
         for output in self.outputs.values():
             check_can_create(output)
+
+    def lock_targets(self) -> list[Path]:
+        """The folders whose locks the stage holds while it runs: its outputs."""
+        return list(self.outputs.values())
+
+    @contextmanager
+    def holding_outputs(self) -> Iterator[None]:
+        """Hold the lock of every folder of :meth:`lock_targets` (see :func:`m3distill.locks.hold_outputs`), or
+        raise :class:`M3DistillError` naming the process that holds one."""
+        with hold_outputs(self.lock_targets(), doing=self.name):
+            yield
 
     @abstractmethod
     def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True) -> Any:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from m3distill.atomic import write_json_atomic
-from m3distill.config import M3DistillConfig
+from m3distill.config import M3DistillConfig, settings_record
 from m3distill.errors import M3DistillError
-from m3distill.layout import REPORT_JSON_FILE
-from m3distill.stages.base import Stage, StageStatus
+from m3distill.layout import REPORT_INPUTS_FILE, REPORT_JSON_FILE
+from m3distill.stages.base import Stage, StageStatus, check_device
 from m3distill.stages.fingerprint import (
     CONTENTS,
     Fingerprint,
@@ -26,8 +26,6 @@ from m3distill.stages.fingerprint import (
 
 logger = logging.getLogger(__name__)
 
-# Written into the report folder after report.json: what the report was made from.
-REPORT_INPUTS_FILE = "inputs.json"
 # Evaluation settings that change how results are fetched, not what they are.
 _EVALUATION_LOGISTICS = ("qdrant_api_key_env",)
 # Settings added after reports were first written, with the value that reproduces those reports: at that value they
@@ -114,16 +112,15 @@ class EvaluateStage(Stage):
     def fingerprint(self) -> Fingerprint:
         from m3distill.data.real_questions import real_questions_digest
         from m3distill.evaluation.evaluate import export_record_digest
-        from m3distill.teacher.fingerprint import hash_model_files
-        from m3distill.training import STUDENT_METADATA_FILE
+        from m3distill.training.distill import compare_student_contents
 
         folders, in_memory, _ = self.selection
         students: dict[str, Any] = {}
         for folder in folders:
-            metadata = read_json(folder / STUDENT_METADATA_FILE) or {}
-            students[f"students.{folder.name}" + CONTENTS] = (
-                metadata.get("trained") or (hash_model_files(folder) if folder.is_dir() else None)
-            )
+            # What the report measured: the students' files (weights, heads, tokenizer), so that new weights, from a
+            # retrain or copied in, make it stale.
+            contents = compare_student_contents(folder)[0] if folder.is_dir() else None
+            students[f"students.{folder.name}" + CONTENTS] = contents
             # The report measures a student's ONNX exports too: exporting it, or exporting it again, is news.
             export = export_record_digest(folder) if self.config.evaluation.onnx_variants else None
             if export is not None:
@@ -131,7 +128,7 @@ class EvaluateStage(Stage):
         for name in in_memory:
             students[f"students.{name}"] = "in memory"
         teacher = teacher_identity(self.config.teacher) if self.teacher_model is None else {"teacher": "in memory"}
-        settings = self.config.evaluation.model_dump(mode="json", exclude=set(_EVALUATION_LOGISTICS))
+        settings = settings_record(self.config.evaluation, exclude=set(_EVALUATION_LOGISTICS))
         settings = {key: value for key, value in flatten("evaluation", settings).items()
                     if key not in _ADDED_LATER or value != _ADDED_LATER[key]}
         # The real questions count by their contents, not by where the file lies; without them, nothing is added
@@ -158,6 +155,7 @@ class EvaluateStage(Stage):
         require_complete_dataset(self.dataset_dir)
         if self.config.evaluation.real_questions:
             load_real_questions(self.config.evaluation.real_questions)
+        check_device(self.config.evaluation.device)
 
     def run(self, *, replace_stale: bool = True, force: bool = False, show_progress: bool = True) -> EvaluationResult:
         """Evaluate and write the report; the old report is replaced only once the new one is complete.
@@ -166,31 +164,36 @@ class EvaluateStage(Stage):
         until the new one is written, so there is nothing to refuse.
         """
         from m3distill.evaluation.evaluate import evaluate_models
+        from m3distill.training.distill import check_student_contents
 
         self.check_inputs()
         self.check_outputs_writable()
-        folders, in_memory, skipped = self.selection
-        if skipped:
-            logger.warning("evaluating %d finished student(s); skipped %s", len(folders),
-                           "; ".join(f"{name} ({why})" for name, why in skipped.items()))
-        if not folders and not in_memory:
-            logger.warning("no finished student to evaluate: the report covers the teacher alone")
-        fingerprint = self.fingerprint()
-        used_cache: list[bool] = []
+        with self.holding_outputs():  # a second command writing the same output is refused
+            folders, in_memory, skipped = self.selection
+            for folder in folders:  # a student damaged since it was trained is no measurement of it
+                if folder.is_dir():
+                    check_student_contents(folder)
+            if skipped:
+                logger.warning("evaluating %d finished student(s); skipped %s", len(folders),
+                               "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+            if not folders and not in_memory:
+                logger.warning("no finished student to evaluate: the report covers the teacher alone")
+            fingerprint = self.fingerprint()
+            used_cache: list[bool] = []
 
-        def teacher_embeddings(texts: list[str]):
-            found = self._cached_teacher_embeddings(texts)
-            used_cache.append(found is not None)
-            return found
+            def teacher_embeddings(texts: list[str]):
+                found = self._cached_teacher_embeddings(texts)
+                used_cache.append(found is not None)
+                return found
 
-        report = evaluate_models(
-            self.dataset_dir, self.config.teacher, folders, self.config.evaluation, self.out_dir,
-            show_progress=show_progress, teacher_embeddings=teacher_embeddings, student_models=in_memory,
-            teacher_model=self.teacher_model,
-        )
-        write_json_atomic(self.out_dir / REPORT_INPUTS_FILE, fingerprint.to_record())
-        return EvaluationResult(report_dir=self.out_dir, report=report, skipped=skipped,
-                                teacher_from_cache=any(used_cache))
+            report = evaluate_models(
+                self.dataset_dir, self.config.teacher, folders, self.config.evaluation, self.out_dir,
+                show_progress=show_progress, teacher_embeddings=teacher_embeddings, student_models=in_memory,
+                teacher_model=self.teacher_model,
+            )
+            write_json_atomic(self.out_dir / REPORT_INPUTS_FILE, fingerprint.to_record())
+            return EvaluationResult(report_dir=self.out_dir, report=report, skipped=skipped,
+                                    teacher_from_cache=any(used_cache))
 
     def _cached_teacher_embeddings(self, texts: list[str]):
         """The teacher stage's embeddings of ``texts``, or None so that the evaluation encodes them itself.

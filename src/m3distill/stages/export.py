@@ -54,6 +54,10 @@ class ExportStage(Stage):
     def outputs(self) -> dict[str, Path]:
         return {student.name: student / "onnx" for student in self.students}
 
+    def lock_targets(self) -> list[Path]:
+        # A student belongs to its students folder, whose lock train holds while it writes: never both at once.
+        return [student.parent for student in self.students]
+
     def fingerprint(self) -> Fingerprint:
         from m3distill.export import export_fingerprint
 
@@ -92,23 +96,24 @@ class ExportStage(Stage):
 
         self.check_inputs()
         self.check_outputs_writable()
-        for student in self.students:
-            check_onnx_dir_is_ours(student)
-        statuses = self.student_statuses()
-        for student, status in statuses.items():
-            if status.state == "stale" and not (replace_stale or force):
-                raise M3DistillError(
-                    f"the export in {student / 'onnx'} is out of date: {status.reason}; pass {self.redo_flag} to "
-                    "export it again"
-                )
-        texts = None
-        results = []
-        for student, status in statuses.items():
-            if status.state != "current" or force:
-                texts = texts if texts is not None else verification_texts(self.config.export, self.dataset_dir)
-            results.append(export_student(student, self.config.export, texts=texts, show_progress=show_progress,
-                                          force=force))
-        return ExportStageResult(students=results)
+        with self.holding_outputs():  # a second command writing the same output is refused
+            statuses = self.student_statuses()
+            for student, status in statuses.items():
+                if status.state != "current" or force:  # every export to replace, before the first is made
+                    check_onnx_dir_is_ours(student)
+                if status.state == "stale" and not (replace_stale or force):
+                    raise M3DistillError(
+                        f"the export in {student / 'onnx'} is out of date: {status.reason}; pass {self.redo_flag} to "
+                        "export it again"
+                    )
+            texts = None
+            results = []
+            for student, status in statuses.items():
+                if status.state != "current" or force:
+                    texts = texts if texts is not None else verification_texts(self.config.export, self.dataset_dir)
+                results.append(export_student(student, self.config.export, texts=texts, show_progress=show_progress,
+                                              force=force))
+            return ExportStageResult(students=results)
 
 
 def _is_model(folder: Path) -> bool:

@@ -159,7 +159,9 @@ def student_fingerprint(dataset: str | None, cache_manifest: Mapping[str, Any], 
         teacher_heads: :func:`m3distill.m3.head_files_sha256` of an M3 teacher (``None`` for a dense-only one):
             its students are trained against those heads, which the cache does not cover.
     """
-    settings = training.model_dump(mode="json", exclude=set(_TRAINING_LOGISTICS))
+    from m3distill.config import settings_record
+
+    settings = settings_record(training, exclude=set(_TRAINING_LOGISTICS))
     heads = {} if teacher_heads is None else {"teacher.heads" + CONTENTS: teacher_heads}
     return Fingerprint({
         "dataset" + CONTENTS: dataset,

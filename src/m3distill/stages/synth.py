@@ -82,8 +82,9 @@ class SynthStage(Stage):
 
         self.check_inputs()
         self.check_outputs_writable()
-        status = self.status()
-        self.refuse_if_stale(status, replace_stale=replace_stale, force=force)
-        # synthesize replaces the dataset only once the new one is complete, and only a folder with its manifest.
-        return synthesize(self.config.synth, self.out_dir, tokenizer=self.tokenizer,
-                          overwrite=force or status.state == "stale" or replace_stale, show_progress=show_progress)
+        with self.holding_outputs():  # a second command writing the same output is refused
+            status = self.status()
+            self.refuse_if_stale(status, replace_stale=replace_stale, force=force)
+            # synthesize replaces the dataset only once the new one is complete, and only a folder with its manifest.
+            return synthesize(self.config.synth, self.out_dir, tokenizer=self.tokenizer,
+                              overwrite=force or status.state == "stale" or replace_stale, show_progress=show_progress)

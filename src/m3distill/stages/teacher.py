@@ -7,9 +7,10 @@ import shutil
 from functools import cached_property
 from pathlib import Path
 
+from m3distill.atomic import refuse_files_not_ours
 from m3distill.config import M3DistillConfig, TeacherConfig
 from m3distill.errors import M3DistillError
-from m3distill.stages.base import Stage, StageStatus
+from m3distill.stages.base import Stage, StageStatus, check_device
 from m3distill.stages.fingerprint import (
     CONTENTS,
     Fingerprint,
@@ -91,13 +92,21 @@ class TeacherStage(Stage):
         return read_json(self.out_dir / CACHE_MANIFEST_FILE) or {}
 
     def status(self) -> StageStatus:
+        from m3distill.teacher.cache import damaged_shards
+
         manifest = self._recorded()
         if manifest is None:
             return StageStatus("missing")
         fingerprint = self.fingerprint()
-        if manifest.get("inputs", {}).get("fingerprint") == fingerprint.digest:
-            return StageStatus("current")
-        return StageStatus("stale", fingerprint.change(manifest.get("inputs", {}).get("inputs")))
+        if manifest.get("inputs", {}).get("fingerprint") != fingerprint.digest:
+            return StageStatus("stale", fingerprint.change(manifest.get("inputs", {}).get("inputs")))
+        damaged = damaged_shards(self.out_dir)
+        if damaged:
+            # Unfinished, not stale: the run embeds the damaged shards' texts again and keeps the rest.
+            logger.warning("teacher cache %s is damaged (%s); embedding those texts again", self.out_dir,
+                           "; ".join(f"shard {name} {why}" for name, why in damaged.items()))
+            return StageStatus("missing")
+        return StageStatus("current")
 
     def _teacher_changed(self) -> bool:
         """True when the cache holds another teacher's embeddings (so it cannot be extended, only replaced)."""
@@ -117,10 +126,12 @@ class TeacherStage(Stage):
         from m3distill.data.dataset import require_complete_dataset
 
         require_complete_dataset(self.dataset_dir)
+        check_device(self.teacher.device)
 
-    def clear(self) -> None:
-        """Remove the cache so that it is rebuilt, only when it carries m3distill's marker."""
-        from m3distill.teacher.cache import CACHE_TEACHER_FILE
+    def check_clearable(self) -> None:
+        """Raise :class:`M3DistillError` unless the cache may be removed to be rebuilt: it carries m3distill's
+        marker and holds nothing m3distill did not write (those files are named)."""
+        from m3distill.teacher.cache import CACHE_FILES, CACHE_TEACHER_FILE
 
         if not self.out_dir.exists():
             return
@@ -130,8 +141,14 @@ class TeacherStage(Stage):
                 f"{self.out_dir} is not a teacher cache m3distill wrote (no {CACHE_TEACHER_FILE}); it is left alone: "
                 "move it away or choose another output folder"
             )
-        logger.info("removing %s to rebuild the teacher cache", self.out_dir)
-        shutil.rmtree(self.out_dir)
+        refuse_files_not_ours(self.out_dir, CACHE_FILES, replacing="rebuilding the teacher cache")
+
+    def clear(self) -> None:
+        """Remove the cache so that it is rebuilt, only when :meth:`check_clearable` allows it."""
+        self.check_clearable()
+        if self.out_dir.exists():
+            logger.info("removing %s to rebuild the teacher cache", self.out_dir)
+            shutil.rmtree(self.out_dir)
 
     def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True):
         """Build, resume or extend the cache; returns :class:`m3distill.teacher.cache.CacheSummary`."""
@@ -140,15 +157,17 @@ class TeacherStage(Stage):
 
         self.check_inputs()
         self.check_outputs_writable()
-        with process_group() as group:
-            # Every process decides from the files as they are now, before process 0 may clear them.
-            replace = force or self._teacher_changed()
-            if replace:
-                self.refuse_if_stale(self.status(), replace_stale=replace_stale, force=force)
-            group.barrier()
-            if replace and group.is_main:
-                self.clear()
-            group.barrier()
-            # Shards are keyed by text: a dataset that changed only gets its new texts embedded.
-            return build_teacher_cache(self.dataset_dir, self.teacher, self.out_dir, show_progress=show_progress,
-                                       inputs=self.fingerprint().to_record())
+        with self.holding_outputs():  # a second command writing the same output is refused
+            with process_group() as group:
+                # Every process decides from the files as they are now, before process 0 may clear them.
+                replace = force or self._teacher_changed()
+                if replace:
+                    self.refuse_if_stale(self.status(), replace_stale=replace_stale, force=force)
+                    self.check_clearable()  # in every process: a refusal must end all of them, not leave them waiting
+                group.barrier()
+                if replace and group.is_main:
+                    self.clear()
+                group.barrier()
+                # Shards are keyed by text: a dataset that changed only gets its new texts embedded.
+                return build_teacher_cache(self.dataset_dir, self.teacher, self.out_dir, show_progress=show_progress,
+                                           inputs=self.fingerprint().to_record())

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from m3distill.atomic import refuse_files_not_ours, remove_our_folder
 from m3distill.config import M3DistillConfig
 from m3distill.errors import M3DistillError
-from m3distill.stages.base import Stage, StageStatus
+from m3distill.stages.base import Stage, StageStatus, check_device
 from m3distill.stages.fingerprint import (
     Fingerprint,
     dataset_fingerprint,
-    digest_of,
     plan_spec,
     student_fingerprint,
 )
@@ -37,9 +36,10 @@ class TrainStage(Stage):
     """Students of ``config.students`` trained with ``config.training`` on a dataset and its teacher cache.
 
     Each student's fingerprint (the dataset's, the cache's teacher, the training settings and its own plan) is
-    written into its metadata (``m3distill_student.json``); a finished student whose fingerprint differs is
-    retrained (pipeline, or ``--force``) and refused otherwise. The old student stays whole beside the new one
-    until the new one is complete.
+    written into its metadata (``m3distill_student.json``), with the hashes of the files it was saved with; a
+    finished student whose fingerprint differs, or whose files changed since (a truncated or replaced
+    ``model.safetensors``), is retrained (pipeline, or ``--force``) and refused otherwise. The old student stays
+    whole beside the new one until the new one is complete.
     """
 
     name = "train"
@@ -92,6 +92,7 @@ class TrainStage(Stage):
         """Each planned student's status: missing (absent or unfinished), current or stale."""
         from m3distill.teacher.cache import is_complete_cache
         from m3distill.training import is_trained_student, read_student_metadata
+        from m3distill.training.distill import compare_student_contents
 
         if not is_complete_cache(self.cache_dir):
             return {name: StageStatus("missing") for name in self.planned()}
@@ -102,10 +103,12 @@ class TrainStage(Stage):
                 statuses[name] = StageStatus("missing")
                 continue
             metadata = read_student_metadata(folder)
-            if metadata.get("fingerprint") == fingerprint.digest:
-                statuses[name] = StageStatus("current")
-            else:
+            if metadata.get("fingerprint") != fingerprint.digest:
                 statuses[name] = StageStatus("stale", f"{name}: {fingerprint.change(metadata.get('inputs'))}")
+                continue
+            _, change = compare_student_contents(folder)
+            statuses[name] = (StageStatus("current") if change is None else
+                              StageStatus("stale", f"{name}: its files changed since it was trained ({change})"))
         return statuses
 
     def status(self) -> StageStatus:
@@ -122,45 +125,60 @@ class TrainStage(Stage):
         require_complete_dataset(self.dataset_dir)
         if not is_complete_cache(self.cache_dir):
             raise M3DistillError(f"the teacher cache {self.cache_dir} is missing or incomplete; run teacher first")
+        check_device(self.config.training.device or self.config.teacher.device)
 
     def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True) -> TrainResult:
         """Train the missing and stale students (all with ``force``); current ones are reported as skipped."""
         from m3distill.distributed import process_group, process_rank
         from m3distill.training import is_trained_student, train_students
+        from m3distill.training.distill import student_files
 
         self.check_inputs()
         self.check_outputs_writable()
-        with process_group() as group:
-            # Every process decides from the folders as they are now, before process 0 moves any of them.
-            statuses = self.student_statuses()
-            for name, status in statuses.items():
-                if status.state == "stale" and not (replace_stale or force):
-                    raise M3DistillError(
-                        f"{self.out_dir / name} is out of date: {status.reason.split(': ', 1)[1]}; pass "
-                        f"{self.redo_flag} to retrain it, or choose another --out"
-                    )
-            redo = [name for name, status in statuses.items() if status.state == "stale" or (force and status.current)]
-            group.barrier()
-            # Under torchrun only process 0 sets old students aside (and later restores or removes them): a second
-            # process would find the folder gone, or take the copy just set aside for a leftover and delete it.
-            aside = {name: self._set_aside(self.out_dir / name) for name in redo} if group.is_main else {}
-            group.barrier()
-        try:
-            results = train_students(
-                self.dataset_dir, self.cache_dir, teacher=self.config.teacher, students=self.config.students,
-                training=self.config.training, out_dir=self.out_dir, resume=self.resume, show_progress=show_progress,
-            )
-        except BaseException:
-            for name, old in aside.items():
-                if not (self.out_dir / name).exists():  # nothing of the new one yet: the old one goes back
-                    os.replace(old, self.out_dir / name)
-            raise
-        # The replaced students, including any an interrupted earlier retrain left aside, go once the new are whole.
-        for name in statuses if process_rank() == 0 else ():
-            old = self._aside_path(self.out_dir / name)
-            if old.exists() and is_trained_student(self.out_dir / name):
-                _remove_our_student(old)
-        return TrainResult(out_dir=self.out_dir, students=results)
+        with self.holding_outputs():  # a second command writing the same output is refused
+            with process_group() as group:
+                # Every process decides from the folders as they are now, before process 0 moves any of them.
+                statuses = self.student_statuses()
+                for name, status in statuses.items():
+                    if status.state == "stale" and not (replace_stale or force):
+                        raise M3DistillError(
+                            f"{self.out_dir / name} is out of date: {status.reason.split(': ', 1)[1]}; pass "
+                            f"{self.redo_flag} to retrain it, or choose another --out"
+                        )
+                redo = [name for name, status in statuses.items()
+                        if status.state == "stale" or (force and status.current)]
+                for name in redo:  # in every process: a refusal must end all of them, not leave them waiting
+                    refuse_files_not_ours(self.out_dir / name, student_files(self.out_dir / name),
+                                          replacing="retraining the student")
+                group.barrier()
+                # Under torchrun only process 0 sets old students aside (and later restores or removes them): a
+                # second process would find the folder gone, or take the copy just set aside for a leftover and
+                # delete it.
+                aside = {name: self._set_aside(self.out_dir / name) for name in redo} if group.is_main else {}
+                group.barrier()
+            try:
+                results = train_students(
+                    self.dataset_dir, self.cache_dir, teacher=self.config.teacher, students=self.config.students,
+                    training=self.config.training, out_dir=self.out_dir, resume=self.resume,
+                    show_progress=show_progress,
+                )
+            except BaseException:
+                for name, old in aside.items():
+                    if not (self.out_dir / name).exists():  # nothing of the new one yet: the old one goes back
+                        os.replace(old, self.out_dir / name)
+                raise
+            for result in results:
+                if result.skipped and "contents" not in result.metadata:
+                    logger.info("%s was trained by an earlier m3distill, which did not record the hashes of its files: "
+                                "a damaged or replaced file cannot be noticed (--force retrains it with them)",
+                                result.name)
+            # The replaced students, including any an interrupted earlier retrain left aside, go once the new are
+            # whole.
+            for name in statuses if process_rank() == 0 else ():
+                old = self._aside_path(self.out_dir / name)
+                if old.exists() and is_trained_student(self.out_dir / name):
+                    _remove_our_student(old, kept_as=self.out_dir / name)
+            return TrainResult(out_dir=self.out_dir, students=results)
 
     @staticmethod
     def _aside_path(folder: Path) -> Path:
@@ -170,22 +188,24 @@ class TrainStage(Stage):
         """Move a finished student out of the way of its replacement (it has m3distill's marker: it is ours)."""
         aside = self._aside_path(folder)
         if aside.exists():
-            _remove_our_student(aside)  # an older stale copy of the same student, left by an interrupted retrain
+            # An older stale copy of the same student, left by an interrupted retrain.
+            _remove_our_student(aside, kept_as=folder)
         logger.info("retraining %s; the old student stays in %s until the new one is complete", folder.name, aside)
         os.replace(folder, aside)
         return aside
 
 
-def _remove_our_student(folder: Path) -> None:
-    """Delete a set-aside student, only when it carries m3distill's student marker; anything else is the user's."""
-    from m3distill.training.distill import is_m3distill_student_dir
+def _remove_our_student(folder: Path, *, kept_as: Path | None = None) -> None:
+    """Delete a set-aside student, only when it carries m3distill's student marker; anything else is the user's,
+    and so are files in it that m3distill did not write (the folder is then kept, see remove_our_folder)."""
+    from m3distill.training.distill import is_m3distill_student_dir, student_files
 
     if not is_m3distill_student_dir(folder):
         raise M3DistillError(f"{folder} is in the way of a retrain but m3distill did not write it; move it away")
-    shutil.rmtree(folder)
+    remove_our_folder(folder, student_files(folder), kept_as=kept_as)
 
 
 def trained_student_record(training_fingerprint: Fingerprint) -> dict:
-    """The fields a finished student's metadata carries: its fingerprint, and a token new at every training,
-    so that an evaluation of the old weights is not taken for one of the new."""
-    return {**training_fingerprint.to_record(), "trained": digest_of([training_fingerprint.digest, os.urandom(16).hex()])}
+    """The fields a finished student's metadata carries for the train stage: its fingerprint (what it was made
+    from). What it is, the hashes of its files, is added when it is saved (the evaluation's fingerprint of it)."""
+    return training_fingerprint.to_record()

@@ -7,10 +7,14 @@
       shards/shard-00000.dense.npy  (n, dim) float32 or float16 sentence embeddings, row i for key i
       shards/shard-00000.keys.npy   (n,) S64 text keys (see :func:`text_key`); written last, so its presence
                                     marks the shard complete
-      manifest.json                 written last: fingerprint, dim, dtype, precision, count, shards, outputs
+      manifest.json                 written last: fingerprint, dim, dtype, precision, count, outputs, and the shards
+                                    with their row counts and the checksum of each of their files
 
-Opening a cache checks every shard against its manifest entry (rows, dimension, file sizes): a shard truncated or
-damaged on disk is one clear error, and the next ``m3distill teacher`` run embeds its texts again.
+Opening a cache for training or evaluation checks every shard against its manifest entry (rows, dimension, file
+sizes, and the xxh3-128 checksum of each file's bytes: about 0.1 s per GB when the files are in the page cache): a
+shard truncated or changed on disk is one clear error, the teacher stage counts the cache as unfinished, and the
+next ``m3distill teacher`` run embeds its texts again. A cache written before checksums were recorded is checked by
+size only, and gets its checksums the next time ``m3distill teacher`` runs on it.
 
 Shards are the unit of resumption. The texts still missing from the cache are sorted by (length, key) and cut
 into shards of ``teacher.shard_size``, numbered with the lowest numbers no shard has: the gaps a failed
@@ -54,14 +58,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from m3distill.atomic import atomic_path, write_json_atomic
+from m3distill.atomic import atomic_path, disk_space_for, write_json_atomic
 from m3distill.config import TeacherConfig
 from m3distill.data.dataset import load_synth_dataset
 from m3distill.encoding import encode_texts, resolve_precision
 from m3distill.errors import M3DistillError
+from m3distill.layout import CACHE_TEACHER_FILE, folder_kind
 from m3distill.models import load_sentence_transformer, process_device
 from m3distill.distributed import ProcessGroup, process_group
 from m3distill.teacher.fingerprint import TeacherFingerprint, check_fingerprint, teacher_fingerprint
@@ -70,11 +76,12 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 CACHE_MANIFEST_FILE = "manifest.json"
-CACHE_TEACHER_FILE = "teacher.json"
 SHARDS_DIRNAME = "shards"
 DENSE_OUTPUT = "dense"
 # The compute precision of caches that do not record one (written before it was recorded): full precision.
 DEFAULT_CACHE_PRECISION = "fp32"
+# What m3distill writes in a cache folder, as patterns for m3distill.atomic.files_not_ours.
+CACHE_FILES = (CACHE_TEACHER_FILE, CACHE_MANIFEST_FILE, f"{SHARDS_DIRNAME}/shard-*.npy")
 _KEY_DTYPE = "S64"
 _SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.keys\.npy$")
 
@@ -84,13 +91,21 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# The checksum of each shard file recorded in the manifest: xxh3-128 reads at memory speed (sha256 is 15 times
+# slower), so checking a cache on every open stays cheap; it guards against damage, not against an adversary.
+CHECKSUM = "xxh3_128"
+_SHARD_FILES = ("keys", DENSE_OUTPUT)  # the files of a shard, by output name
+_CHECKSUM_CHUNK_BYTES = 1 << 20
+
+
 @dataclass(frozen=True)
 class ShardInfo:
-    """A shard just written: its number, file stem and how many texts it holds."""
+    """A shard just written: its number, file stem, how many texts it holds and the checksum of each of its files."""
 
     index: int
     name: str
     count: int
+    checksums: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,14 +199,16 @@ def build_teacher_cache(
         claimed = _check_cache_owner(out_dir, fingerprint, teacher.dtype, precision)
         group.barrier()
         # Process 0 alone claims the folder and removes damaged shards; the others read what it left.
-        shard_keys = None
+        intact = None
         if group.is_main:
             if not claimed:
                 _claim_cache_dir(out_dir, fingerprint, teacher.dtype, precision)
-            shard_keys = _intact_shards(out_dir, fingerprint.dim)
+            intact = _intact_shards(out_dir, fingerprint.dim)
         group.barrier()
-        if shard_keys is None:
-            shard_keys = _intact_shards(out_dir, fingerprint.dim, remove=False)
+        if intact is None:
+            intact = _intact_shards(out_dir, fingerprint.dim, main=False)
+        shard_keys = {name: keys for name, (keys, _) in intact.items()}
+        checksums = {name: sums for name, (_, sums) in intact.items()}
 
         plan = _plan_shards(texts, shard_keys, teacher.shard_size)
         # Also the last wait before shards are written: no process plans from a folder another has begun to fill.
@@ -212,10 +229,13 @@ def build_teacher_cache(
 
         started = time.perf_counter()
         desc = "teacher cache" if group.world_size == 1 else f"teacher cache (process 0 of {group.world_size})"
-        with tqdm(total=sum(len(chunk) for _, chunk in mine), unit="text", desc=desc, smoothing=0.1,
-                  disable=not (show_progress and group.is_main)) as bar:
+        # Each text's embedding in the storage dtype and its 64-byte key.
+        needed = sum(len(chunk) for _, chunk in mine) * (fingerprint.dim * np.dtype(teacher.dtype).itemsize + 64)
+        with disk_space_for(out_dir, needed), tqdm(total=sum(len(chunk) for _, chunk in mine), unit="text", desc=desc,
+                                                   smoothing=0.1, disable=not (show_progress and group.is_main)) as bar:
             for index, chunk in mine:
                 info = _write_shard(out_dir, index, chunk, model, teacher, precision, bar)
+                checksums[info.name] = info.checksums
                 if on_shard is not None:
                     on_shard(info)
         group.barrier()
@@ -225,8 +245,8 @@ def build_teacher_cache(
         shard_counts.update({_shard_name(index): len(chunk) for index, chunk in plan})
         if group.is_main:
             theirs = [(index, chunk) for index, chunk in plan if index % group.world_size != group.rank]
-            _check_planned_shards(out_dir, theirs, fingerprint.dim, group)
-            _write_manifest(out_dir, fingerprint, teacher.dtype, precision, shard_counts, inputs)
+            checksums.update(_check_planned_shards(out_dir, theirs, fingerprint.dim, group))
+            _write_manifest(out_dir, fingerprint, teacher.dtype, precision, shard_counts, checksums, inputs)
         # The others return once the manifest exists: whatever runs next in them may open the cache.
         group.barrier()
     summary = CacheSummary(
@@ -271,9 +291,10 @@ def _plan_digest(shard_keys: dict[str, list[str]], plan: list[tuple[int, list[tu
 
 def _check_planned_shards(
     root: Path, shards: list[tuple[int, list[tuple[str, str]]]], dim: int, group: ProcessGroup
-) -> None:
-    """Raise :class:`M3DistillError` unless each of ``shards`` (written by the other processes) is complete and
-    holds the planned texts."""
+) -> dict[str, dict[str, str]]:
+    """The checksums of ``shards`` (written by the other processes), once each is checked to be complete and to
+    hold the planned texts; raises :class:`M3DistillError` otherwise."""
+    checksums = {}
     for index, chunk in shards:
         name = _shard_name(index)
         try:
@@ -287,6 +308,8 @@ def _check_planned_shards(
                 f"teacher cache {root}: shard {name} of process {index % group.world_size} {why}; rerun "
                 "`m3distill teacher` to embed what is missing"
             )
+        checksums[name] = _shard_checksums(root, name)
+    return checksums
 
 
 class TeacherCache:
@@ -325,7 +348,8 @@ class TeacherCache:
 
     @classmethod
     def open(cls, cache_dir: str | Path) -> TeacherCache:
-        """Open the cache in ``cache_dir`` (memory-mapped; nothing is read into memory but the keys).
+        """Open the cache in ``cache_dir`` (memory-mapped; nothing is read into memory but the keys), after
+        checking every shard file against the checksum the manifest records (one read of the files).
 
         Raises :class:`M3DistillError` when the folder is missing, incomplete or written by another version, or
         when a shard is missing or does not match its manifest entry (truncated or damaged on disk).
@@ -334,10 +358,14 @@ class TeacherCache:
         manifest = cls.read_manifest(root)
         shards: dict[str, np.ndarray] = {}
         index: dict[str, tuple[str, int]] = {}
+        if any(not entry.get("checksums") for entry in manifest["shards"]):
+            logger.info("teacher cache %s records no checksums of its shards (written by an earlier m3distill): they "
+                        "are checked by size only until `m3distill teacher` runs on it and records them", root)
         for entry in manifest["shards"]:
             name = entry["name"]
             try:
-                keys, shards[name] = _open_shard(root, name, count=int(entry["count"]), dim=int(manifest["dim"]))
+                keys, shards[name] = _open_shard(root, name, count=int(entry["count"]), dim=int(manifest["dim"]),
+                                                 checksums=entry.get("checksums"))
             except FileNotFoundError as error:
                 raise M3DistillError(
                     f"teacher cache {root} is damaged: {Path(error.filename).name} is missing; rerun `m3distill teacher`"
@@ -439,7 +467,9 @@ def _check_cache_owner(out_dir: Path, fingerprint: TeacherFingerprint, dtype: st
             )
         return True
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise M3DistillError(f"{out_dir} is not empty and is not a teacher cache; choose an empty or new folder")
+        kind = folder_kind(out_dir)
+        raise M3DistillError(f"{out_dir} is {kind or 'not empty'} and is not a teacher cache; choose an empty or new "
+                             "folder")
     return False
 
 
@@ -477,10 +507,16 @@ class _CorruptShard(Exception):
     """A shard whose files exist but do not hold what its manifest entry (or its own keys) say."""
 
 
-def _open_shard(root: Path, name: str, *, count: int | None, dim: int) -> tuple[list[str], np.ndarray]:
-    """A shard's keys and its memory-mapped embeddings, checked against each other and against ``count`` rows of
-    ``dim`` values; raises :class:`_CorruptShard` saying what is wrong, FileNotFoundError when a file is missing."""
+def _open_shard(root: Path, name: str, *, count: int | None, dim: int,
+                checksums: dict[str, str] | None = None) -> tuple[list[str], np.ndarray]:
+    """A shard's keys and its memory-mapped embeddings, checked against each other, against ``count`` rows of
+    ``dim`` values and, when given, against the ``checksums`` of its files; raises :class:`_CorruptShard` saying
+    what is wrong, FileNotFoundError when a file is missing."""
     dense_file = _shard_file(root, name, DENSE_OUTPUT)
+    for output, expected in (checksums or {}).items():
+        if _file_checksum(_shard_file(root, name, output)) != expected:
+            raise _CorruptShard(f"has a {output} file that does not match the checksum recorded when it was written "
+                                "(changed on disk since)")
     try:
         keys = _read_keys(root, name)
     except (ValueError, EOFError, UnicodeDecodeError) as error:
@@ -498,27 +534,72 @@ def _open_shard(root: Path, name: str, *, count: int | None, dim: int) -> tuple[
     return keys, dense
 
 
-def _intact_shards(root: Path, dim: int, *, remove: bool = True) -> dict[str, list[str]]:
-    """Keys of every complete shard in ``root`` that reads back whole; a damaged shard is removed (unless
-    ``remove`` is False: another process does that), so its texts are embedded again."""
-    counts: dict[str, int] = {}
+def _intact_shards(root: Path, dim: int, *, main: bool = True) -> dict[str, tuple[list[str], dict[str, str] | None]]:
+    """The keys and file checksums of every complete shard in ``root`` that reads back whole.
+
+    In the main process each shard is checked against the checksums the manifest records, a damaged one is removed
+    (so that its texts are embedded again), and the checksums of shards the manifest does not list yet (left by an
+    interrupted run, or by an m3distill that recorded none) are computed. The other processes of a torchrun read
+    what the main one left, without checksums.
+    """
+    recorded: dict[str, dict[str, Any]] = {}
     manifest_file = root / CACHE_MANIFEST_FILE
     if manifest_file.is_file():
         try:
-            counts = {entry["name"]: int(entry["count"]) for entry in json.loads(manifest_file.read_text())["shards"]}
+            recorded = {entry["name"]: entry for entry in json.loads(manifest_file.read_text())["shards"]}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            counts = {}
+            recorded = {}
+    if main and any(not entry.get("checksums") for entry in recorded.values()):
+        logger.info("teacher cache %s: recording the checksums of its shards (written by an earlier m3distill)", root)
     intact = {}
     for name in _complete_shards(root):
+        entry = recorded.get(name, {})
+        count = int(entry["count"]) if "count" in entry else None
+        checksums = entry.get("checksums") if main else None
         try:
-            intact[name], _ = _open_shard(root, name, count=counts.get(name), dim=dim)
+            keys, _ = _open_shard(root, name, count=count, dim=dim, checksums=checksums)
         except _CorruptShard as error:
-            if not remove:
+            if not main:
                 continue
             logger.warning("teacher cache %s: shard %s %s; embedding its texts again", root, name, error)
             for output in ("keys", DENSE_OUTPUT):  # keys first: without them the shard no longer counts as complete
                 _shard_file(root, name, output).unlink(missing_ok=True)
+            continue
+        intact[name] = (keys, checksums or (_shard_checksums(root, name) if main else None))
     return intact
+
+
+def damaged_shards(cache_dir: str | Path) -> dict[str, str]:
+    """The shards of the finished cache in ``cache_dir`` that are missing or do not match their manifest entry
+    (rows, sizes, checksums), by name, with what is wrong; empty for an intact cache."""
+    root = Path(cache_dir)
+    manifest = TeacherCache.read_manifest(root)
+    damaged = {}
+    for entry in manifest["shards"]:
+        try:
+            _open_shard(root, entry["name"], count=int(entry["count"]), dim=int(manifest["dim"]),
+                        checksums=entry.get("checksums"))
+        except FileNotFoundError as error:
+            damaged[entry["name"]] = f"lacks {Path(error.filename).name}"
+        except _CorruptShard as error:
+            damaged[entry["name"]] = str(error)
+    return damaged
+
+
+def _file_checksum(path: Path) -> str:
+    # One reused 1 MiB buffer: larger reads, or a new bytes object per read, are slower than the hashing itself.
+    digest = xxhash.xxh3_128()
+    buffer = bytearray(_CHECKSUM_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
+    return digest.hexdigest()
+
+
+def _shard_checksums(root: Path, name: str) -> dict[str, str]:
+    """The checksum of each file of a shard, by output name (``keys``, ``dense``)."""
+    return {output: _file_checksum(_shard_file(root, name, output)) for output in _SHARD_FILES}
 
 
 def _write_shard(
@@ -541,16 +622,20 @@ def _write_shard(
                              max_tokens_per_batch=teacher.max_tokens_per_batch, precision=precision,
                              on_batch=bar.update)
     dense = dense.astype(teacher.dtype, copy=False)
+    checksums = {}
     with atomic_path(_shard_file(root, name, DENSE_OUTPUT)) as tmp:
         np.save(tmp, dense)
+        checksums[DENSE_OUTPUT] = _file_checksum(tmp)
     # The keys go last: a shard with keys is complete.
     with atomic_path(_shard_file(root, name, "keys")) as tmp:
         np.save(tmp, np.array([key for key, _ in chunk], dtype=_KEY_DTYPE))
-    return ShardInfo(index=index, name=name, count=len(chunk))
+        checksums["keys"] = _file_checksum(tmp)
+    return ShardInfo(index=index, name=name, count=len(chunk), checksums=checksums)
 
 
 def _write_manifest(root: Path, fingerprint: TeacherFingerprint, dtype: str, precision: str,
-                    shard_counts: dict[str, int], inputs: dict[str, Any] | None = None) -> None:
+                    shard_counts: dict[str, int], checksums: dict[str, dict[str, str] | None],
+                    inputs: dict[str, Any] | None = None) -> None:
     write_json_atomic(
         root / CACHE_MANIFEST_FILE,
         {
@@ -562,6 +647,8 @@ def _write_manifest(root: Path, fingerprint: TeacherFingerprint, dtype: str, pre
             "precision": precision,
             "count": sum(shard_counts.values()),
             "outputs": {DENSE_OUTPUT: {"dtype": dtype, "shape": ["n", fingerprint.dim]}},
-            "shards": [{"name": name, "count": shard_counts[name]} for name in sorted(shard_counts, key=_shard_index)],
+            "checksum": CHECKSUM,
+            "shards": [{"name": name, "count": shard_counts[name], "checksums": checksums[name]}
+                       for name in sorted(shard_counts, key=_shard_index)],
         },
     )

@@ -125,13 +125,34 @@ def hash_model_files(folder: str | Path) -> str:
     Top-level files and those inside the module folders listed in modules.json are hashed; see
     ``_HASHED_SUFFIXES``. Contents are read in 1 MiB chunks, so memory stays flat for multi-GB weights.
     """
+    return combine_file_digests(model_file_digests(folder))
+
+
+def model_file_digests(folder: str | Path, *, leave_out: tuple[str, ...] = (),
+                       also: tuple[str, ...] = ()) -> dict[str, str]:
+    """The SHA-256 of each file :func:`hash_model_files` hashes, by relative name, in the order it hashes them.
+
+    Args:
+        folder: a sentence-transformers model folder.
+        leave_out: top-level files not to hash (a record m3distill keeps beside the model, for one).
+        also: further top-level files to hash when present (an M3 model's head files).
+    """
     folder = Path(folder)
-    digest = hashlib.sha256()
-    for relative in _model_file_list(folder):
-        digest.update(relative.encode("utf-8") + b"\0")
+    names = [name for name in _model_file_list(folder) if name not in leave_out]
+    names += [name for name in also if (folder / name).is_file() and name not in names]
+    digests = {}
+    for relative in names:
         with open(folder / relative, "rb") as handle:
             file_digest = hashlib.file_digest(handle, "sha256") if hasattr(hashlib, "file_digest") else _chunked(handle)
-        digest.update(file_digest.digest())
+        digests[relative] = file_digest.hexdigest()
+    return digests
+
+
+def combine_file_digests(digests: dict[str, str]) -> str:
+    """One SHA-256 of :func:`model_file_digests`: their names and digests, in their order."""
+    digest = hashlib.sha256()
+    for relative, file_digest in digests.items():
+        digest.update(relative.encode("utf-8") + b"\0" + bytes.fromhex(file_digest))
     return digest.hexdigest()
 
 

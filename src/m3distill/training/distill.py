@@ -42,12 +42,26 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from m3distill import __version__
-from m3distill.atomic import atomic_dir, write_json_atomic, write_text_atomic
-from m3distill.config import DEFAULT_TRAINING_STEPS, M3DistillConfig, StudentsConfig, TeacherConfig, TrainingConfig
+from m3distill.atomic import (
+    atomic_dir,
+    disk_space_for,
+    refuse_files_not_ours,
+    write_json_atomic,
+    write_text_atomic,
+)
+from m3distill.config import (
+    DEFAULT_TRAINING_STEPS,
+    M3DistillConfig,
+    StudentsConfig,
+    TeacherConfig,
+    TrainingConfig,
+    settings_record,
+)
 from m3distill.data.dataset import SynthDataset, load_synth_dataset
 from m3distill.encoding import resolve_precision
 from m3distill.errors import M3DistillError
-from m3distill.layout import STUDENT_METADATA_FILE
+from m3distill.layout import STUDENT_METADATA_FILE, folder_kind
+from m3distill.layout import STUDENT_RUN_FILE as RUN_FILE
 from m3distill.m3 import (
     HEAD_FILES,
     M3_OUTPUTS,
@@ -75,7 +89,12 @@ from m3distill.students.layer_plan import (
 )
 from m3distill.students.search import search_layer_plan
 from m3distill.teacher.cache import TeacherCache
-from m3distill.teacher.fingerprint import check_fingerprint, teacher_fingerprint
+from m3distill.teacher.fingerprint import (
+    check_fingerprint,
+    combine_file_digests,
+    model_file_digests,
+    teacher_fingerprint,
+)
 from m3distill.training.dev_set import (
     DEV_TOP_K,
     DevSet,
@@ -91,7 +110,6 @@ from m3distill.training.sampler import ContextGroupedBatchSampler, LengthGrouped
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 _DEV_HEAD_TEXTS = 256
 CHECKPOINTS_DIRNAME = "checkpoints"
 LOGS_DIRNAME = "logs"
@@ -154,6 +172,51 @@ def read_student_metadata(path: str | Path) -> dict[str, Any]:
             f"{path} is not a finished m3distill student ({STUDENT_METADATA_FILE} is missing); run `m3distill train`"
         )
     return json.loads(file.read_text(encoding="utf-8"))
+
+
+def student_contents(student_dir: str | Path) -> dict[str, str]:
+    """The SHA-256 of each file a student computes with, by name: its model files (config, tokenizer, weights, as
+    :func:`~m3distill.teacher.fingerprint.hash_model_files` sees them) and a student of an M3 teacher's two head
+    files; not its metadata, card, logs or exports.
+
+    Recorded in the metadata when the student is saved, so that a file damaged or replaced later is noticed by
+    whatever reads the student (:func:`check_student_contents`): a student's identity is its contents.
+    """
+    return model_file_digests(student_dir, leave_out=(STUDENT_METADATA_FILE,), also=HEAD_FILES)
+
+
+def compare_student_contents(student_dir: str | Path) -> tuple[str, str | None]:
+    """The digest of a student's files (:func:`student_contents`), and what changed in them since it was saved
+    (``"model.safetensors changed"``), None when nothing did or the student records nothing to compare with (it
+    was trained by an earlier m3distill, or elsewhere)."""
+    student_dir = Path(student_dir)
+    current = student_contents(student_dir)
+    digest = combine_file_digests(current)
+    try:
+        recorded = read_student_metadata(student_dir).get("contents") if is_trained_student(student_dir) else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return digest, None
+    changes = [*(f"{name} changed" for name in recorded if name in current and current[name] != recorded[name]),
+               *(f"{name} is missing" for name in recorded if name not in current),
+               *(f"{name} was added" for name in current if name not in recorded)]
+    return digest, ", ".join(changes) or None
+
+
+def check_student_contents(student_dir: str | Path) -> str:
+    """The digest of a student's files, once they are checked against the ones it was saved with.
+
+    Raises :class:`M3DistillError` naming the files that changed (a truncated or replaced ``model.safetensors``)
+    and how to retrain the student.
+    """
+    digest, change = compare_student_contents(student_dir)
+    if change is not None:
+        raise M3DistillError(
+            f"{student_dir} was changed or damaged since it was trained ({change}); retrain it with `m3distill train "
+            "--force` (`m3distill run` retrains it by itself)"
+        )
+    return digest
 
 
 def completed_student_dirs(students_dir: str | Path) -> list[Path]:
@@ -324,16 +387,44 @@ def is_m3distill_student_dir(path: str | Path) -> bool:
         return False
 
 
+# What a student folder saved by an earlier m3distill (whose metadata lists no files) holds besides the files
+# student_files names for every student: sentence-transformers' files and module folders, the M3 heads.
+_SAVED_BEFORE_FILES_WERE_RECORDED = ("*.json", "*.safetensors", "*.bin", "*.model", "*.pt", "*.tiktoken", "vocab.txt",
+                                     "merges.txt", "[0-9]_*/**")
+
+
+def student_files(student_dir: str | Path) -> list[str]:
+    """What m3distill wrote in a student folder, as patterns for :func:`m3distill.atomic.files_not_ours`: the files
+    the finished student was saved with (listed in its metadata), what training writes (run.json, checkpoints/,
+    logs/) and an export m3distill made (``onnx/`` with its record). Anything else there is the user's."""
+    from m3distill.onnx_serving import ONNX_DIR, export_files
+
+    student_dir = Path(student_dir)
+    saved: list[str] = []
+    if is_trained_student(student_dir):
+        try:
+            recorded = read_student_metadata(student_dir).get("files")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            recorded = None
+        saved = recorded if isinstance(recorded, list) else list(_SAVED_BEFORE_FILES_WERE_RECORDED)
+    return [*saved, STUDENT_METADATA_FILE, "README.md", RUN_FILE, f"{CHECKPOINTS_DIRNAME}/**", f"{LOGS_DIRNAME}/**",
+            *(f"{ONNX_DIR}/{name}" for name in export_files(student_dir))]
+
+
 def _check_student_dir_is_ours(student_dir: Path) -> None:
     """Refuse a student folder holding files m3distill did not write: finishing the student replaces the folder."""
     if not student_dir.exists() and not student_dir.is_symlink():
         return
-    if student_dir.is_dir() and (is_m3distill_student_dir(student_dir) or not any(student_dir.iterdir())):
+    if student_dir.is_dir() and not any(student_dir.iterdir()):
         return
-    raise M3DistillError(
-        f"{student_dir} holds files that are not an m3distill student (no {STUDENT_METADATA_FILE} or {RUN_FILE}); "
-        "training would replace it: move it away or choose another --out"
-    )
+    if not (student_dir.is_dir() and is_m3distill_student_dir(student_dir)):
+        kind = folder_kind(student_dir)
+        raise M3DistillError(
+            f"{student_dir} holds files that are not an m3distill student (no {STUDENT_METADATA_FILE} or {RUN_FILE}"
+            f"{f'; it is {kind}' if kind else ''}); training would replace it: move it away or choose another --out"
+        )
+    if not is_trained_student(student_dir):  # a finished one is only replaced by a retrain, which checks it itself
+        refuse_files_not_ours(student_dir, student_files(student_dir), replacing="finishing the student")
 
 
 def _check_resumable(student_dir: Path, resume: bool) -> None:
@@ -369,6 +460,7 @@ class _TrainingJob:
 
     def train(self, plan: LayerPlan, student_dir: Path, *, resume: bool) -> StudentResult:
         if is_trained_student(student_dir):
+            check_student_contents(student_dir)
             logger.info("%s is already trained; skipping it (delete the folder to retrain)", student_dir)
             return StudentResult.from_metadata(student_dir, read_student_metadata(student_dir), skipped=True)
         is_main = _rank() == 0
@@ -416,28 +508,36 @@ class _TrainingJob:
         # One bar per student and one line per dev evaluation instead of the Trainer's raw log dicts.
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=last)
-        train_seconds = time.perf_counter() - started
-        dev_after = _best_dev_metrics(trainer) or dev_metrics(evaluator(trainer.model))
-        logger.info("%s trained: dev %s", plan.name, _format_metrics(dev_after))
-        with own_forward_pass(trainer.model) as trained:  # in fp32, as the dev metrics are
-            heads_after = self._dev_head_metrics(trained, heads)
-        if heads is not None:
-            logger.info("%s heads: dev %s (untrained: %s)", plan.name, _format_metrics(heads_after),
-                        _format_metrics(heads_before))
+        # Checkpoints, then the finished student, in the student's folder: a full disk is one line naming both.
+        with disk_space_for(student_dir, self._bytes_written(student, heads)):
+            started = time.perf_counter()
+            trainer.train(resume_from_checkpoint=last)
+            train_seconds = time.perf_counter() - started
+            dev_after = _best_dev_metrics(trainer) or dev_metrics(evaluator(trainer.model))
+            logger.info("%s trained: dev %s", plan.name, _format_metrics(dev_after))
+            with own_forward_pass(trainer.model) as trained:  # in fp32, as the dev metrics are
+                heads_after = self._dev_head_metrics(trained, heads)
+            if heads is not None:
+                logger.info("%s heads: dev %s (untrained: %s)", plan.name, _format_metrics(heads_after),
+                            _format_metrics(heads_before))
 
-        metadata = self._metadata(
-            plan, layers, search, trainer, precision=precision, n_parameters=count_parameters(student),
-            dev_before=dev_before, dev_after=dev_after, timer=timer, train_seconds=train_seconds,
-            resumed_from_step=int(Path(last).name.rsplit("-", 1)[-1]) if last else None,
-        )
-        if heads is not None:
-            metadata["dev_heads_before"], metadata["dev_heads_after"] = heads_before, heads_after
-        if trainer.is_world_process_zero():
-            self._write_student(trainer.model, student_dir, metadata, heads)
-        trainer.accelerator.wait_for_everyone()
+            metadata = self._metadata(
+                plan, layers, search, trainer, precision=precision, n_parameters=count_parameters(student),
+                dev_before=dev_before, dev_after=dev_after, timer=timer, train_seconds=train_seconds,
+                resumed_from_step=int(Path(last).name.rsplit("-", 1)[-1]) if last else None,
+            )
+            if heads is not None:
+                metadata["dev_heads_before"], metadata["dev_heads_after"] = heads_before, heads_after
+            if trainer.is_world_process_zero():
+                metadata = self._write_student(trainer.model, student_dir, metadata, heads)
+            trainer.accelerator.wait_for_everyone()
         return StudentResult.from_metadata(student_dir, metadata, skipped=False)
+
+    def _bytes_written(self, student: SentenceTransformer, heads: M3Heads | None) -> int:
+        """About what training a student writes: float32 weights, and in each checkpoint kept (the last
+        ``save_total_limit`` and the best) the weights plus AdamW's two moments."""
+        weights = 4 * (count_parameters(student) + (count_parameters(heads) if heads is not None else 0))
+        return weights * (1 + 3 * (self.training.save_total_limit + 1))
 
     def _dev_head_metrics(self, student: SentenceTransformer, heads: M3Heads | None) -> dict[str, float | None]:
         """How close the student's sparse and ColBERT outputs are to the teacher's on (up to 256) dev texts."""
@@ -600,7 +700,7 @@ class _TrainingJob:
                 "warmup_ratio": training.warmup_ratio,
                 "lr_scheduler": training.lr_scheduler,
                 "weight_decay": training.weight_decay,
-                "loss": training.loss.model_dump(mode="json"),
+                "loss": settings_record(training.loss),
                 "texts": list(training.texts),
                 "early_stopping_patience": training.early_stopping_patience,
                 "texts_seen": trainer.state.global_step * training.batch_size * trainer.args.world_size,
@@ -625,10 +725,11 @@ class _TrainingJob:
         }
 
     def _write_student(self, model: SentenceTransformer, student_dir: Path, metadata: dict[str, Any],
-                       heads: M3Heads | None) -> None:
+                       heads: M3Heads | None) -> dict[str, Any]:
+        """Save the student in one rename; returns its metadata as written (with its files' hashes)."""
         # The finished folder replaces the training folder in one rename: a student is either complete or absent.
         _check_student_dir_is_ours(student_dir)
-        with atomic_dir(student_dir, overwrite=True) as tmp:
+        with atomic_dir(student_dir, overwrite=True, ours=student_files(student_dir)) as tmp:
             model.save(str(tmp), create_model_card=False)
             if heads is not None:
                 heads.save(tmp)
@@ -636,8 +737,13 @@ class _TrainingJob:
                 if kept and (student_dir / kept).is_dir():
                     shutil.copytree(student_dir / kept, tmp / kept)
             write_text_atomic(tmp / "README.md", student_model_card(metadata))
+            # What the student consists of: its files' hashes are its identity (checked whenever it is read), and
+            # anything else that appears in its folder later is the user's.
+            metadata = {**metadata, "contents": student_contents(tmp), "files": sorted(
+                f"{path.name}/**" if path.is_dir() else path.name for path in tmp.iterdir())}
             write_json_atomic(tmp / STUDENT_METADATA_FILE, metadata)  # last: marks the student complete
         logger.info("wrote %s", student_dir)
+        return metadata
 
 
 class _HeadsTrainer(SentenceTransformerTrainer):

@@ -1,0 +1,101 @@
+"""Locks: one process at a time writes a run directory or an output folder.
+
+Every command that writes takes the lock of what it writes, ``run`` and ``demo`` the run directory's too: a second
+command on the same output is refused at its start, in one line naming the process that holds it, instead of both
+writing the same folder (two ``train`` on one ``--out`` gave a corrupt student). The run directory's lock is
+``RUN_DIR/.lock``. An output folder's lock lives in the system's temporary folder (``m3distill-locks/``), named by
+a hash of the folder's resolved path: not in the folder, which is replaced when the output is redone, nor beside
+it, where a command that fails at once would leave a file (and the folders above it) behind. The operating system
+releases a lock whose process died, so a killed run never leaves its output locked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from m3distill.atomic import describe_os_error
+from m3distill.errors import M3DistillError
+
+RUN_DIR_LOCK_FILE = ".lock"
+
+
+@contextmanager
+def hold_lock(lock_file: str | os.PathLike[str], *, holds: str, instead: str, doing: str = "") -> Iterator[None]:
+    """Hold ``lock_file`` while the block runs, or raise :class:`M3DistillError` naming the process holding it.
+
+    Args:
+        lock_file: the lock file (created, with its folder, when missing).
+        holds: what the lock stands for, for the message: ``"run directory runs/x"``, ``"runs/x/students"``.
+        instead: what to do instead, for the message: ``"use another run directory"``.
+        doing: what this process does, recorded for a refused one to read (``"train"``).
+    """
+    lock_file = Path(lock_file)
+    owner = lock_file.with_name(lock_file.name + ".owner")
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file, mode=0o666)  # another user's command on the same output must open it too
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = owner.read_text(encoding="utf-8").strip()
+        except OSError:
+            holder = ""
+        raise M3DistillError(
+            f"{holds} is in use by {holder or 'another m3distill process'}; wait for it to finish or {instead}"
+        ) from None
+    except OSError as error:
+        raise M3DistillError(describe_os_error(error, lock_file.parent)) from error
+    try:
+        owner.write_text(f"m3distill process {os.getpid()}{f' ({doing})' if doing else ''}", encoding="utf-8")
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def output_lock_file(output: str | os.PathLike[str]) -> Path:
+    """The lock file of an output folder: in the system's temporary folder, named by the folder's resolved path
+    (the same for every way of naming the folder), shared by every user of the machine."""
+    folder = Path(tempfile.gettempdir()) / "m3distill-locks"
+    if not folder.is_dir():
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o1777)  # like /tmp itself: anyone's commands lock here, and none removes another's lock
+    key = hashlib.sha256(str(Path(output).expanduser().resolve()).encode("utf-8")).hexdigest()[:32]
+    return folder / f"{key}.lock"
+
+
+@contextmanager
+def hold_outputs(outputs: list[Path], *, doing: str) -> Iterator[None]:
+    """Hold the lock of each folder in ``outputs`` while the block runs (see :func:`hold_lock`).
+
+    Under torchrun only process 0 takes them: the processes of one run write the same output together.
+    """
+    from m3distill.distributed import process_rank  # here: m3distill imports without torch (the ONNX encoder)
+
+    if process_rank() != 0:
+        yield
+        return
+    with ExitStack() as stack:
+        for output in dict.fromkeys(Path(output) for output in outputs):
+            try:
+                lock_file = output_lock_file(output)
+            except OSError as error:
+                raise M3DistillError(describe_os_error(error)) from error
+            stack.enter_context(hold_lock(lock_file, holds=str(output), instead="choose another output folder",
+                                          doing=doing))
+        yield
+
+
+@contextmanager
+def hold_run_dir(root: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold a run directory for this process: two runs in one directory would delete each other's outputs."""
+    with hold_lock(Path(root) / RUN_DIR_LOCK_FILE, holds=f"run directory {root}", instead="use another run directory",
+                   doing="run"):
+        yield
