@@ -50,7 +50,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("data",)),
     ("teacher", ("teacher",)),
     ("training", ("training",)),
-    ("export", ("export",)),
+    ("export", ("exporting",)),
     ("report", ("report",)),
     ("evaluation", ("evaluation",)),
     # Each stage decides whether its output is current, then asks its worker.
