@@ -20,6 +20,9 @@ git-doc gnome-user-docs``):
   and Korean: the translated pages titled with a question give the questions and their passages, and as many other
   translated pages (the first by name) are passages without a question.
 
+Apart from the sets, :func:`general_questions` gathers the questions (only) of other FAQs, of tools none of the
+sets is about (lsof, sed, xz, procps), as general text to train on: real questions from outside the corpus.
+
 The Python FAQ and the Debian FAQ are kept for independent checks and are never used here. The output is
 deterministic: the same installed packages give byte-identical files.
 """
@@ -76,6 +79,24 @@ SETS = {
                                 f"GNOME Help ({short})")
        for short, folder in (("de", "de"), ("es", "es"), ("ru", "ru"), ("ko", "ko"))},
 }
+
+
+GENERAL_FAQS = (Path("/usr/share/doc/lsof/00FAQ.gz"), Path("/usr/share/doc/sed/sedfaq.txt.gz"),
+                Path("/usr/share/doc/xz-utils/faq.txt.gz"), Path("/usr/share/doc/procps/FAQ.gz"))
+
+
+def general_questions() -> list[str]:
+    """The questions of the FAQs of :data:`GENERAL_FAQS` that this machine has, deduplicated, in file order."""
+    found: dict[str, None] = {}
+    for path in GENERAL_FAQS:
+        if not path.is_file():
+            continue
+        for line in gzip.decompress(path.read_bytes()).decode("utf-8", "replace").splitlines():
+            # "1.2.3  How ...?" (lsof), "2.1. What is sed?" (sed), "Q:  What ...?" (xz), "Why ...?" (procps)
+            match = re.match(r"^(?:\d+(?:\.\d+)*\.?\s+|Q:\s+)?([A-Z][^\t]{8,160}\?)$", line.strip())
+            if match and not line.startswith((" ", "\t")):
+                found.setdefault(" ".join(match.group(1).split()), None)
+    return list(found)
 
 
 def missing_packages(names: list[str]) -> list[str]:

@@ -76,7 +76,7 @@ from m3distill.stages.train import train_students  # noqa: E402
 from m3distill.training import is_trained_student  # noqa: E402
 
 from faq_sets import SETS as FAQ_SETS  # noqa: E402
-from faq_sets import write_sets  # noqa: E402
+from faq_sets import general_questions, write_sets  # noqa: E402
 from real_questions import RealQuestionSearch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         if faq:
             runs += [(name, args.ablation_layers, default_layers, default, synth)
                      for name, synth in synth_variants(SynthConfig()).items()]
+            # Real questions from outside the corpus as general text: other tools' FAQs (faq_sets.general_questions).
+            runs.append(("+ general questions (other FAQs)", args.ablation_layers, default_layers,
+                         default.model_copy(update={"texts": [*default.texts, "general"]}),
+                         {"general": str(work / "faq" / "general-questions.jsonl"), "general_ratio": 1.0}))
     if "additions" in wanted:
         runs += [(name, args.ablation_layers, default_layers, training, default_synth)
                  for name, training in additions(default).items()]
@@ -243,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             row = {"recipe": name, "layers": n_layers, "kept": list(result.layers), "steps": result.global_step,
                    "minutes": result.train_seconds / 60, "student": result.path.name,
                    **(bench.measure(result.path) if faq else evaluation.measure(result.path))}
+            # Re-read before writing: another fidelity.py on the same work folder may have added rows meanwhile.
+            measured = json.loads(measured_file.read_text()) if measured_file.is_file() else {}
             measured[key] = row
-            measured_file.write_text(json.dumps(measured, indent=1))
+            partial = measured_file.with_name(f"{measured_file.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps(measured, indent=1))
+            partial.replace(measured_file)
         results.append({**row, "seed": seed})
         print(json.dumps(results[-1]), flush=True)
 
@@ -387,6 +395,9 @@ class FaqBenchmark:
         faq = work / "faq"
         if not (faq / "questions.jsonl").is_file():
             write_sets(faq, list(FAQ_SETS))
+        if not (faq / "general-questions.jsonl").is_file():
+            (faq / "general-questions.jsonl").write_text(
+                "".join(json.dumps({"text": text}) + "\n" for text in general_questions()), encoding="utf-8")
         sample = REPO / "data" / "sample"
         # demo.yaml's chunking and splits on the FAQ corpus; general text and crops are made so that the ablation
         # can add them; the generator's settings are m3distill's defaults unless a variant changes them.

@@ -176,6 +176,17 @@ def test_questions_come_from_the_endpoint_for_the_right_context_and_the_key_is_n
     assert SECRET not in caplog.text
 
 
+def test_the_default_prompt_asks_for_short_varied_queries_in_the_text_s_language(tmp_path, corpus, server, minilm_path):
+    _run(_config(corpus, server), tmp_path / "dataset", minilm_path)
+    prompt = server.requests[0]["prompt"]
+    instructions = prompt.split("Text:\n", 1)[0]
+    # What people type: short queries of several forms, not sentences lifted from the text.
+    for asked in ("search queries", "short", "3 to 12 words", "how do I", "keywords", "same language",
+                  "Do not copy"):
+        assert asked in instructions, asked
+    assert _context_of(prompt) in load_synth_dataset(tmp_path / "dataset").contexts["text"].tolist()
+
+
 def test_a_rerun_is_served_wholly_from_the_cache(tmp_path, corpus, server, minilm_path):
     out = tmp_path / "dataset"
     _run(_config(corpus, server), out, minilm_path)
