@@ -103,6 +103,7 @@ def is_suspect_speedup(speedup: float | None, limit: float | None) -> bool:
     of :data:`SPEEDUP_SUSPECT`."""
     return speedup is not None and limit is not None and speedup > limit
 
+
 PAIRS_DESCRIPTION = (
     "Each test question is paired with its own context (a matching pair) and with {negatives} other test "
     "contexts drawn uniformly at random without replacement (non-matching pairs; numpy default_rng seed {seed}). "
