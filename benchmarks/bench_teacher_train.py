@@ -33,11 +33,11 @@ from m3distill.data.dataset import TABLES, load_synth_dataset, write_table  # no
 from m3distill.layout import DATASET_MANIFEST_FILE  # noqa: E402
 from m3distill.students.layer_plan import parse_layer_list  # noqa: E402
 from m3distill.teacher.cache import build_teacher_cache  # noqa: E402
-from m3distill.training import train_students  # noqa: E402
+from m3distill.stages.train import train_students  # noqa: E402
 
 
 def _demo_dataset(out_dir: Path) -> Path:
-    from m3distill.data.synth import synthesize
+    from m3distill.stages.synth import synthesize
 
     config = load_config(REPO / "configs" / "demo.yaml").synth
     sample = REPO / "data" / "sample"

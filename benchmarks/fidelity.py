@@ -58,7 +58,7 @@ from m3distill.config import (  # noqa: E402
     load_config,
 )
 from m3distill.data.dataset import load_synth_dataset  # noqa: E402
-from m3distill.data.synth import synthesize  # noqa: E402
+from m3distill.stages.synth import synthesize  # noqa: E402
 from m3distill.encoding import resolve_precision  # noqa: E402
 from m3distill.metrics import (  # noqa: E402
     MEAN_COSINE,
@@ -72,7 +72,8 @@ from m3distill.metrics import (  # noqa: E402
 )
 from m3distill.models import load_sentence_transformer  # noqa: E402
 from m3distill.teacher.cache import TeacherCache, build_teacher_cache, is_complete_cache  # noqa: E402
-from m3distill.training import is_trained_student, train_students  # noqa: E402
+from m3distill.stages.train import train_students  # noqa: E402
+from m3distill.training import is_trained_student  # noqa: E402
 
 from faq_sets import SETS as FAQ_SETS  # noqa: E402
 from faq_sets import general_questions, write_sets  # noqa: E402

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from m3distill.config import TrainingConfig, load_config  # noqa: E402
 from m3distill.data.dataset import load_synth_dataset  # noqa: E402
-from m3distill.data.synth import synthesize  # noqa: E402
+from m3distill.stages.synth import synthesize  # noqa: E402
 from m3distill.evaluation.retrieval import EdgeSearchBackend  # noqa: E402
 from m3distill.m3 import encode_m3, load_m3_heads, make_m3_test_teacher  # noqa: E402
 from m3distill.metrics import (  # noqa: E402
@@ -45,7 +45,8 @@ from m3distill.metrics import (  # noqa: E402
 )
 from m3distill.models import load_sentence_transformer  # noqa: E402
 from m3distill.teacher.cache import build_teacher_cache, is_complete_cache  # noqa: E402
-from m3distill.training import is_trained_student, read_student_metadata, train_students  # noqa: E402
+from m3distill.stages.train import train_students  # noqa: E402
+from m3distill.training import is_trained_student, read_student_metadata  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("dense", "sparse", "colbert", "hybrid")

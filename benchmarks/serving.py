@@ -38,10 +38,11 @@ import torch  # noqa: E402
 from fidelity import TestSearch, prepare_sample_run  # noqa: E402
 from m3distill.config import ExportConfig, StudentsConfig, load_config  # noqa: E402
 from m3distill.evaluation.speed import interleaved_throughput, speed_texts, spread  # noqa: E402
-from m3distill.export import export_student  # noqa: E402
+from m3distill import export_student  # noqa: E402
 from m3distill.models import load_sentence_transformer, num_layers  # noqa: E402
 from m3distill.onnx_serving import OnnxEncoder  # noqa: E402
-from m3distill.training import is_trained_student, train_students  # noqa: E402
+from m3distill.stages.train import train_students  # noqa: E402
+from m3distill.training import is_trained_student  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -179,11 +179,11 @@ def test_an_unwritable_output_is_refused_before_any_work(stage, few_documents, m
         raise AssertionError(f"{stage} started its work before checking that {unwritable} can be written")
 
     module, function, argv = {
-        "synth": ("m3distill.data.synth", "synthesize", _synth_argv(few_documents, unwritable, minilm_path)),
+        "synth": ("m3distill.data.synth", "write_dataset", _synth_argv(few_documents, unwritable, minilm_path)),
         "teacher": ("m3distill.teacher.cache", "build_teacher_cache",
                     ["-q", "teacher", "--data", str(small_dataset), "--teacher", str(tiny_xlmr_path), "--out",
                      str(unwritable), "--device", "cpu"]),
-        "train": ("m3distill.training", "train_students", _train_argv(small_dataset, tiny_cache, unwritable)),
+        "train": ("m3distill.training", "distil_students", _train_argv(small_dataset, tiny_cache, unwritable)),
     }[stage]
     monkeypatch.setattr(f"{module}.{function}", work_started)
     line = _one_line_error(main(argv), capsys, stage)
@@ -233,7 +233,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_space_needed(command,
                      str(tmp_path / "cache"), "--device", "cpu"]),
         "train": ("transformers.modeling_utils.safe_save_file", tmp_path / "trained" / "student-1L",
                   _train_argv(small_dataset, tiny_cache, tmp_path / "trained")),
-        "export": ("m3distill.export.onnx.export_graph", student_copy / "onnx",
+        "export": ("m3distill.exporting.onnx.export_graph", student_copy / "onnx",
                    ["-q", "export", str(student_copy), "--variants", "onnx"]),
         "evaluate": ("m3distill.evaluation.evaluate.write_report", tmp_path / "report",
                      _evaluate_argv(small_dataset, tiny_xlmr_path, [student], tmp_path / "report", eval_config)),

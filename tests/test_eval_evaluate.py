@@ -22,7 +22,7 @@ from m3distill.data.dataset import (
     write_table,
 )
 from m3distill.evaluation import evaluate as evaluate_module
-from m3distill.evaluation.evaluate import EMBEDDINGS_CACHE_DIRNAME, evaluate_models
+from m3distill.evaluation.evaluate import EMBEDDINGS_CACHE_DIRNAME, InMemory, evaluate_models
 from m3distill.evaluation.speed import size_on_disk, speed_texts
 from m3distill.metrics import (
     LAYER_RATIO,
@@ -188,6 +188,7 @@ def models_must_not_load(monkeypatch):
         raise AssertionError("the error should have come before any model was loaded")
 
     monkeypatch.setattr(evaluate_module, "load_sentence_transformer", refuse)
+    monkeypatch.setattr(evaluate_module, "load_teacher", refuse)
 
 
 def test_folder_that_is_not_a_model_is_one_clear_line(tiny_xlmr_path, small_dataset, tmp_path, capsys):
@@ -263,7 +264,7 @@ def test_provided_teacher_embeddings_replace_teacher_encoding(xlmr_student, tiny
         return student_model.encode(texts)
 
     report = evaluate_models(small_dataset, teacher, [xlmr_student], config, tmp_path / "a", show_progress=False,
-                             teacher_embeddings=students_embeddings_as_teachers)
+                             in_memory=InMemory(teacher_embeddings=students_embeddings_as_teachers))
     assert calls == [report.retrieval.n_questions + report.retrieval.n_contexts]
     # The "teacher" embeddings are the student's own, so the student must look perfectly aligned.
     student = report.models[1].metrics
@@ -271,7 +272,7 @@ def test_provided_teacher_embeddings_replace_teacher_encoding(xlmr_student, tiny
     assert student["alignment_mean_cosine"] == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="expected"):
         evaluate_models(small_dataset, teacher, [xlmr_student], config, tmp_path / "b", show_progress=False,
-                        teacher_embeddings=lambda texts: np.zeros((len(texts), 3)))
+                        in_memory=InMemory(teacher_embeddings=lambda texts: np.zeros((len(texts), 3))))
 
 
 def test_memory_freed_by_an_earlier_model_is_handed_back_before_the_next_is_measured():

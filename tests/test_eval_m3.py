@@ -13,8 +13,8 @@ from qdrant_client import QdrantClient
 from sentence_transformers import SentenceTransformer
 
 from m3distill.config import EvaluationConfig, SpeedConfig, TeacherConfig
-from m3distill.evaluation import evaluate as evaluate_module
-from m3distill.evaluation.evaluate import evaluate_models
+from m3distill.evaluation.embeddings_cache import read_m3_embeddings, write_m3_embeddings
+from m3distill.evaluation.evaluate import InMemory, evaluate_models
 from m3distill.layout import REPORT_JSON_FILE, REPORT_MD_FILE
 from m3distill.m3 import M3Embeddings, M3Heads, copy_head_files
 from m3distill.metrics import (
@@ -133,8 +133,8 @@ def test_an_in_memory_m3_teacher_is_evaluated_with_qdrant_client(m3_folders, sma
     teacher = SentenceTransformer(str(m3_folders["teacher"]), device="cpu")
     report = evaluate_models(
         small_dataset, TeacherConfig(model="in-memory"), [m3_folders["copy"]], CONFIG, tmp_path / "report",
-        show_progress=False, qdrant_client=QdrantClient(":memory:"), teacher_model=teacher,
-        teacher_heads=M3Heads.load(m3_folders["teacher"]),
+        show_progress=False, qdrant_client=QdrantClient(":memory:"),
+        in_memory=InMemory(teacher=teacher, teacher_heads=M3Heads.load(m3_folders["teacher"])),
     )
     assert report.retrieval.backend == "qdrant-client"
     [pair] = report.pairs
@@ -156,8 +156,8 @@ def test_the_m3_embeddings_cache_gives_back_what_was_encoded(tmp_path):
         colbert=[np.ones((2, 4), np.float32), np.zeros((0, 4), np.float32), np.eye(4, dtype=np.float32)[:3]],
     )
     with open(tmp_path / "cache.m3.npz", "wb") as handle:
-        evaluate_module._write_m3_cache(handle, embeddings)
-    again = evaluate_module._read_m3_cache(tmp_path / "cache.m3.npz")
+        write_m3_embeddings(handle, embeddings)
+    again = read_m3_embeddings(tmp_path / "cache.m3.npz")
     assert np.array_equal(again.dense, embeddings.dense) and again.sparse == embeddings.sparse
     assert [vectors.shape for vectors in again.colbert] == [(2, 4), (0, 4), (3, 4)]
     assert all(np.array_equal(a, b) for a, b in zip(again.colbert, embeddings.colbert))

@@ -17,7 +17,7 @@ from m3distill.config import EvaluationConfig, ExportConfig, M3DistillConfig, Sp
 from m3distill.data.dataset import load_synth_dataset
 from m3distill.evaluation import evaluate as evaluate_module
 from m3distill.evaluation.evaluate import EMBEDDINGS_CACHE_DIRNAME, evaluate_models
-from m3distill.export import export_student
+from m3distill import export_student
 from m3distill.layout import REPORT_JSON_FILE, REPORT_MD_FILE
 from m3distill.metrics import (
     LAYER_RATIO,

@@ -17,10 +17,12 @@ from sentence_transformers import SentenceTransformer
 from stand_in import TINY_SHAPE, make_xlmr_stand_in
 
 import m3distill
+from m3distill import export_student
 from m3distill.cli import main
 from m3distill.config import ExportConfig, M3DistillConfig
 from m3distill.errors import M3DistillError
-from m3distill.export import export_student, student_export_status, verification_texts
+from m3distill.exporting import verification_texts
+from m3distill.fingerprint import hash_model_files
 from m3distill.metrics import row_cosines
 from m3distill.onnx_serving import (
     EXPORT_RECORD_FILE,
@@ -30,8 +32,8 @@ from m3distill.onnx_serving import (
     read_export_record,
 )
 from m3distill.stages import ExportStage, stage_names
+from m3distill.stages.export import export_status
 from m3distill.students.build import build_student
-from m3distill.teacher.fingerprint import hash_model_files
 from m3distill.training import STUDENT_METADATA_FILE
 from m3distill.training.model_card import EXPORT_SECTION_START, with_export_section
 
@@ -142,7 +144,7 @@ def test_an_xlmr_student_without_token_type_ids_exports_with_the_tokenizers_inpu
 
 
 def test_large_weights_go_into_external_data_that_the_encoder_loads(xlmr_student, tmp_path, monkeypatch):
-    import m3distill.export.onnx as export_onnx
+    import m3distill.exporting.onnx as export_onnx
 
     monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_ABOVE_BYTES", 0)
     folder = _copy(xlmr_student, tmp_path / "student")
@@ -193,7 +195,7 @@ def test_a_current_export_is_skipped_and_force_replaces_it_whole_with_one_card_s
 
 
 def test_a_failed_verification_leaves_the_old_export_whole(exported_bert, tmp_path, monkeypatch):
-    import m3distill.export.onnx as export_onnx
+    import m3distill.exporting.onnx as export_onnx
 
     folder = _copy(exported_bert, tmp_path / "student-1L")
     before = _digests(folder / "onnx")
@@ -223,17 +225,19 @@ def test_a_changed_student_or_setting_makes_the_export_stale_and_alone_it_is_ref
     folder = _copy(exported_bert, tmp_path / "student-1L")
     config = M3DistillConfig()
     assert ExportStage(config, [folder]).status().current
-    assert student_export_status(folder, config.export.model_copy(update={"verify_texts": 3})).current
+    assert export_status(folder, config.export.model_copy(update={"verify_texts": 3})).current
 
     other = config.model_copy(update={"export": ExportConfig(opset=19)})
     status = ExportStage(other, [folder]).status()
     assert status.state == "stale" and "export.opset is 19 now, 18 when it was made" in status.reason
     with pytest.raises(M3DistillError, match="out of date: .*pass --force"):
         ExportStage(other, [folder]).run(show_progress=False)
+    with pytest.raises(M3DistillError, match="out of date: .*pass --force"):  # the API decides as the stage does
+        export_student(folder, other.export, show_progress=False)
 
     settings = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     (folder / "config.json").write_text(json.dumps({**settings, "note": "edited"}), encoding="utf-8")
-    assert "student contents changed" in student_export_status(folder, config.export).reason
+    assert "student contents changed" in export_status(folder, config.export).reason
 
 
 def test_the_cli_exports_a_students_folder_and_names_bad_paths_in_one_line(exported_bert, tmp_path, capsys,

@@ -19,8 +19,8 @@ from m3distill.config import LLMConfig, SplitConfig, SynthConfig
 from m3distill.data.dataset import load_synth_dataset
 from m3distill.data.questions import parse_questions
 from m3distill.data.questions.base import is_copied
-from m3distill.data.synth import synthesize
 from m3distill.errors import M3DistillError
+from m3distill.stages.synth import synthesize
 
 SECRET = "sk-test-Do-Not-Leak-0123456789abcdef"
 KEY_ENV = "M3D_TEST_LLM_KEY"

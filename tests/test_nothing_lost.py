@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
+from lock_holder import held_by_another_process
 from sentence_transformers import SentenceTransformer
 
 from m3distill import pipeline
@@ -308,6 +305,20 @@ def test_train_still_replaces_its_own_unfinished_student(small_dataset, tiny_cac
     assert (out / "student-1L" / "m3distill_student.json").is_file()
 
 
+def test_train_resumes_no_checkpoints_of_another_plan_and_keeps_them(small_dataset, tiny_cache, tmp_path, capsys):
+    # Resuming is the default: checkpoints of a run started with other layers are refused, not trained on.
+    student = tmp_path / "students" / "student-1L"
+    (student / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (student / "run.json").write_text(json.dumps({"layers": [0], "strategy": "uniform", "search": None}))
+    files = sorted(path.relative_to(student) for path in student.rglob("*"))
+    assert main(["-q", "train", "--data", str(small_dataset), "--cache", str(tiny_cache), "--out",
+                 str(tmp_path / "students"), "--layers", "1", "--max-steps", "1", "--batch-size", "8"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (f"m3distill train: error: {student} was started with layers [0], not [3]; resume with the same "
+                     "plan or delete the folder")
+    assert sorted(path.relative_to(student) for path in student.rglob("*")) == files
+
+
 @pytest.fixture(scope="module")
 def trained_students(small_dataset, tiny_cache, tmp_path_factory) -> Path:
     """A students folder holding one trained 1-layer student of the tiny stand-in (read-only: copy it)."""
@@ -490,23 +501,6 @@ def test_evaluate_refuses_a_report_folder_holding_the_user_s_files_and_names_the
 # --- one writer per output ------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _held_by_another_process(output: Path, doing: str) -> Iterator[int]:
-    """``output``'s lock, held by another m3distill process until the block ends; yields that process's id."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from m3distill.locks import hold_outputs\n"
-         "with hold_outputs([Path(sys.argv[1])], doing=sys.argv[2]):\n"
-         "    print('held', flush=True); sys.stdin.read()", str(output), doing],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        yield holder.pid
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=60)
-
-
 @pytest.mark.parametrize("command", ["synth", "teacher", "train", "export", "evaluate", "report"])
 def test_a_second_command_writing_the_same_output_is_refused_naming_the_first(
     command, few_documents, minilm_path, small_dataset, tiny_cache, tiny_xlmr_path, trained_students, tmp_path, capsys
@@ -526,7 +520,7 @@ def test_a_second_command_writing_the_same_output_is_refused_naming_the_first(
     }[command]
     before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
 
-    with _held_by_another_process(output, "train") as pid:
+    with held_by_another_process("hold_outputs([Path(args[0])], doing=args[1])", str(output), "train") as pid:
         error = _refusal(main(argv), capsys, command)
 
     assert error.endswith(f"{output} is in use by m3distill process {pid} (train); wait for it to finish or choose "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -86,13 +87,13 @@ def test_evaluation_in_the_pipeline_reads_the_teacher_from_its_cache(sample_dir,
     seen = {}
     original = evaluate_module.evaluate_models
 
-    def spy(*args, teacher_embeddings=None, **kwargs):
+    def spy(*args, in_memory, **kwargs):
         def recording(texts):
-            seen["embeddings"] = teacher_embeddings(texts)
+            seen["embeddings"] = in_memory.teacher_embeddings(texts)
             seen["texts"] = list(texts)
             return seen["embeddings"]
 
-        return original(*args, teacher_embeddings=recording, **kwargs)
+        return original(*args, in_memory=dataclasses.replace(in_memory, teacher_embeddings=recording), **kwargs)
 
     monkeypatch.setattr(evaluate_module, "evaluate_models", spy)
     result = run_pipeline(config, force=["evaluate"], show_progress=False)

@@ -18,7 +18,7 @@ from m3distill.students.layer_plan import (
     planned_student_names,
     resolve_layer_plans,
 )
-from m3distill.students.search import candidate_plans, search_layer_plan
+from m3distill.students.search import SearchSettings, candidate_plans, search_layer_plan
 
 
 def test_plans_follow_the_strategy_or_the_explicit_lists():
@@ -69,7 +69,7 @@ def test_search_keeps_the_candidate_closest_to_the_teacher(small_dataset, tiny_x
     teacher = load_sentence_transformer(tiny_xlmr_path, device="cpu")
     texts = load_synth_dataset(small_dataset).texts(["dev"])[:40]
     target = teacher.encode(texts)
-    result = search_layer_plan(teacher, 2, dev_texts=texts, dev_embeddings=target, n_candidates=4)
+    result = search_layer_plan(teacher, 2, dev_texts=texts, dev_embeddings=target, settings=SearchSettings(n_candidates=4))
     assert len(result.candidates) == 4
     # Independent reference: cut each candidate, encode, and measure the MSE by hand.
     by_hand = {}
@@ -86,9 +86,11 @@ def test_search_steps_train_each_candidate_first(small_dataset, tiny_xlmr_path):
     dataset = load_synth_dataset(small_dataset)
     dev, train = dataset.texts(["dev"])[:30], dataset.texts(["train"])[:64]
     weights_before = {name: value.clone() for name, value in teacher.state_dict().items()}
-    untrained = search_layer_plan(teacher, 1, dev_texts=dev, dev_embeddings=teacher.encode(dev), n_candidates=2)
-    trained = search_layer_plan(teacher, 1, dev_texts=dev, dev_embeddings=teacher.encode(dev), n_candidates=2, steps=5,
-                                train_texts=train, train_embeddings=teacher.encode(train), batch_size=8, learning_rate=1e-3)
+    untrained = search_layer_plan(teacher, 1, dev_texts=dev, dev_embeddings=teacher.encode(dev),
+                                  settings=SearchSettings(n_candidates=2))
+    trained = search_layer_plan(teacher, 1, dev_texts=dev, dev_embeddings=teacher.encode(dev), train_texts=train,
+                                train_embeddings=teacher.encode(train),
+                                settings=SearchSettings(n_candidates=2, steps=5, batch_size=8, learning_rate=1e-3))
     assert trained.steps == 5
     before = {score.layers: score.mse for score in untrained.candidates}
     assert all(score.mse != before[score.layers] for score in trained.candidates)

@@ -12,10 +12,8 @@ from m3distill.evaluation.speed import (
     TORCH_RUNTIME,
     TimedModel,
     interleaved_throughput,
-    is_suspect_speedup,
     measure_speed,
     speed_figures,
-    speedup_limit,
     spread,
 )
 from m3distill.metrics import (
@@ -31,6 +29,8 @@ from m3distill.metrics import (
     TEXTS_PER_S,
     TEXTS_PER_S_MAX,
     TEXTS_PER_S_MIN,
+    is_suspect_speedup,
+    speedup_limit,
 )
 
 

@@ -154,7 +154,7 @@ def test_a_student_whose_weights_changed_is_retrained_by_run_and_its_report_redo
 
 def test_standalone_evaluate_skips_unfinished_students_and_reuses_the_teacher_cache(copy_of_run, capsys, caplog,
                                                                                      monkeypatch):
-    import m3distill.evaluation.evaluate as evaluate_module
+    from m3distill.evaluation.embeddings_cache import EmbeddingsCache
 
     run_dir = copy_of_run / "run"
     layout = RunLayout(run_dir)
@@ -163,13 +163,13 @@ def test_standalone_evaluate_skips_unfinished_students_and_reuses_the_teacher_ca
     (half_written / "run.json").write_text(json.dumps({"layers": [0, 5], "strategy": "uniform", "search": None}))
     (half_written / "checkpoints").mkdir()
     encoded: list[str] = []
-    real_encode = evaluate_module._encode_cached
+    real_encode = EmbeddingsCache.model
 
-    def encode(model, heads, texts, cache_dir, label, *args):
+    def encode(self, label, *args):
         encoded.append(label)
-        return real_encode(model, heads, texts, cache_dir, label, *args)
+        return real_encode(self, label, *args)
 
-    monkeypatch.setattr(evaluate_module, "_encode_cached", encode)
+    monkeypatch.setattr(EmbeddingsCache, "model", encode)
     config_file = _write_config(copy_of_run, _config(copy_of_run / "corpus", copy_of_run / "general", run_dir))
     with caplog.at_level(logging.WARNING, logger="m3distill"):
         assert main(["-q", "evaluate", "--config", str(config_file)]) == 0

@@ -17,9 +17,9 @@ from m3distill.data.dataset import load_synth_dataset
 from m3distill.data.questions import PseudoQueryGenerator
 from m3distill.data.questions.base import comparable
 from m3distill.data.splits import assign_splits, sample_general, split_sizes
-from m3distill.data.synth import synthesize
 from m3distill.errors import M3DistillError
 from m3distill.layout import CONTEXTS_FILE, DATASET_MANIFEST_FILE
+from m3distill.stages.synth import synthesize
 
 
 def _context(context_id: str, text: str) -> Context:

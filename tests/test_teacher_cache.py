@@ -14,6 +14,7 @@ from m3distill.cli import main
 from m3distill.config import TeacherConfig
 from m3distill.data.dataset import TABLES, load_synth_dataset, write_table
 from m3distill.errors import M3DistillError
+from m3distill.fingerprint import hash_model_files
 from m3distill.layout import DATASET_MANIFEST_FILE
 from m3distill.models import load_sentence_transformer
 from m3distill.teacher.cache import (
@@ -24,7 +25,8 @@ from m3distill.teacher.cache import (
     is_complete_cache,
     text_key,
 )
-from m3distill.teacher.fingerprint import hash_model_files, teacher_fingerprint
+from m3distill.stages import TeacherStage
+from m3distill.teacher.fingerprint import teacher_fingerprint
 
 
 def write_dataset_subset(source: Path, out_dir: Path, n_contexts: int, *, n_general: int = 5) -> Path:
@@ -99,8 +101,8 @@ def test_float16_storage_is_close_to_float32(tiny_dataset, tiny_teacher, tmp_pat
     assert reduced.get(texts).dtype == np.float32
     np.testing.assert_allclose(reduced.get(texts), full.get(texts), atol=2e-3)
     assert not np.array_equal(reduced.get(texts), full.get(texts))  # it really was rounded
-    with pytest.raises(M3DistillError, match="float32 embeddings but float16"):
-        build_teacher_cache(tiny_dataset, half, tmp_path / "f32", show_progress=False)
+    with pytest.raises(M3DistillError, match='teacher.dtype is "float16" now, "float32" when it was made'):
+        TeacherStage(half, tiny_dataset, tmp_path / "f32").run(show_progress=False)
 
 
 def test_interrupted_cache_resumes_to_the_uninterrupted_result(tiny_dataset, tiny_teacher, tmp_path):
@@ -141,14 +143,35 @@ def test_grown_dataset_embeds_only_the_new_texts(tiny_dataset, small_dataset, ti
     assert len(TeacherCache.open(tmp_path / "cache").get(new_texts)) == len(new_texts)
 
 
-def test_cache_of_another_teacher_is_refused(tiny_dataset, tiny_teacher, minilm_teacher, minilm_path, tmp_path):
-    build_teacher_cache(tiny_dataset, tiny_teacher, tmp_path / "cache", show_progress=False)
-    with pytest.raises(M3DistillError, match="made by another teacher: files_sha256"):
-        build_teacher_cache(tiny_dataset, TeacherConfig(model=str(minilm_path)), tmp_path / "cache",
-                            model=minilm_teacher, show_progress=False)
-    shorter = tiny_teacher.model_copy(update={"max_seq_length": 32})
-    with pytest.raises(M3DistillError, match="max_seq_length is 128 there but 32"):
-        build_teacher_cache(tiny_dataset, shorter, tmp_path / "cache", show_progress=False)
+def test_cache_of_another_teacher_is_refused(tiny_dataset, tiny_teacher, minilm_path, tmp_path):
+    # The teacher stage compares the teachers, for a finished cache and for one a killed run left unfinished alike.
+    TeacherStage(tiny_teacher, tiny_dataset, tmp_path / "cache").run(show_progress=False)
+    unfinished = shutil.copytree(tmp_path / "cache", tmp_path / "unfinished")
+    (unfinished / CACHE_MANIFEST_FILE).unlink()
+    for cache in (tmp_path / "cache", unfinished):
+        with pytest.raises(M3DistillError, match="out of date: teacher.model contents changed"):
+            TeacherStage(TeacherConfig(model=str(minilm_path), device="cpu"), tiny_dataset, cache).run(
+                show_progress=False)
+        shorter = tiny_teacher.model_copy(update={"max_seq_length": 32})
+        with pytest.raises(M3DistillError, match="teacher.max_seq_length is 32 now, "):
+            TeacherStage(shorter, tiny_dataset, cache).run(show_progress=False)
+
+
+def test_a_cache_with_the_manifest_of_before_one_fingerprint_record_stays_current(tiny_dataset, tiny_teacher, tmp_path):
+    """Format 1 kept the teacher's fingerprint as "fingerprint" and the teacher stage's record nested in "inputs";
+    format 2 keeps one record, as every stage's output does. A format-1 cache reads the same and stays current."""
+    stage = TeacherStage(tiny_teacher, tiny_dataset, tmp_path / "cache")
+    stage.run(show_progress=False)
+    manifest_file = tmp_path / "cache" / CACHE_MANIFEST_FILE
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["format"] == 2 and manifest["fingerprint"] == stage.fingerprint().digest
+    old = {**{key: value for key, value in manifest.items() if key not in ("fingerprint", "inputs", "teacher")},
+           "format": 1, "fingerprint": manifest["teacher"],
+           "inputs": {"fingerprint": manifest["fingerprint"], "inputs": manifest["inputs"]}}
+    manifest_file.write_text(json.dumps(old))
+    assert TeacherStage(tiny_teacher, tiny_dataset, tmp_path / "cache").status().current
+    assert cache_fingerprint(tmp_path / "cache").to_dict() == manifest["teacher"]
+    assert len(TeacherCache.open(tmp_path / "cache")) == len(load_synth_dataset(tiny_dataset).texts())
 
 
 def test_fingerprint_follows_file_contents(tiny_xlmr_path, tmp_path):
@@ -226,7 +249,6 @@ def test_a_shard_changed_in_place_is_caught_by_its_checksum_and_the_next_teacher
     from conftest import write_small_dataset
 
     from m3distill.config import M3DistillConfig
-    from m3distill.stages import TeacherStage
 
     dataset = write_small_dataset(tmp_path / "dataset", per_language=1)
     cache_dir = tmp_path / "cache"

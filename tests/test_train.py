@@ -21,7 +21,8 @@ from m3distill.errors import M3DistillError
 from m3distill.models import count_parameters
 from m3distill.students.build import build_student
 from m3distill.teacher.cache import TeacherCache, build_teacher_cache
-from m3distill.training import STUDENT_METADATA_FILE, is_trained_student, read_student_metadata, train_students
+from m3distill.stages.train import train_students
+from m3distill.training import STUDENT_METADATA_FILE, distil_students, is_trained_student, read_student_metadata
 from m3distill.training import dev_set, distill
 from m3distill.training.dev_set import CachedMSEEvaluator, build_dev_set, dev_evaluator, dev_metrics
 
@@ -47,9 +48,8 @@ def tiny_cache(small_dataset, tiny_xlmr_path, tmp_path_factory) -> Path:
 def test_two_layer_student_gets_closer_to_the_teacher(small_dataset, minilm_cache, minilm_teacher, minilm_path, tmp_path):
     students = StudentsConfig(layers=[2], strategy="search", search_candidates=3)
     training = TrainingConfig(max_steps=100, batch_size=16, max_seq_length=64, learning_rate=2e-4, eval_steps=50)
-    [result] = train_students(small_dataset, minilm_cache, teacher=TeacherConfig(model=str(minilm_path)),
-                              students=students, training=training, out_dir=tmp_path, teacher_model=minilm_teacher,
-                              show_progress=False)
+    [result] = distil_students(small_dataset, minilm_cache, teacher=TeacherConfig(model=str(minilm_path)),
+                               students=students, training=training, out_dir=tmp_path, show_progress=False)
     before, after = result.dev_before, result.dev_after
     assert after["mse"] < before["mse"]
     assert after["spearman_cosine"] > before["spearman_cosine"]
@@ -97,10 +97,13 @@ def test_two_layer_student_gets_closer_to_the_teacher(small_dataset, minilm_cach
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     np.testing.assert_allclose(np.load(tmp_path / "plain.npy"), reloaded.encode(dev.texts[:8]), atol=1e-6)
 
-    # A finished student is skipped on the next call.
+    # The train stage reads a current student from its folder; the training itself never replaces a finished one.
     [again_result] = train_students(small_dataset, minilm_cache, teacher=TeacherConfig(model=str(minilm_path)),
-                                    students=students, training=training, out_dir=tmp_path, teacher_model=minilm_teacher)
+                                    students=students, training=training, out_dir=tmp_path)
     assert again_result.skipped and again_result.dev_after == after
+    with pytest.raises(M3DistillError, match="holds a finished student"):
+        distil_students(small_dataset, minilm_cache, teacher=TeacherConfig(model=str(minilm_path)),
+                        students=students, training=training, out_dir=tmp_path)
 
 
 def test_cached_mse_evaluator_equals_sentence_transformers_mse_evaluator(small_dataset, minilm_cache, minilm_teacher):
@@ -126,10 +129,10 @@ def test_only_process_zero_checks_the_student_folders_it_writes(small_dataset, t
     train = dict(teacher=teacher, students=[[0, 2]], training=TrainingConfig(max_steps=2), out_dir=tmp_path,
                  show_progress=False)
     monkeypatch.setenv("RANK", "1")
-    assert train_students(small_dataset, tiny_cache, **train) == ["student-2L"]
+    assert distil_students(small_dataset, tiny_cache, **train) == ["student-2L"]
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(M3DistillError, match="not an m3distill student"):
-        train_students(small_dataset, tiny_cache, **train)
+        distil_students(small_dataset, tiny_cache, **train)
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(
@@ -144,7 +147,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(
     with monkeypatch.context() as patch:
         patch.setattr(distill._TrainingJob, "_write_student", killed)
         with pytest.raises(KeyboardInterrupt):
-            train_students(small_dataset, tiny_cache, teacher=teacher, students=[[0, 2]], training=training,
+            distil_students(small_dataset, tiny_cache, teacher=teacher, students=[[0, 2]], training=training,
                            out_dir=tmp_path, show_progress=False)
     student_dir = tmp_path / "student-2L"
     assert not is_trained_student(student_dir)
@@ -152,27 +155,25 @@ def test_interrupted_training_resumes_from_its_checkpoint(
 
     # Without --resume an unfinished student is a clear error, before anything is touched.
     with pytest.raises(M3DistillError, match="pass --resume"):
-        train_students(small_dataset, tiny_cache, teacher=teacher, students=[[0, 2]], training=training,
+        distil_students(small_dataset, tiny_cache, teacher=teacher, students=[[0, 2]], training=training,
                        out_dir=tmp_path, show_progress=False)
     # Resuming with other layers would mix two students.
     with pytest.raises(M3DistillError, match="started with layers"):
-        train_students(small_dataset, tiny_cache, teacher=teacher, students=[[1, 3]], training=training,
+        distil_students(small_dataset, tiny_cache, teacher=teacher, students=[[1, 3]], training=training,
                        out_dir=tmp_path, resume=True, show_progress=False)
 
     longer = training.model_copy(update={"max_steps": 6})
-    [result] = train_students(small_dataset, tiny_cache, teacher=teacher, students=[[0, 2]], training=longer,
+    [result] = distil_students(small_dataset, tiny_cache, teacher=teacher, students=[[0, 2]], training=longer,
                               out_dir=tmp_path, resume=True, show_progress=False)
     settings = result.metadata["training"]
     assert settings["resumed_from_step"] == 4 and settings["steps_this_run"] == 2 and result.global_step == 6
     assert is_trained_student(student_dir) and not (student_dir / "checkpoints").exists()
 
 
-def test_cache_of_another_teacher_is_refused_for_training(
-    small_dataset, tiny_cache, minilm_teacher, minilm_path, tmp_path
-):
-    with pytest.raises(M3DistillError, match="made by another teacher"):
+def test_cache_of_another_teacher_is_refused_for_training(small_dataset, tiny_cache, minilm_path, tmp_path):
+    with pytest.raises(M3DistillError, match="made by another teacher: teacher.model contents changed"):
         train_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(minilm_path)), students=[[0, 1]],
-                       training=TrainingConfig(max_steps=1), out_dir=tmp_path, teacher_model=minilm_teacher)
+                       training=TrainingConfig(max_steps=1), out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -206,7 +207,7 @@ def test_train_cli_trains_each_layer_count(small_dataset, tiny_cache, tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["student-1L", "student-2L"]
     metadata = json.loads((out / "student-1L" / STUDENT_METADATA_FILE).read_text())
     assert metadata["layers"] == [3] and metadata["training"]["learning_rate"] == 1e-3  # spread: the last layer
-    assert metadata["teacher"]["name"] == json.loads((tiny_cache / "manifest.json").read_text())["fingerprint"]["name"]
+    assert metadata["teacher"]["name"] == json.loads((tiny_cache / "manifest.json").read_text())["teacher"]["name"]
 
 
 def test_length_grouped_batches_cover_every_text_once_with_less_padding():
@@ -306,7 +307,7 @@ def test_crops_asked_of_a_dataset_without_them_train_without_them_and_say_so(sma
     assert dataset.crops.empty
     training = TrainingConfig(max_steps=2, batch_size=8, max_dev_texts=20, texts=["contexts", "questions", "crops"])
     with caplog.at_level(logging.INFO, logger="m3distill"):
-        [result] = train_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
+        [result] = distil_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
                                   students=StudentsConfig(layers=[1]), training=training, out_dir=tmp_path,
                                   show_progress=False)
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -319,7 +320,7 @@ def test_training_shows_one_bar_per_student_and_one_dev_line_per_evaluation(smal
                                                                             capsys, caplog, tiny_xlmr_path):
     training = TrainingConfig(max_steps=6, eval_steps=3, batch_size=8, max_dev_texts=20, early_stopping_patience=None)
     with caplog.at_level(logging.INFO, logger="m3distill"):
-        train_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
+        distil_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
                        students=StudentsConfig(layers=[2]), training=training, out_dir=tmp_path, show_progress=True)
     captured = capsys.readouterr()
     output = captured.out + captured.err
@@ -345,7 +346,7 @@ def test_students_train_without_dropout_by_default_and_keep_the_teachers_rate_on
     for rate, out in ((None, tmp_path / "teacher-rate"), (0.0, tmp_path / "off")):
         seen.clear()
         training = TrainingConfig(max_steps=2, batch_size=8, max_dev_texts=20, dropout=rate)
-        [result] = train_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
+        [result] = distil_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
                                   students=StudentsConfig(layers=[1]), training=training, out_dir=out,
                                   show_progress=False)
         teacher_rate = SentenceTransformer(str(tiny_xlmr_path), device="cpu")[0].auto_model.config.hidden_dropout_prob
@@ -393,7 +394,7 @@ def test_auto_precision_trains_in_bf16_where_the_cpu_computes_it_and_saves_fp32_
     training = TrainingConfig(max_steps=2, batch_size=8, max_dev_texts=20)
     assert training.precision == "auto"
     with caplog.at_level(logging.INFO, logger="m3distill"):
-        [result] = train_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
+        [result] = distil_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
                                   students=StudentsConfig(layers=[1]), training=training, out_dir=tmp_path,
                                   show_progress=False)
     assert result.metadata["training"]["precision"] == expected

@@ -9,7 +9,7 @@ from sentence_transformers import SentenceTransformer
 from m3distill.config import LossConfig, TeacherConfig, TrainingConfig
 from m3distill.m3 import HEAD_FILES, M3Heads, encode_m3, is_m3_model, load_m3_heads
 from m3distill.teacher.cache import build_teacher_cache
-from m3distill.training import is_trained_student, read_student_metadata, train_students
+from m3distill.training import distil_students, is_trained_student, read_student_metadata
 from m3distill.training import distill
 from m3distill.training.losses import DistillationLoss
 
@@ -43,7 +43,7 @@ def _state(heads: M3Heads) -> dict[str, torch.Tensor]:
 def test_student_of_an_m3_teacher_trains_and_saves_its_own_heads(small_dataset, tiny_m3_cache, tiny_m3_path,
                                                                  tmp_path):
     teacher = TeacherConfig(model=str(tiny_m3_path), device="cpu")
-    [result] = train_students(small_dataset, tiny_m3_cache, teacher=teacher, students=[[0, 3]],
+    [result] = distil_students(small_dataset, tiny_m3_cache, teacher=teacher, students=[[0, 3]],
                               training=_training(), out_dir=tmp_path, show_progress=False)
     folder = result.path
     assert is_m3_model(folder) and is_trained_student(folder)
@@ -70,7 +70,7 @@ def test_student_of_an_m3_teacher_trains_and_saves_its_own_heads(small_dataset, 
 def test_head_weights_zero_leave_the_heads_as_the_teachers(small_dataset, tiny_m3_cache, tiny_m3_path, tmp_path):
     teacher = TeacherConfig(model=str(tiny_m3_path), device="cpu")
     training = _training(max_steps=2, loss=LossConfig(sparse=0.0, colbert=0.0))
-    [result] = train_students(small_dataset, tiny_m3_cache, teacher=teacher, students=[[0, 3]], training=training,
+    [result] = distil_students(small_dataset, tiny_m3_cache, teacher=teacher, students=[[0, 3]], training=training,
                               out_dir=tmp_path, show_progress=False)
     teacher_heads, student_heads = M3Heads.load(tiny_m3_path), M3Heads.load(result.path)
     for name, value in student_heads.state_dict().items():
@@ -110,7 +110,7 @@ def test_interrupted_m3_student_resumes_to_the_same_heads(small_dataset, tiny_m3
                                                            monkeypatch):
     teacher = TeacherConfig(model=str(tiny_m3_path), device="cpu")
     training = _training()
-    [straight] = train_students(small_dataset, tiny_m3_cache, teacher=teacher, students=[[0, 3]], training=training,
+    [straight] = distil_students(small_dataset, tiny_m3_cache, teacher=teacher, students=[[0, 3]], training=training,
                                 out_dir=tmp_path / "straight", show_progress=False)
 
     def killed_after_step_4(self, args, state, control, **kwargs):  # the process dies once checkpoint-4 is saved
@@ -120,11 +120,11 @@ def test_interrupted_m3_student_resumes_to_the_same_heads(small_dataset, tiny_m3
     with monkeypatch.context() as patch:
         patch.setattr(distill._StepTimer, "on_save", killed_after_step_4, raising=False)
         with pytest.raises(KeyboardInterrupt):
-            train_students(small_dataset, tiny_m3_cache, teacher=teacher, students=[[0, 3]], training=training,
+            distil_students(small_dataset, tiny_m3_cache, teacher=teacher, students=[[0, 3]], training=training,
                            out_dir=tmp_path / "resumed", show_progress=False)
     checkpoint = tmp_path / "resumed" / "student-2L" / "checkpoints" / "checkpoint-4"
     assert all((checkpoint / name).is_file() for name in HEAD_FILES)
-    [resumed] = train_students(small_dataset, tiny_m3_cache, teacher=teacher, students=[[0, 3]], training=training,
+    [resumed] = distil_students(small_dataset, tiny_m3_cache, teacher=teacher, students=[[0, 3]], training=training,
                                out_dir=tmp_path / "resumed", resume=True, show_progress=False)
     assert resumed.metadata["training"]["resumed_from_step"] == 4
     assert resumed.metadata["training"]["best_step"] == straight.metadata["training"]["best_step"]

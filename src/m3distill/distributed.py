@@ -1,6 +1,7 @@
 """The processes of ``torchrun --nproc_per_node N m3distill ...``: which one this is, and waiting for the others.
 
-torchrun starts N copies of the command and tells each its place in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``.
+torchrun starts N copies of the command and tells each its place in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``:
+read here alone (:func:`process_rank`, :func:`process_count`, :func:`local_rank`).
 Two stages use the group this module opens: the teacher cache splits its shards among the processes (see
 :mod:`m3distill.teacher.cache`), and the train stage lets process 0 alone set a student aside before retraining it
 (the Trainer then joins the processes in a group of its own). They only need to wait for each other and to check
@@ -34,6 +35,13 @@ _WAIT_TIMEOUT = timedelta(hours=24)
 def process_rank() -> int:
     """This process's number among the processes torchrun started (0 when not under torchrun)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int | None:
+    """This process's number among the processes torchrun started on this machine (``None`` when not under
+    torchrun): the GPU it takes."""
+    found = os.environ.get("LOCAL_RANK")
+    return int(found) if found is not None else None
 
 
 def process_count() -> int:

@@ -42,6 +42,12 @@ STUDENT_METADATA_FILE = "m3distill_student.json"
 # What training writes into a student folder before anything else (the layers chosen): the marker of an unfinished one.
 STUDENT_RUN_FILE = "run.json"
 
+# bge-m3's two head files beside a model's sentence-transformers files: their presence makes an M3 model (see
+# m3distill.m3).
+SPARSE_HEAD_FILE = "sparse_linear.pt"
+COLBERT_HEAD_FILE = "colbert_linear.pt"
+HEAD_FILES = (SPARSE_HEAD_FILE, COLBERT_HEAD_FILE)
+
 # Files inside a report directory.
 REPORT_JSON_FILE = "report.json"
 REPORT_MD_FILE = "report.md"

@@ -1,12 +1,13 @@
 """Locks: one process at a time writes a run directory or an output folder.
 
-Every command that writes takes the lock of what it writes, ``run`` and ``demo`` the run directory's too: a second
-command on the same output is refused at its start, in one line naming the process that holds it, instead of both
-writing the same folder (two ``train`` on one ``--out`` gave a corrupt student). The run directory's lock is
-``RUN_DIR/.lock``. An output folder's lock lives in the system's temporary folder (``m3distill-locks/``), named by
-a hash of the folder's resolved path: not in the folder, which is replaced when the output is redone, nor beside
-it, where a command that fails at once would leave a file (and the folders above it) behind. The operating system
-releases a lock whose process died, so a killed run never leaves its output locked.
+Every command that writes takes the lock of what it writes, and of the run directory when what it writes lies in
+its config's run directory (``run`` and ``demo`` always): a second command on the same output, or in the same run
+directory, is refused at its start, in one line naming the process that holds it, instead of both writing the same
+folder (two ``train`` on one ``--out`` gave a corrupt student). One mechanism serves both: a folder's lock lives in
+the system's temporary folder (``m3distill-locks/``), named by a hash of the folder's resolved path: not in the
+folder, which is replaced when the output is redone, nor beside it, where a command that fails at once would leave
+a file (and the folders above it) behind. The operating system releases a lock whose process died, so a killed run
+never leaves its output locked. Under torchrun only process 0 takes them: the processes of one run write together.
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ from filelock import FileLock, Timeout
 
 from m3distill.atomic import describe_os_error
 from m3distill.errors import M3DistillError
-
-RUN_DIR_LOCK_FILE = ".lock"
-
 
 @contextmanager
 def hold_lock(lock_file: str | os.PathLike[str], *, holds: str, instead: str, doing: str = "") -> Iterator[None]:
@@ -73,29 +71,33 @@ def output_lock_file(output: str | os.PathLike[str]) -> Path:
 
 @contextmanager
 def hold_outputs(outputs: list[Path], *, doing: str) -> Iterator[None]:
-    """Hold the lock of each folder in ``outputs`` while the block runs (see :func:`hold_lock`).
+    """Hold the lock of each folder in ``outputs`` while the block runs (see :func:`hold_lock`)."""
+    with _hold_folders([(Path(output), str(output), "choose another output folder") for output in outputs], doing):
+        yield
 
-    Under torchrun only process 0 takes them: the processes of one run write the same output together.
-    """
+
+@contextmanager
+def hold_run_dir(root: str | os.PathLike[str], *, doing: str = "run") -> Iterator[None]:
+    """Hold a run directory for this process: two commands writing one run directory would delete each other's
+    outputs."""
+    with _hold_folders([(Path(root), f"run directory {root}", "use another run directory")], doing):
+        yield
+
+
+@contextmanager
+def _hold_folders(folders: list[tuple[Path, str, str]], doing: str) -> Iterator[None]:
+    """Hold the lock of each (folder, what it is called, what to do instead) while the block runs; in process 0
+    alone under torchrun."""
     from m3distill.distributed import process_rank  # here: m3distill imports without torch (the ONNX encoder)
 
     if process_rank() != 0:
         yield
         return
     with ExitStack() as stack:
-        for output in dict.fromkeys(Path(output) for output in outputs):
+        for folder, holds, instead in dict.fromkeys(folders):
             try:
-                lock_file = output_lock_file(output)
+                lock_file = output_lock_file(folder)
             except OSError as error:
                 raise M3DistillError(describe_os_error(error)) from error
-            stack.enter_context(hold_lock(lock_file, holds=str(output), instead="choose another output folder",
-                                          doing=doing))
-        yield
-
-
-@contextmanager
-def hold_run_dir(root: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold a run directory for this process: two runs in one directory would delete each other's outputs."""
-    with hold_lock(Path(root) / RUN_DIR_LOCK_FILE, holds=f"run directory {root}", instead="use another run directory",
-                   doing="run"):
+            stack.enter_context(hold_lock(lock_file, holds=holds, instead=instead, doing=doing))
         yield

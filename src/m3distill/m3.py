@@ -34,12 +34,10 @@ from tqdm.auto import tqdm
 
 from m3distill.atomic import atomic_dir, atomic_path
 from m3distill.errors import M3DistillError
+from m3distill.layout import COLBERT_HEAD_FILE, HEAD_FILES, SPARSE_HEAD_FILE
 
 logger = logging.getLogger(__name__)
 
-SPARSE_HEAD_FILE = "sparse_linear.pt"
-COLBERT_HEAD_FILE = "colbert_linear.pt"
-HEAD_FILES = (SPARSE_HEAD_FILE, COLBERT_HEAD_FILE)
 # The output kinds of an M3 model, in FlagEmbedding's order; a dense-only model has the first alone.
 DENSE, SPARSE, COLBERT = "dense", "sparse", "colbert"
 M3_OUTPUTS = (DENSE, SPARSE, COLBERT)

@@ -89,6 +89,21 @@ PEAK_MEMORY = f"{SPEED_PREFIX}_peak_memory_increase_bytes"
 MEMORY_MEASURE = f"{SPEED_PREFIX}_memory_measure"
 SECONDS_PER_RUN = f"{SPEED_PREFIX}_seconds_per_run"
 
+
+def speedup_limit(teacher_layers: int | None, student_layers: int | None) -> float | None:
+    """The fastest a student can honestly be: teacher layers / student layers (``None`` when either is unknown);
+    the value of :data:`LAYER_RATIO`."""
+    if not teacher_layers or not student_layers:
+        return None
+    return teacher_layers / student_layers
+
+
+def is_suspect_speedup(speedup: float | None, limit: float | None) -> bool:
+    """True when a measured speed-up is above what the layer ratio allows, i.e. the timing was disturbed: the rule
+    of :data:`SPEEDUP_SUSPECT`."""
+    return speedup is not None and limit is not None and speedup > limit
+
+
 PAIRS_DESCRIPTION = (
     "Each test question is paired with its own context (a matching pair) and with {negatives} other test "
     "contexts drawn uniformly at random without replacement (non-matching pairs; numpy default_rng seed {seed}). "

@@ -10,14 +10,18 @@ the others, so models are loaded with its default; the log line of each load nam
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from sentence_transformers import SentenceTransformer
 
+from m3distill.distributed import local_rank
 from m3distill.errors import M3DistillError
+
+if TYPE_CHECKING:
+    from m3distill.config import TeacherConfig
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +63,9 @@ def process_device(device: str | None) -> str | None:
     """The device this process should use for ``device``: under torchrun (``LOCAL_RANK`` set) with CUDA, an unset
     device or plain ``cuda`` becomes ``cuda:LOCAL_RANK``, so each process runs on its own GPU; anything else is
     returned unchanged (resolve it with :func:`resolve_device`)."""
-    local_rank = os.environ.get("LOCAL_RANK")
-    if device in (None, "cuda") and local_rank is not None and torch.cuda.is_available():
-        return f"cuda:{local_rank}"
+    rank = local_rank()
+    if device in (None, "cuda") and rank is not None and torch.cuda.is_available():
+        return f"cuda:{rank}"
     return device
 
 
@@ -111,6 +115,14 @@ def local_model_folder(name_or_path: str | Path, revision: str | None = None) ->
         return None
 
 
+def check_model_found(name_or_path: str | Path) -> None:
+    """Raise :class:`M3DistillError` when ``name_or_path`` is written as a path (``./x``, ``/x``, ``~/x``, or with more
+    than one ``/``) and no such folder exists; a hub id (``BAAI/bge-m3``) or an existing folder passes."""
+    name = resolve_model_name(name_or_path)
+    if not Path(name).expanduser().exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise M3DistillError(f"model folder not found: {name}")
+
+
 def load_sentence_transformer(
     name_or_path: str | Path,
     *,
@@ -140,7 +152,7 @@ def load_sentence_transformer(
         if not path.is_dir():
             raise M3DistillError(f"model path {path} is a file; expected a sentence-transformers model folder")
         if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
-            from m3distill.training.distill import is_m3distill_student_dir
+            from m3distill.students.folder import is_m3distill_student_dir
 
             if is_m3distill_student_dir(path):  # training started here but never saved the student
                 raise M3DistillError(
@@ -150,8 +162,8 @@ def load_sentence_transformer(
                 f"{path} is not a sentence-transformers model folder (no modules.json or config.json inside)"
             )
         name = str(path)
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise M3DistillError(f"model folder not found: {name}")
+    else:
+        check_model_found(name)
     device = resolve_device(device)
     try:
         model = SentenceTransformer(
@@ -181,6 +193,14 @@ def load_sentence_transformer(
     logger.info("loaded %s (%d parameters, %s attention) on %s", name, count_parameters(model),
                 attention_implementation(model) or "unknown", model.device)
     return model
+
+
+def load_teacher(teacher: TeacherConfig, *, device: str | None) -> SentenceTransformer:
+    """The configured teacher (its model, revision, remote-code permission and maximum sequence length), loaded on
+    ``device``: the one way the teacher cache, training and the evaluation load it."""
+    return load_sentence_transformer(teacher.model, revision=teacher.revision,
+                                     trust_remote_code=teacher.trust_remote_code, device=device,
+                                     max_seq_length=teacher.max_seq_length)
 
 
 def attention_implementation(model: SentenceTransformer) -> str | None:

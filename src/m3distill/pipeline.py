@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from m3distill.atomic import write_text_atomic
 from m3distill.config import M3DistillConfig, config_to_yaml, load_config
@@ -29,23 +29,48 @@ from m3distill.locks import hold_run_dir
 from m3distill.resources import bundled_config, sample_corpus_dir
 from m3distill.stages import ALL_STAGE_NAMES, STAGE_NAMES, run_stages
 
+if TYPE_CHECKING:
+    from m3distill.data.synth import SynthSummary
+    from m3distill.stages import EvaluationResult, ExportStageResult, TrainResult
+    from m3distill.teacher.cache import CacheSummary
+
 logger = logging.getLogger(__name__)
 
 STAGES = STAGE_NAMES  # every run's stages; ALL_STAGES adds export, which a run has when export.enabled
 ALL_STAGES = ALL_STAGE_NAMES
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """What the pipeline did with one stage.
+
+    Attributes:
+        status: ``ran`` or ``skipped`` (its outputs were current).
+        seconds: time the stage took (0 when skipped).
+        reason: for a stage redone because its outputs were stale, what changed.
+    """
+
+    status: Literal["ran", "skipped"]
+    seconds: float = 0.0
+    reason: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        # Read as the mapping it was before it was typed: run.stages["train"]["status"].
+        if key not in ("status", "seconds", "reason") or (key == "reason" and self.reason is None):
+            raise KeyError(key)
+        return getattr(self, key)
+
+
 @dataclass
 class PipelineResult:
-    """What a pipeline run did: the report directory and, per stage, "ran" or "skipped" with seconds taken
-    (and, for a stage redone because its outputs were stale, the reason); ``results`` holds each stage's typed
-    result (:class:`~m3distill.data.synth.SynthSummary`, :class:`~m3distill.teacher.cache.CacheSummary`,
-    :class:`~m3distill.stages.TrainResult`, :class:`~m3distill.stages.EvaluationResult`) for the stages that ran."""
+    """What a pipeline run did: the report directory and, per stage, what it did (:class:`StageRun`); ``results``
+    holds each stage's typed result for the stages that ran."""
 
     run_dir: Path
     report_dir: Path
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, StageRun] = field(default_factory=dict)
+    results: dict[str, SynthSummary | CacheSummary | TrainResult | ExportStageResult | EvaluationResult] = field(
+        default_factory=dict)
 
 
 def _validate_force(force: Iterable[str], config: M3DistillConfig | None = None) -> set[str]:
@@ -136,7 +161,7 @@ def run_pipeline(
             redo = stage.name in forced
             status = None if redo else stage.status()
             if status is not None and status.current:
-                result.stages[stage.name] = {"status": "skipped", "seconds": 0.0}
+                result.stages[stage.name] = StageRun("skipped")
                 if on_stage:
                     on_stage(stage.name, "skip")
                 continue
@@ -154,8 +179,8 @@ def run_pipeline(
             started = time.perf_counter()
             # An interrupted stage resumes inside its own code (cache shards, checkpoints, LLM cache).
             result.results[stage.name] = stage.run(replace_stale=True, force=redo, show_progress=show_progress)
-            result.stages[stage.name] = {"status": "ran", "seconds": round(time.perf_counter() - started, 2),
-                                         **({"reason": status.reason} if status is not None and status.reason else {})}
+            result.stages[stage.name] = StageRun("ran", round(time.perf_counter() - started, 2),
+                                                 status.reason if status is not None and status.reason else None)
             if on_stage:
                 on_stage(stage.name, "done")
         if not config_written:

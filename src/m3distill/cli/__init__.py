@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from m3distill import __version__
+from m3distill._version import __version__
 from m3distill.errors import M3DistillError
 
 # Subcommand modules in pipeline order; each defines register(subparsers) and sets `handler` on its parser.

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from m3distill.cli._common import add_config_argument, resolve_config, show_progress
 from m3distill.cli._flags import add_config_flags
-from m3distill.errors import M3DistillError
-from m3distill.layout import REPORT_MD_FILE, RunLayout
+from m3distill.layout import REPORT_MD_FILE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,18 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    """Handler: resolve the config, run the evaluate stage through the API, print the one-line summary."""
+    import m3distill
     from m3distill.metrics import mrr_metric, overlap_metric
 
-    config = resolve_config(args)
-    from m3distill.stages import EvaluateStage
-
-    layout = RunLayout(config.run_dir)
-    if args.students is None and not layout.students.is_dir():
-        raise M3DistillError(f"no students in {layout.students}: train some with `m3distill train` or pass --students")
-    out_dir = Path(args.out) if args.out else layout.report
-    stage = EvaluateStage(config, args.data or layout.dataset, out_dir, students_dir=layout.students,
-                          students=args.students, cache_dir=args.cache or layout.teacher_cache)
-    report = stage.run(show_progress=show_progress(args)).report
+    result = m3distill.evaluate(resolve_config(args), students=args.students, dataset_dir=args.data,
+                                cache_dir=args.cache, out_dir=args.out, show_progress=show_progress(args))
+    report = result.report
     k, index = report.quality_k, report.retrieval.indexes[0]
     overlaps = report.overlap_with_teacher(overlap_metric(index, k))
     against_teacher = ", ".join(f"{model.name} {overlaps[model.name]:.2f}" for model in report.students)
@@ -59,7 +52,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"evaluated {len(report.models)} models on {report.retrieval.n_questions} questions and "
           f"{report.retrieval.n_contexts} contexts in {report.duration_s:.0f} s; "
           + (f"P@{k} vs teacher: {against_teacher}; " if against_teacher else "")
-          + f"MRR@10: {mrr}; report: {out_dir / REPORT_MD_FILE}")
+          + f"MRR@10: {mrr}; report: {result.report_dir / REPORT_MD_FILE}")
     return 0
 
 

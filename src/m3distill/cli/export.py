@@ -1,14 +1,12 @@
 """`m3distill export`: students as ONNX (float32) and dynamic int8, verified against the torch students
-(m3distill.stages.ExportStage)."""
+(m3distill.exporting)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from m3distill.cli._common import add_config_argument, resolve_config, show_progress
 from m3distill.cli._flags import add_config_flags
-from m3distill.layout import RunLayout
 
 _DESCRIPTION = """\
 Write onnx/model.onnx (float32) and onnx/model_qint8_quantized.onnx (dynamic int8 weights) into each student
@@ -51,17 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Handler: find the students, run the export stage, print one line per student."""
-    from m3distill.data.dataset import require_complete_dataset
-    from m3distill.stages.export import ExportStage, export_targets
+    """Handler: resolve the config, run the export stage through the API, print one line per student."""
+    import m3distill
 
-    config = resolve_config(args)
-    layout = RunLayout(config.run_dir)
-    students = export_targets([Path(path) for path in args.paths] or [layout.students])
-    if args.data:
-        require_complete_dataset(args.data)
-    stage = ExportStage(config, students, dataset_dir=args.data or layout.dataset)
-    for result in stage.run(force=args.force, show_progress=show_progress(args)).students:
-        print(result.line())
+    result = m3distill.export(resolve_config(args), students=args.paths or None, dataset_dir=args.data,
+                              force=args.force, show_progress=show_progress(args))
+    for student in result.students:
+        print(student.line())
     return 0
-

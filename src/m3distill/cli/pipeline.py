@@ -87,7 +87,7 @@ def _progress_printer(quiet: bool, stages: tuple[str, ...]):
 
 
 def _finish(result: PipelineResult, seconds: float) -> int:
-    ran = [stage for stage, info in result.stages.items() if info["status"] == "ran"]
+    ran = [stage for stage, info in result.stages.items() if info.status == "ran"]
     print(f"finished in {seconds:.1f} s (ran: {', '.join(ran) or 'nothing, all up to date'})")
     print(f"report: {result.report_dir / REPORT_MD_FILE}")
     return 0

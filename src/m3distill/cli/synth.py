@@ -6,7 +6,6 @@ import argparse
 
 from m3distill.cli._common import add_config_argument, resolve_config, show_progress
 from m3distill.cli._flags import add_config_flags
-from m3distill.layout import RunLayout
 
 _DESCRIPTION = """\
 Turn your documents into a dataset: contexts (token-aware chunks cut with the teacher's tokenizer), questions
@@ -44,13 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    """Handler: resolve the config, run the synth stage, print the one-line summary."""
-    from m3distill.stages import SynthStage
+    """Handler: resolve the config, run the synth stage through the API, print the one-line summary."""
+    import m3distill
 
-    config = resolve_config(args)
-    out_dir = args.out or RunLayout(config.run_dir).dataset
-    summary = SynthStage(config, out_dir).run(
-        force=args.overwrite, show_progress=show_progress(args)
-    )
+    summary = m3distill.synth(resolve_config(args), out_dir=args.out, overwrite=args.overwrite,
+                              show_progress=show_progress(args))
     print(f"m3distill synth: {summary.line()}")
     return 0

@@ -6,7 +6,6 @@ import argparse
 
 from m3distill.cli._common import add_config_argument, resolve_config, show_progress
 from m3distill.cli._flags import add_config_flags
-from m3distill.layout import RunLayout
 
 _DESCRIPTION = """\
 Embed every text of the dataset (contexts, questions and general text of all splits) once with the teacher, in
@@ -40,16 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_teacher(args: argparse.Namespace) -> int:
-    """Handler: resolve the config, run the teacher stage, print the one-line summary."""
-    from m3distill.stages import TeacherStage
-
+    """Handler: resolve the config, run the teacher stage through the API, print the one-line summary."""
+    import m3distill
     from m3distill.distributed import process_rank
 
-    config = resolve_config(args)
-    layout = RunLayout(config.run_dir)
-    summary = TeacherStage(config, args.data or layout.dataset, args.out or layout.teacher_cache).run(
-        force=args.force, show_progress=show_progress(args),
-    )
+    summary = m3distill.teacher_cache(resolve_config(args), dataset_dir=args.data, out_dir=args.out, force=args.force,
+                                      show_progress=show_progress(args))
     if process_rank() != 0:  # under torchrun every process gets here; one summary is enough
         return 0
     processes = f" by {summary.processes} processes" if summary.processes > 1 else ""

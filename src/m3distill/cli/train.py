@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from m3distill.cli._common import add_config_argument, resolve_config, show_progress
-from m3distill.cli._flags import add_config_flags, flag_value
-from m3distill.layout import RunLayout
+from m3distill.cli._flags import add_config_flags
 
 _DESCRIPTION = """\
 Build one student per layer count (--layers 3,2,1) or explicit layer list (--plan 0,2,4, repeatable) from the
@@ -35,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", metavar="DIR", help="dataset directory (default: <run_dir>/dataset)")
     parser.add_argument("--cache", metavar="DIR", help="teacher cache (default: <run_dir>/teacher_cache)")
     parser.add_argument("--out", metavar="DIR", help="students folder (default: <run_dir>/students)")
-    parser.add_argument("--resume", action="store_true", help="continue unfinished students from their latest checkpoint")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                        help="continue unfinished students from their latest checkpoint (the default; --no-resume "
+                        "refuses a student with checkpoints of an unfinished run)")
     parser.add_argument("--force", action="store_true",
                         help="retrain finished students, also those trained with other settings (refused without "
                         "this flag); the old student stays until the new one is complete")
@@ -45,21 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Handler: resolve the config, run the train stage, print the one-line summary."""
-    from m3distill.data.dataset import require_complete_dataset
-    from m3distill.stages import TrainStage
-    from m3distill.teacher.cache import cache_fingerprint
+    """Handler: resolve the config, run the train stage through the API, print the one-line summary."""
+    import m3distill
+    from m3distill.distributed import process_rank
 
-    config = resolve_config(args)
-    layout = RunLayout(config.run_dir)
-    cache_dir = args.cache or layout.teacher_cache
-    require_complete_dataset(args.data or layout.dataset)  # the first input first: a missing dataset is named as such
-    if flag_value(args, "teacher.model") is None:
-        config = config.model_copy(update={
-            "teacher": config.teacher.model_copy(update={"model": cache_fingerprint(cache_dir).name})
-        })
-    stage = TrainStage(config, args.data or layout.dataset, cache_dir, args.out or layout.students, resume=args.resume)
-    results = stage.run(force=args.force, show_progress=show_progress(args)).students
+    resume = {} if args.resume is None else {"resume": args.resume}  # unset: the API's default
+    result = m3distill.train(resolve_config(args), dataset_dir=args.data, cache_dir=args.cache, out_dir=args.out,
+                             force=args.force, show_progress=show_progress(args), **resume)
     parts = [
         f"{r.name} (layers {','.join(map(str, r.layers))}, {r.n_parameters / 1e6:.1f}M params"
         f"{', already trained' if r.skipped else f', {r.global_step} steps, {r.seconds_per_step:.2f} s/step'}) "
@@ -67,8 +59,8 @@ def run_train(args: argparse.Namespace) -> int:
            if "teacher_p@10" in r.dev_before and "teacher_p@10" in r.dev_after else "")
         + f"dev spearman {r.dev_before['spearman_cosine']:.3f}->{r.dev_after['spearman_cosine']:.3f}, "
         f"mse x100 {r.dev_before['mse_x100']:.3f}->{r.dev_after['mse_x100']:.3f}"
-        for r in results
+        for r in result.students
     ]
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process gets here; one summary is enough
-        print(f"m3distill train: {args.out or layout.students}: " + "; ".join(parts))
+    if process_rank() == 0:  # under torchrun every process gets here; one summary is enough
+        print(f"m3distill train: {result.out_dir}: " + "; ".join(parts))
     return 0

@@ -15,6 +15,7 @@ Parquet file loads with ``datasets.load_dataset("parquet", data_files=...)`` as 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from m3distill.atomic import atomic_path
 from m3distill.errors import M3DistillError
+from m3distill.fingerprint import read_json
 from m3distill.layout import CONTEXTS_FILE, CROPS_FILE, DATASET_MANIFEST_FILE, GENERAL_FILE, QUESTIONS_FILE, SPLITS
 
 CONTEXT_SCHEMA = pa.schema(
@@ -166,3 +168,19 @@ def load_synth_dataset(path: str | Path) -> SynthDataset:
     except json.JSONDecodeError as error:
         raise M3DistillError(f"{path / DATASET_MANIFEST_FILE} is not valid JSON: {error}") from error
     return SynthDataset(root=path, manifest=manifest, **frames)
+
+
+def dataset_fingerprint(dataset_dir: str | Path) -> str | None:
+    """What identifies a finished dataset's contents: its manifest's ``input_hash`` (the inputs it was made from),
+    or for a dataset written by other means the sha256 of its files. None when there is no finished dataset."""
+    root = Path(dataset_dir)
+    if not is_complete_dataset(root):
+        return None
+    manifest = read_json(root / DATASET_MANIFEST_FILE) or {}
+    if isinstance(manifest.get("input_hash"), str):
+        return manifest["input_hash"]
+    digest = hashlib.sha256()
+    for name in sorted([DATASET_MANIFEST_FILE, *(file for file, _ in TABLES.values())]):
+        if (root / name).is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256((root / name).read_bytes()).digest())
+    return digest.hexdigest()

@@ -1,11 +1,12 @@
-"""``m3distill synth``: a corpus -> contexts -> questions -> splits -> a dataset directory.
+"""``m3distill synth``'s work: a corpus -> contexts -> questions -> splits -> a dataset directory.
 
 The directory's files are described in :mod:`m3distill.data.dataset`. It is written atomically (an interrupted
 run leaves no dataset, or the previous one) and deterministically (same inputs and seed -> byte-identical files;
 timings are reported in :class:`SynthSummary`, never in the files). The manifest records a sha256 of the inputs
-(corpus contents, tokenizer vocabulary, settings): rerunning with the same inputs returns the existing dataset as
-up to date, and different inputs are refused unless ``overwrite`` is set. LLM answers are cached beside the
-directory, so a rerun after a crash repeats no finished request.
+(corpus contents, tokenizer vocabulary, settings), which the synth stage (:mod:`m3distill.stages.synth`) compares:
+rerunning with the same inputs returns the existing dataset as up to date, and different inputs are refused unless
+``overwrite`` is set. LLM answers are cached beside the directory, so a rerun after a crash repeats no finished
+request.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from m3distill import __version__
+from m3distill._version import __version__
 from m3distill.atomic import atomic_dir, disk_space_for, refuse_files_not_ours, write_json_atomic
 from m3distill.config import SynthConfig, settings_record
 from m3distill.data.chunking import Context, chunk_documents, load_tokenizer, model_token_limit
@@ -58,6 +59,8 @@ DATASET_FORMAT = 1
 UNKNOWN_LANGUAGE = "und"
 # LLM settings that change how answers are fetched, not what they are: left out of the input hash.
 _TRANSPORT_SETTINGS = ("concurrency", "timeout_s", "max_retries", "backoff_s", "cache_path", "api_key_env")
+NO_CORPUS = ("no corpus configured: set synth.corpus in the config or pass --corpus PATH (a file, folder or "
+              "dataset id)")
 
 
 @dataclass
@@ -92,51 +95,84 @@ class SynthSummary:
         )
 
 
-def synthesize(
+def write_dataset(
     config: SynthConfig,
     out_dir: str | Path,
     *,
     tokenizer: str | Path,
     overwrite: bool = False,
     show_progress: bool = True,
+    inputs: SynthInputs | None = None,
 ) -> SynthSummary:
     """Build the dataset directory ``out_dir`` from ``config.corpus`` (and ``config.general``).
+
+    Whether a dataset already in ``out_dir`` is current is the synth stage's question
+    (:func:`m3distill.stages.synth.synthesize`); this writes the dataset when asked.
 
     Args:
         config: the synth settings; ``config.corpus`` must be set.
         out_dir: the dataset directory to write (usually ``<run_dir>/dataset``).
         tokenizer: model folder or hub id whose tokenizer counts context tokens (the teacher's).
-        overwrite: replace an existing dataset made from other inputs. A non-empty folder that is not an m3distill
-            dataset (no manifest.json) is never replaced, with or without ``overwrite``.
+        overwrite: replace a dataset already in ``out_dir``. A non-empty folder that is not an m3distill dataset
+            (no manifest.json) is never replaced, with or without ``overwrite``.
         show_progress: show progress bars.
+        inputs: the inputs as the synth stage read them for its fingerprint (:func:`read_synth_inputs`), so they
+            are not read twice; read here when None.
 
     Raises:
         M3DistillError: no corpus, unreadable inputs, an unusable tokenizer or endpoint, split sizes that leave no
-            training data, ``out_dir`` holding another dataset and ``overwrite`` unset, ``out_dir`` holding files
-            that are not an m3distill dataset, or a corpus inside ``out_dir``.
+            training data, ``out_dir`` holding a dataset and ``overwrite`` unset, ``out_dir`` holding files that are
+            not an m3distill dataset, or a corpus inside ``out_dir``.
     """
     started = time.perf_counter()
     if not config.corpus:
-        raise M3DistillError("no corpus given: pass --corpus PATH (a file, folder or dataset) or set synth.corpus")
+        raise M3DistillError(NO_CORPUS)
     out_dir = Path(out_dir)
     _check_inputs_outside(out_dir, {"corpus": config.corpus, "general": config.general})
     generator = make_question_generator(config, out_dir)
+    inputs = inputs if inputs is not None else read_synth_inputs(config, tokenizer=tokenizer)
+    replace = _check_out_dir(out_dir, overwrite)
 
-    corpus, general_corpus, loaded_tokenizer, inputs = _read_inputs(config, tokenizer)
-    input_hash = hash_synth_inputs(inputs)
+    _warn_if_model_reads_less(tokenizer, inputs.tokenizer, config.max_tokens)
+    rows = _dataset_rows(config, inputs, generator, show_progress)
+    manifest = _manifest(config, inputs, str(tokenizer), generator.describe(), rows)
+    # About what the tables hold (Parquet compresses the text; the ids and offsets are small beside it).
+    needed = sum(len(row["text"].encode("utf-8")) for table in (rows.contexts, rows.questions, rows.general, rows.crops)
+                 for row in table)
+    with disk_space_for(out_dir, needed), atomic_dir(out_dir, overwrite=replace, ours=DATASET_FILES) as tmp:
+        write_table(tmp / CONTEXTS_FILE, rows.contexts, CONTEXT_SCHEMA)
+        write_table(tmp / QUESTIONS_FILE, rows.questions, QUESTION_SCHEMA)
+        write_table(tmp / GENERAL_FILE, rows.general, GENERAL_SCHEMA)
+        write_table(tmp / CROPS_FILE, rows.crops, CROP_SCHEMA)
+        write_json_atomic(tmp / DATASET_MANIFEST_FILE, manifest)  # last: it marks the dataset complete
 
-    replace = _check_out_dir(out_dir, input_hash, overwrite)
-    if replace is None:
-        logger.info("%s is up to date (same inputs and settings)", out_dir)
-        return _summary_from_manifest(out_dir, time.perf_counter() - started)
+    summary = _summary(out_dir, manifest, time.perf_counter() - started)
+    summary.generator_stats = dict(rows.generation.stats)
+    logger.info("synth: %s", summary.line())
+    return summary
 
-    _warn_if_model_reads_less(tokenizer, loaded_tokenizer, config.max_tokens)
-    contexts, duplicate_contexts = _chunk(corpus, loaded_tokenizer, config, show_progress, "chunking corpus")
+
+@dataclass
+class _DatasetRows:
+    """The rows of the dataset's four tables, and what making them found."""
+
+    contexts: list[dict[str, Any]]
+    questions: list[dict[str, Any]]
+    crops: list[dict[str, Any]]
+    general: list[dict[str, Any]]
+    general_report: dict[str, Any] | None
+    languages: list[str]
+    duplicate_contexts: int
+    generation: Any  # the question generator's Generation: questions, dropped, stats
+
+
+def _dataset_rows(config: SynthConfig, inputs: SynthInputs, generator: Any, show_progress: bool) -> _DatasetRows:
+    """Contexts, their languages and splits, their questions and crops, and the general texts."""
+    contexts, duplicate_contexts = _chunk(inputs.corpus, inputs.tokenizer, config, show_progress, "chunking corpus")
     languages = _languages(contexts, config.detect_language, show_progress)
     splits = assign_splits([context.context_id for context in contexts], config.splits, config.seed)
     generation = generator.generate(contexts, languages=languages if config.detect_language else None,
                                     show_progress=show_progress)
-
     context_rows = [
         {**_context_fields(context), "language": language, "split": split}
         for context, language, split in zip(contexts, languages, splits)
@@ -155,55 +191,47 @@ def synthesize(
     ]
     n_train_texts = sum(split == "train" for split in splits) + sum(row["split"] == "train" for row in question_rows)
     general_rows, general_report = _general(
-        general_corpus, loaded_tokenizer, config, {context.text for context in contexts}, n_train_texts, show_progress
+        inputs.general, inputs.tokenizer, config, {context.text for context in contexts}, n_train_texts, show_progress
     )
+    return _DatasetRows(context_rows, question_rows, crop_rows, general_rows, general_report, languages,
+                        duplicate_contexts, generation)
 
-    manifest = {
+
+def _manifest(config: SynthConfig, inputs: SynthInputs, tokenizer: str, generator: dict[str, Any],
+              rows: _DatasetRows) -> dict[str, Any]:
+    """The dataset's manifest: what it was made from (``input_hash``, ``inputs``), how, and what it holds."""
+    return {
         "format": DATASET_FORMAT,
         "created_by": DATASET_CREATED_BY,
         "m3distill_version": __version__,
-        "input_hash": input_hash,
-        "inputs": inputs,
+        "input_hash": inputs.input_hash,
+        "inputs": inputs.record,
         "seed": config.seed,
-        "corpus": {"source": config.corpus, "ingestion": corpus.report.to_dict()},
-        "general": general_report,
+        "corpus": {"source": config.corpus, "ingestion": inputs.corpus.report.to_dict()},
+        "general": rows.general_report,
         "chunking": {
-            "tokenizer": str(tokenizer),
-            "tokenizer_sha256": inputs["tokenizer"],
+            "tokenizer": tokenizer,
+            "tokenizer_sha256": inputs.record["tokenizer"],
             "max_tokens": config.max_tokens,
             "overlap_tokens": config.overlap_tokens,
             "special_tokens_counted": False,
-            "duplicate_contexts_dropped": duplicate_contexts,
+            "duplicate_contexts_dropped": rows.duplicate_contexts,
         },
         "generator": {
-            **generator.describe(),
-            "dropped": dict(sorted(generation.dropped.items())),
-            "missing": generation.stats.get("missing", 0),
+            **generator,
+            "dropped": dict(sorted(rows.generation.dropped.items())),
+            "missing": rows.generation.stats.get("missing", 0),
         },
         "splits": {"by": "context", "dev": config.splits.dev, "test": config.splits.test},
         "counts": {
-            "documents": len(corpus.documents),
-            "contexts": _per_split(row["split"] for row in context_rows),
-            "questions": _per_split(row["split"] for row in question_rows),
-            "general": len(general_rows),
-            "crops": dict(sorted(Counter(row["kind"] for row in crop_rows).items())),
+            "documents": len(inputs.corpus.documents),
+            "contexts": _per_split(row["split"] for row in rows.contexts),
+            "questions": _per_split(row["split"] for row in rows.questions),
+            "general": len(rows.general),
+            "crops": dict(sorted(Counter(row["kind"] for row in rows.crops).items())),
         },
-        "languages": dict(sorted(Counter(languages).items())) if config.detect_language else None,
+        "languages": dict(sorted(Counter(rows.languages).items())) if config.detect_language else None,
     }
-    # About what the tables hold (Parquet compresses the text; the ids and offsets are small beside it).
-    needed = sum(len(row["text"].encode("utf-8")) for rows in (context_rows, question_rows, general_rows, crop_rows)
-                 for row in rows)
-    with disk_space_for(out_dir, needed), atomic_dir(out_dir, overwrite=replace, ours=DATASET_FILES) as tmp:
-        write_table(tmp / CONTEXTS_FILE, context_rows, CONTEXT_SCHEMA)
-        write_table(tmp / QUESTIONS_FILE, question_rows, QUESTION_SCHEMA)
-        write_table(tmp / GENERAL_FILE, general_rows, GENERAL_SCHEMA)
-        write_table(tmp / CROPS_FILE, crop_rows, CROP_SCHEMA)
-        write_json_atomic(tmp / DATASET_MANIFEST_FILE, manifest)  # last: it marks the dataset complete
-
-    summary = _summary(out_dir, manifest, time.perf_counter() - started)
-    summary.generator_stats = dict(generation.stats)
-    logger.info("synth: %s", summary.line())
-    return summary
 
 
 def _load(source: str, config: SynthConfig, max_documents: int | None) -> Corpus:
@@ -217,13 +245,29 @@ def _load(source: str, config: SynthConfig, max_documents: int | None) -> Corpus
     )
 
 
+@dataclass(frozen=True)
+class SynthInputs:
+    """What a dataset is made from, read once: the corpus, the general corpus, the loaded tokenizer, and their
+    ``record`` (the corpus and general contents, the tokenizer vocabulary and the settings) that the manifest
+    keeps, with its hash as ``input_hash``."""
+
+    corpus: Corpus
+    general: Corpus | None
+    tokenizer: Any
+    record: dict[str, Any]
+
+    @property
+    def input_hash(self) -> str:
+        return hash_synth_inputs(self.record)
+
+
 def synth_inputs(config: SynthConfig, *, tokenizer: str | Path) -> dict[str, Any]:
     """What a dataset is made from: the corpus and general contents, the tokenizer vocabulary and the settings.
 
     Reads the corpus (and general corpus) and loads the tokenizer; :func:`hash_synth_inputs` of the result is the
-    ``input_hash`` that :func:`synthesize` records in the manifest, so a dataset is current exactly when they match.
+    ``input_hash`` that :func:`write_dataset` records in the manifest.
     """
-    return _read_inputs(config, tokenizer)[3]
+    return read_synth_inputs(config, tokenizer=tokenizer).record
 
 
 def hash_synth_inputs(inputs: dict[str, Any]) -> str:
@@ -231,9 +275,10 @@ def hash_synth_inputs(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _read_inputs(config: SynthConfig, tokenizer: str | Path) -> tuple[Corpus, Corpus | None, Any, dict[str, Any]]:
+def read_synth_inputs(config: SynthConfig, *, tokenizer: str | Path) -> SynthInputs:
+    """Read the corpus (and general corpus) and load the tokenizer: :class:`SynthInputs`."""
     if not config.corpus:
-        raise M3DistillError("no corpus given: pass --corpus PATH (a file, folder or dataset) or set synth.corpus")
+        raise M3DistillError(NO_CORPUS)
     corpus = _load(config.corpus, config, config.max_documents)
     general = _load(config.general, config, None) if config.general else None
     loaded_tokenizer = load_tokenizer(tokenizer)
@@ -245,13 +290,13 @@ def _read_inputs(config: SynthConfig, tokenizer: str | Path) -> tuple[Corpus, Co
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in _TRANSPORT_SETTINGS}
     else:
         settings.pop("llm")
-    inputs = {
+    record = {
         "corpus": corpus.fingerprint,
         "general": general.fingerprint if general else None,
         "tokenizer": tokenizer_hash,
         "settings": settings,
     }
-    return corpus, general, loaded_tokenizer, inputs
+    return SynthInputs(corpus, general, loaded_tokenizer, record)
 
 
 def _check_inputs_outside(out_dir: Path, sources: dict[str, str | None]) -> None:
@@ -264,12 +309,12 @@ def _check_inputs_outside(out_dir: Path, sources: dict[str, str | None]) -> None
             )
 
 
-def _check_out_dir(out_dir: Path, input_hash: str, overwrite: bool) -> bool | None:
-    """``None`` when ``out_dir`` already holds this very dataset; else whether an existing folder is replaced.
+def _check_out_dir(out_dir: Path, overwrite: bool) -> bool:
+    """Whether an existing folder in ``out_dir`` is replaced (False: there is none, or it is empty).
 
-    Only a folder carrying synth's marker (its manifest) is ever replaced, and only when it holds nothing but the
-    dataset's files; any other non-empty folder (the user's, or another stage's output such as a teacher cache) is
-    refused even with ``overwrite``, saying what it is.
+    Only a folder carrying synth's marker (its manifest) is ever replaced, only with ``overwrite``, and only when it
+    holds nothing but the dataset's files; any other non-empty folder (the user's, or another stage's output such as
+    a teacher cache) is refused even with ``overwrite``, saying what it is.
     """
     kind = folder_kind(out_dir)
     if kind not in (None, "a dataset"):
@@ -277,37 +322,22 @@ def _check_out_dir(out_dir: Path, input_hash: str, overwrite: bool) -> bool | No
             f"{out_dir} is {kind}, not a dataset; synth replaces only a dataset it wrote, even with --overwrite: "
             "choose another --out"
         )
-    if is_complete_dataset(out_dir):
-        try:
-            found = json.loads((out_dir / DATASET_MANIFEST_FILE).read_text(encoding="utf-8")).get("input_hash")
-        except (json.JSONDecodeError, AttributeError):
-            found = None
-        if found == input_hash and not overwrite:
-            return None
-        if not overwrite:
-            raise M3DistillError(
-                f"{out_dir} already holds a dataset made from other inputs or settings; pass --overwrite to "
-                "replace it, or choose another --out"
-            )
-        refuse_files_not_ours(out_dir, DATASET_FILES, replacing="replacing the dataset")
+    if not out_dir.exists():
+        return False
+    if not out_dir.is_dir():
+        raise M3DistillError(f"{out_dir} is a file; --out must be a directory")
+    if not any(out_dir.iterdir()):
         return True
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise M3DistillError(f"{out_dir} is a file; --out must be a directory")
-        if any(out_dir.iterdir()):
-            if kind is None:
-                raise M3DistillError(
-                    f"{out_dir} is not empty and is not an m3distill dataset (no {DATASET_MANIFEST_FILE}); m3distill "
-                    "never replaces it, even with --overwrite: choose another --out, or empty the folder yourself"
-                )
-            if not overwrite:
-                raise M3DistillError(
-                    f"{out_dir} holds an incomplete m3distill dataset; pass --overwrite to replace it, or choose "
-                    "another --out"
-                )
-            refuse_files_not_ours(out_dir, DATASET_FILES, replacing="replacing the dataset")
-        return True
-    return False
+    if kind is None:
+        raise M3DistillError(
+            f"{out_dir} is not empty and is not an m3distill dataset (no {DATASET_MANIFEST_FILE}); m3distill "
+            "never replaces it, even with --overwrite: choose another --out, or empty the folder yourself"
+        )
+    if not overwrite:
+        state = "a dataset" if is_complete_dataset(out_dir) else "an incomplete m3distill dataset"
+        raise M3DistillError(f"{out_dir} already holds {state}; pass --overwrite to replace it, or choose another --out")
+    refuse_files_not_ours(out_dir, DATASET_FILES, replacing="replacing the dataset")
+    return True
 
 
 def _warn_if_model_reads_less(name: str | Path, tokenizer: Any, max_tokens: int) -> None:
@@ -416,6 +446,9 @@ def _summary(out_dir: Path, manifest: dict[str, Any], seconds: float, *, up_to_d
     )
 
 
-def _summary_from_manifest(out_dir: Path, seconds: float) -> SynthSummary:
+def read_dataset_summary(out_dir: str | Path, seconds: float = 0.0) -> SynthSummary:
+    """What the finished dataset in ``out_dir`` holds, read from its manifest, as the summary of a dataset found up to
+    date."""
+    out_dir = Path(out_dir)
     manifest = json.loads((out_dir / DATASET_MANIFEST_FILE).read_text(encoding="utf-8"))
     return _summary(out_dir, manifest, seconds, up_to_date=True)

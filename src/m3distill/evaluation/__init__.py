@@ -1,20 +1,23 @@
 """Evaluation of a teacher and its students: alignment, Qdrant retrieval, ground truth and speed.
 
-The entry point is :func:`m3distill.evaluation.evaluate.evaluate_models` (also importable from here).
+The entry point is :func:`m3distill.evaluation.evaluate.evaluate_models` (also importable from here, with
+:class:`~m3distill.evaluation.evaluate.InMemory`). Its rooms: ``evaluate`` (the phases), ``retrieval`` (search
+backends), ``speed`` (timing), ``real_questions``, ``onnx_variants`` (the students' ONNX exports as models) and
+``embeddings_cache`` (what an interrupted evaluation resumes from).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["evaluate_models"]
+__all__ = ["InMemory", "evaluate_models"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported lazily: the report package imports the metric names defined in this package's modules, and
-    # evaluate.py imports the report package, so an eager import here would be circular.
-    if name == "evaluate_models":
-        from m3distill.evaluation.evaluate import evaluate_models
+    # Imported when asked: a part of the evaluation (the speed or retrieval measurement, which benchmarks use alone)
+    # imports without the whole of it.
+    if name in __all__:
+        from m3distill.evaluation import evaluate
 
-        return evaluate_models
+        return getattr(evaluate, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

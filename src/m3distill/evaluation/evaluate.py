@@ -9,7 +9,7 @@ then measures:
    Recall@k / MRR@10 / nDCG@10 (:mod:`m3distill.evaluation.retrieval`);
 3. speed, size and memory (:mod:`m3distill.evaluation.speed`);
 
-Every student folder with an ONNX export (``m3distill.export``; ``evaluation.onnx_variants``) adds a model per
+Every student folder with an ONNX export (``m3distill.exporting``; ``evaluation.onnx_variants``) adds a model per
 exported variant, named by :func:`m3distill.report.variant_label` (``student-2L (onnx)``, ``student-2L (int8)``) and
 run by onnxruntime's CPU provider (:mod:`m3distill.onnx_serving`) with as many threads as torch: encoded, searched
 and timed like every model, so the report puts what exporting and quantizing cost (P@k with the teacher and with
@@ -24,24 +24,26 @@ files is evaluated on dense alone.
 
 and writes the report (report.json, report.md, plots; see :mod:`m3distill.report`) into a folder beside
 ``OUT_DIR`` that replaces it in one rename once complete: a failed or killed evaluation leaves the previous report
-whole. Embeddings are cached in ``OUT_DIR/.embeddings-cache`` while the evaluation runs, so an interrupted
-evaluation resumes without re-encoding; the cache leaves with the old folder when the new report is swapped in.
-``OUT_DIR`` must be new, empty, or a report folder m3distill wrote (report.json or the embeddings cache in it).
+whole. Embeddings are cached in ``OUT_DIR/.embeddings-cache`` while the evaluation runs
+(:mod:`m3distill.evaluation.embeddings_cache`), so an interrupted evaluation resumes without re-encoding; the cache
+leaves with the old folder when the new report is swapped in. ``OUT_DIR`` must be new, empty, or a report folder
+m3distill wrote (report.json or the embeddings cache in it).
+
+The phases, in order: check the inputs, load the models (:func:`_load`), encode (:func:`_encode`), align
+(:func:`_measure_alignment`), search (:func:`_measure_retrieval` and the M3 outputs, real questions), time
+(:func:`_measure_speed`), assemble the report (:func:`_assemble_report`) and write it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import itertools
-import json
 import logging
 import platform
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -51,11 +53,13 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from m3distill import __version__
-from m3distill.atomic import atomic_dir, atomic_path, disk_space_for, refuse_files_not_ours
+from m3distill._version import __version__
+from m3distill.atomic import atomic_dir, disk_space_for, refuse_files_not_ours
 from m3distill.config import EvaluationConfig, TeacherConfig, settings_record
-from m3distill.data.dataset import SynthDataset, load_synth_dataset
+from m3distill.data.dataset import SynthDataset, dataset_fingerprint, load_synth_dataset
 from m3distill.errors import M3DistillError
+from m3distill.evaluation.embeddings_cache import EmbeddingsCache
+from m3distill.evaluation.onnx_variants import Variant, load_variants
 from m3distill.evaluation.real_questions import RealQuestionSet, measure_real_questions, real_question_set
 from m3distill.evaluation.retrieval import (
     INDEX_KINDS,
@@ -75,21 +79,13 @@ from m3distill.evaluation.speed import (
 )
 from m3distill.layout import (
     EMBEDDINGS_CACHE_DIRNAME,
+    HEAD_FILES,
     REPORT_FILES,
     REPORT_JSON_FILE,
     SPLITS,
-    STUDENT_METADATA_FILE,
     folder_kind,
 )
-from m3distill.m3 import (
-    DENSE,
-    HEAD_FILES,
-    M3_OUTPUTS,
-    M3Embeddings,
-    M3Heads,
-    encode_m3,
-    load_m3_heads,
-)
+from m3distill.m3 import DENSE, M3_OUTPUTS, M3Embeddings, M3Heads, load_m3_heads
 from m3distill.metrics import (
     M3_OVERLAP_SHORT_LISTS,
     M3_RETRIEVAL_OUTPUTS,
@@ -111,6 +107,7 @@ from m3distill.metrics import (
 from m3distill.models import (
     count_parameters,
     load_sentence_transformer,
+    load_teacher,
     local_model_folder,
     num_layers,
     resolve_device,
@@ -122,12 +119,13 @@ from m3distill.report import (
     HnswSettings,
     ModelReport,
     PairReport,
+    RealQuestionsInfo,
     Report,
     RetrievalSettings,
     SpeedPolicy,
-    variant_label,
     write_report,
 )
+from m3distill.students.folder import learnt_test_contexts
 
 logger = logging.getLogger(__name__)
 
@@ -135,28 +133,27 @@ TEACHER_LABEL = "teacher"
 IN_MEMORY_SOURCE = "(in memory)"
 _VERSIONED_PACKAGES = ("torch", "transformers", "sentence-transformers", "qdrant-edge-py", "qdrant-client",
                        "ir-measures", "numpy", "onnxruntime")
-# Where a student keeps its ONNX exports (m3distill.onnx_serving.ONNX_DIR), for the warning without onnxruntime.
-_ONNX_FOLDER = "onnx"
-# ONNX variants always run here: the evaluation uses onnxruntime's CPU provider alone.
-_ONNX_DEVICE = "cpu"
-_ONNX_ENCODE_CHUNK = 1024  # texts per progress step while an ONNX variant encodes
 
 
 @dataclass(frozen=True)
-class _Variant:
-    """A student's ONNX export, evaluated as a model of its own.
+class InMemory:
+    """What the caller already holds, used instead of what the evaluation would load or encode.
 
     Attributes:
-        encoder: the loaded export (an :class:`m3distill.onnx_serving.OnnxEncoder`).
-        student: the label of the torch student it was exported from.
-        variant: which export (``onnx``, ``int8``).
-        export: :func:`export_record_digest` of the student's folder: what pins the export's contents.
+        teacher: the teacher held in memory, used instead of loading ``teacher.model``.
+        teacher_heads: the in-memory teacher's M3 heads (sparse and ColBERT), making it an M3 teacher; without
+            ``teacher`` the heads are read from the teacher's folder when it has head files.
+        students: students held in memory, by name, evaluated after the student folders.
+        teacher_embeddings: a source of the teacher's embeddings (e.g. a lookup in the teacher cache), called once
+            with the list of texts; it returns an array of shape (texts, dim) equal to what ``teacher.encode(texts)``
+            gives, or ``None`` to have the teacher encode them. Saves the most expensive encoding; the teacher is
+            still loaded for the speed measurement.
     """
 
-    encoder: Any
-    student: str
-    variant: str
-    export: str | None
+    teacher: SentenceTransformer | None = None
+    teacher_heads: M3Heads | None = None
+    students: Mapping[str, SentenceTransformer] = field(default_factory=dict)
+    teacher_embeddings: Callable[[list[str]], np.ndarray | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +168,50 @@ class _TestData:
     context_docs: list[str]  # the document id of each context
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What the evaluation reads, checked before any model is loaded."""
+
+    data: _TestData
+    real: RealQuestionSet | None
+    folders: dict[str, Path]  # the student folders by label, in order
+
+
+@dataclass(frozen=True)
+class _Models:
+    """The evaluated models, loaded: every label in report order (each ONNX variant right after its torch student),
+    the torch models (teacher first), their M3 heads, the variants, and where each torch model came from."""
+
+    labels: list[str]
+    torch: dict[str, SentenceTransformer]
+    heads: dict[str, M3Heads | None]
+    variants: dict[str, Variant]
+    sources: dict[str, str]
+
+    @property
+    def variant_of(self) -> dict[str, str]:
+        return {label: variant.student for label, variant in self.variants.items()}
+
+    def layers(self) -> dict[str, int | None]:
+        layers = {label: _layers(model) for label, model in self.torch.items()}
+        layers.update({label: layers[variant.student] for label, variant in self.variants.items()})
+        return layers
+
+
+@dataclass
+class _Measured:
+    """What the measurements gave: every model's metrics by label, and what the report says of how."""
+
+    metrics: dict[str, dict[str, Any]]
+    pairs: SimilarityPairs | None = None
+    pair_reports: list[PairReport] = field(default_factory=list)
+    depth: int = 0
+    outputs: list[str] = field(default_factory=lambda: [DENSE])
+    real_questions: RealQuestionsInfo | None = None
+    timed_texts: list[str] = field(default_factory=list)
+    layers: dict[str, int | None] = field(default_factory=dict)
+
+
 def evaluate_models(
     dataset_dir: str | Path,
     teacher: TeacherConfig,
@@ -180,10 +221,7 @@ def evaluate_models(
     *,
     show_progress: bool = True,
     qdrant_client=None,
-    teacher_embeddings: Callable[[list[str]], np.ndarray | None] | None = None,
-    student_models: Mapping[str, SentenceTransformer] | None = None,
-    teacher_model: SentenceTransformer | None = None,
-    teacher_heads: M3Heads | None = None,
+    in_memory: InMemory | None = None,
 ) -> Report:
     """Evaluate the teacher and its students on a dataset's test split and write the report to ``out_dir``.
 
@@ -195,14 +233,7 @@ def evaluate_models(
         out_dir: the report directory; report.json, report.md and the plots are written there.
         show_progress: show progress bars.
         qdrant_client: a ``QdrantClient`` to search with instead of qdrant-edge or ``config.qdrant_url``.
-        teacher_embeddings: optional source of the teacher's embeddings (e.g. a lookup in the teacher cache),
-            called once with the list of texts; it returns an array of shape (texts, dim) equal to what
-            ``teacher.encode(texts)`` gives, or ``None`` to have the teacher encode them. Saves the most
-            expensive encoding; the teacher is still loaded for the speed measurement.
-        student_models: students held in memory, by name, evaluated after the folders of ``student_dirs``.
-        teacher_model: the teacher held in memory, used instead of loading ``teacher.model``.
-        teacher_heads: the in-memory teacher's M3 heads (sparse and ColBERT), making it an M3 teacher; without
-            ``teacher_model`` the heads are read from the teacher's folder when it has head files.
+        in_memory: models and teacher embeddings held in memory (:class:`InMemory`).
 
     Returns the :class:`~m3distill.report.Report` (report.json holds ``report.to_json_dict()``). Raises
     :class:`M3DistillError`, before any encoding, for an incomplete dataset, an empty test split, a k larger than
@@ -210,150 +241,223 @@ def evaluate_models(
     files that are not an m3distill report.
     """
     started = time.time()
-    out_dir = Path(out_dir)
+    out_dir, in_memory = Path(out_dir), in_memory or InMemory()
+    inputs = _check_inputs(dataset_dir, student_dirs, config, out_dir, in_memory)
+    device = resolve_device(config.device)
+    backend = make_search_backend(config, client=qdrant_client)
+    if in_memory.teacher_heads is not None and in_memory.teacher is None:
+        raise ValueError("teacher_heads needs teacher_model; a teacher loaded from its folder brings its own heads")
+    timings: dict[str, float] = {}
+    with _timed(timings, "load"):
+        models = _load(teacher, inputs.folders, in_memory, device, onnx_variants=config.onnx_variants)
+    cache = EmbeddingsCache(out_dir / EMBEDDINGS_CACHE_DIRNAME, batch_size=config.batch_size,
+                            show_progress=show_progress)
+    with disk_space_for(out_dir, _bytes_needed(models, inputs.data)), _timed(timings, "encode"):
+        embeddings = _encode(models, inputs.data.questions + inputs.data.contexts, cache, in_memory.teacher_embeddings)
+        real_embeddings = _encode_real_questions(inputs.real, models, cache)
+    measured = _measure(models, embeddings, real_embeddings, inputs, config, backend, timings, show_progress)
+    report = _assemble_report(
+        models, measured, inputs.data, _ReportSettings(teacher, config, backend.name, qdrant_client is not None,
+                                                       device, started, timings, dataset_fingerprint(dataset_dir)))
+    # The new report replaces the old folder (and its embeddings cache) only once every file is written.
+    with disk_space_for(out_dir, 2_000_000), atomic_dir(out_dir.absolute(), overwrite=True,
+                                                        ours=REPORT_FILES) as new_report_dir:
+        write_report(report, new_report_dir)
+    logger.info("evaluated %d models in %.1fs; report in %s", len(models.labels), report.duration_s, out_dir)
+    return report
+
+
+def _check_inputs(dataset_dir: str | Path, student_dirs: Sequence[str | Path], config: EvaluationConfig,
+                  out_dir: Path, in_memory: InMemory) -> _Inputs:
+    """The test data, the real questions and the student folders by label, once each is checked (and the report
+    folder may be replaced); raises before anything is loaded."""
     _check_report_dir(out_dir)
     data = _load_test_data(dataset_dir, config)
     check_k_fits(config.k, len(data.contexts))
     real = real_question_set(config.real_questions, data.context_docs) if config.real_questions else None
-    student_dirs = [Path(path) for path in student_dirs]
-    for path in student_dirs:
+    folders = [Path(path) for path in student_dirs]
+    for path in folders:
         if not path.is_dir():
             raise M3DistillError(f"student folder not found: {path} (train it with `m3distill train`)")
-    labels = _model_labels(student_dirs)
-    student_models = dict(student_models or {})
-    for name in student_models:
+    labels = _model_labels(folders)
+    for name in in_memory.students:
         if name in labels:
             raise ValueError(f"the in-memory student {name!r} has the name of another model; give it another name")
         labels.append(name)
-    device = resolve_device(config.device)
-    backend = make_search_backend(config, client=qdrant_client)
-    timings: dict[str, float] = {}
-    cache_dir = out_dir / EMBEDDINGS_CACHE_DIRNAME
+    return _Inputs(data=data, real=real, folders=dict(zip(labels[1:], folders)))
 
-    if teacher_heads is not None and teacher_model is None:
-        raise ValueError("teacher_heads needs teacher_model; a teacher loaded from its folder brings its own heads")
 
-    with _timed(timings, "load"):
-        folders = dict(zip(labels[1:], student_dirs))
-        models = {**_load_models(teacher, folders, device, teacher_model), **student_models}
-        heads = _load_heads(models, teacher, folders, teacher_model, teacher_heads)
-        variants = _load_variants(folders, models, device) if config.onnx_variants else {}
+def _load(teacher: TeacherConfig, folders: dict[str, Path], in_memory: InMemory, device: str, *,
+          onnx_variants: bool) -> _Models:
+    """The load phase: the teacher and the students (from their folders or memory), their M3 heads and the
+    students' ONNX variants."""
+    loaded = {}
+    # Students first: they are small, and a bad folder should fail before the big teacher is loaded.
+    for label, path in folders.items():
+        loaded[label] = load_sentence_transformer(path, device=device)
+    teacher_model = in_memory.teacher if in_memory.teacher is not None else load_teacher(teacher, device=device)
+    models = {TEACHER_LABEL: teacher_model, **loaded, **in_memory.students}
+    heads = _load_heads(models, teacher, folders, in_memory)
+    variants = load_variants(folders, models, device) if onnx_variants else {}
     for label, variant in variants.items():
         if label in models:
             raise ValueError(f"{variant.student}'s {variant.variant} export would be named {label!r}, the name of "
                              "another model; give that model another name")
     # Each variant follows its torch student, in the tables as in the speed turns.
-    labels = [name for label in labels
+    labels = [name for label in models
               for name in [label, *[own for own, variant in variants.items() if variant.student == label]]]
-    texts = data.questions + data.contexts
-    # The embeddings kept in the report folder until the report is written (float32; an M3 model's sparse and
-    # ColBERT outputs come on top), then the report itself (a few plots).
-    needed = 4 * len(texts) * sum(int(model.get_embedding_dimension()) for model in models.values()) * (
-        1 + len(variants) / max(len(models), 1)) + 2_000_000
-    with disk_space_for(out_dir, int(needed)), _timed(timings, "encode"):
-        embeddings = _embed_all(models, heads, texts, cache_dir, config.batch_size, show_progress,
-                                teacher_embeddings)
-        embeddings.update({label: _encode_variant_cached(variant, texts, cache_dir, label, config.batch_size,
-                                                         show_progress)
-                           for label, variant in variants.items()})
-        embeddings = {label: embeddings[label] for label in labels}
-        real_embeddings = _embed_real_questions(real, models, variants, cache_dir, config.batch_size,
-                                                show_progress) if real is not None else {}
-    metrics: dict[str, dict[str, Any]] = {label: {} for label in labels}
-    pairs = _measure_alignment(embeddings, data, config, metrics)
+    sources = {TEACHER_LABEL: IN_MEMORY_SOURCE if in_memory.teacher is not None else teacher.model,
+               **{label: str(path) for label, path in folders.items()},
+               **dict.fromkeys(in_memory.students, IN_MEMORY_SOURCE)}
+    return _Models(labels=labels, torch=models, heads=heads, variants=variants, sources=sources)
+
+
+def _bytes_needed(models: _Models, data: _TestData) -> int:
+    """About what the evaluation keeps in the report folder: the embeddings until the report is written (float32;
+    an M3 model's sparse and ColBERT outputs come on top), then the report itself (a few plots)."""
+    texts = len(data.questions) + len(data.contexts)
+    widths = sum(int(model.get_embedding_dimension()) for model in models.torch.values())
+    return int(4 * texts * widths * (1 + len(models.variants) / max(len(models.torch), 1)) + 2_000_000)
+
+
+def _encode(models: _Models, texts: list[str], cache: EmbeddingsCache,
+            teacher_embeddings: Callable[[list[str]], np.ndarray | None] | None) -> dict[str, M3Embeddings]:
+    """The encode phase: every model's embeddings of ``texts`` (questions, then contexts), all its outputs from one
+    encoding, in report order."""
+    embeddings = {}
+    for label, model in models.torch.items():
+        provided = teacher_embeddings(texts) if label == TEACHER_LABEL and teacher_embeddings is not None else None
+        if provided is not None:
+            provided = np.asarray(provided, dtype=np.float32)
+            if provided.shape != (len(texts), model.get_embedding_dimension()):
+                raise ValueError(f"teacher_embeddings returned shape {provided.shape}; expected "
+                                 f"({len(texts)}, {model.get_embedding_dimension()})")
+            logger.info("teacher: using %d provided embeddings", len(texts))
+            if models.heads[label] is None:
+                embeddings[label] = M3Embeddings(dense=provided)
+                continue
+        found = cache.model(label, model, models.heads[label], texts)
+        if provided is not None:
+            # The sparse and ColBERT outputs need the encoding; dense stays the provided one (the teacher cache's).
+            found.dense = provided
+        embeddings[label] = found
+    embeddings.update({label: cache.variant(label, variant, texts) for label, variant in models.variants.items()})
+    return {label: embeddings[label] for label in models.labels}
+
+
+def _encode_real_questions(real: RealQuestionSet | None, models: _Models,
+                           cache: EmbeddingsCache) -> dict[str, np.ndarray]:
+    """Every model's dense embeddings of the real questions (their other outputs are not searched)."""
+    if real is None:
+        return {}
+    found = {label: cache.model(f"{label}-real-questions", model, None, real.texts).dense
+             for label, model in models.torch.items()}
+    found.update({label: cache.variant(f"{label}-real-questions", variant, real.texts).dense
+                  for label, variant in models.variants.items()})
+    return found
+
+
+def _measure(models: _Models, embeddings: dict[str, M3Embeddings], real_embeddings: dict[str, np.ndarray],
+             inputs: _Inputs, config: EvaluationConfig, backend: VectorSearchBackend, timings: dict[str, float],
+             show_progress: bool) -> _Measured:
+    """Align, search (every model's dense output, the real questions, the M3 outputs), then time the models."""
+    data = inputs.data
+    measured = _Measured(metrics={label: {} for label in models.labels})
+    measured.pairs = _measure_alignment(embeddings, data, config, measured.metrics)
     with _timed(timings, "retrieval"):
-        pair_reports, depth = _measure_retrieval(embeddings, data, config, backend, metrics, show_progress,
-                                                 {label: variant.student for label, variant in variants.items()})
-    real_questions = None
-    if real is not None:
+        measured.pair_reports, measured.depth = _measure_retrieval(
+            embeddings, data, config, backend, measured.metrics, show_progress, models.variant_of)
+    if inputs.real is not None:
         with _timed(timings, "real_questions"):
             n_questions = len(data.questions)
-            real_questions = measure_real_questions(
-                {label: real_embeddings[label] for label in labels},
-                {label: embeddings[label].dense[n_questions:] for label in labels}, real, config.k, backend, metrics,
-                TEACHER_LABEL)
-    outputs = [DENSE]
-    if heads.get(TEACHER_LABEL) is not None:
-        outputs += list(M3_RETRIEVAL_OUTPUTS)
+            measured.real_questions = measure_real_questions(
+                {label: real_embeddings[label] for label in models.labels},
+                {label: embeddings[label].dense[n_questions:] for label in models.labels}, inputs.real, config.k,
+                backend, measured.metrics, TEACHER_LABEL)
+    if models.heads.get(TEACHER_LABEL) is not None:
+        measured.outputs += list(M3_RETRIEVAL_OUTPUTS)
         with _timed(timings, "retrieval_m3"):
-            _measure_m3_retrieval(embeddings, data, config, backend, metrics, pair_reports, depth, show_progress)
-    del embeddings
+            _measure_m3_retrieval(embeddings, data, config, backend, measured.metrics, measured.pair_reports,
+                                  measured.depth, show_progress)
+    embeddings.clear()  # the speed measurement wants the memory
     with _timed(timings, "speed"):
-        layers = {label: _layers(model) for label, model in models.items()}
-        layers.update({label: layers[variant.student] for label, variant in variants.items()})
+        measured.layers = models.layers()
         timed: dict[str, SentenceTransformer | TimedModel] = {
-            label: timed_onnx_encoder(variants[label].encoder,
-                                      parameters=count_parameters(models[variants[label].student]))
-            if label in variants else models[label]
-            for label in labels
+            label: timed_onnx_encoder(models.variants[label].encoder,
+                                      parameters=count_parameters(models.torch[models.variants[label].student]))
+            if label in models.variants else models.torch[label]
+            for label in models.labels
         }
-        timed_texts = _measure_speed(timed, layers, data, config, metrics, show_progress)
+        measured.timed_texts = _measure_speed(timed, measured.layers, data, config, measured.metrics, show_progress)
+    return measured
 
-    from m3distill.stages.fingerprint import dataset_fingerprint  # the stages import this module
 
-    model_reports = []
-    dataset_digest = dataset_fingerprint(dataset_dir)
-    sources = dict(zip(models, [IN_MEMORY_SOURCE if teacher_model is not None else teacher.model,
-                                *map(str, student_dirs), *[IN_MEMORY_SOURCE] * len(student_models)]))
-    for label in labels:
-        if label in variants:
-            metrics[label][SIZE_ON_DISK] = variants[label].encoder.weights_bytes  # the .onnx file(s)
-            model_reports.append(_describe_variant(label, variants[label], layers[label], metrics[label]))
-            continue
-        source = sources[label]
-        metrics[label][SIZE_ON_DISK] = None if source == IN_MEMORY_SOURCE else size_on_disk(source)
-        model_reports.append(_describe_model(label, source, models[label], layers[label], metrics[label],
-                                             device, dataset_digest))
-    report = Report(
+@dataclass(frozen=True)
+class _ReportSettings:
+    """How the evaluation ran, as the report records it."""
+
+    teacher: TeacherConfig
+    config: EvaluationConfig
+    backend: str
+    injected_client: bool
+    device: str
+    started: float
+    timings: dict[str, float]
+    dataset_digest: str | None
+
+
+def _assemble_report(models: _Models, measured: _Measured, data: _TestData, run: _ReportSettings) -> Report:
+    """The report: every model's entry and metrics, and how they were measured."""
+    config, pairs = run.config, measured.pairs
+    return Report(
         m3distill_version=__version__,
-        started_at=_iso(started),
+        started_at=_iso(run.started),
         finished_at=_iso(time.time()),
-        duration_s=time.time() - started,
-        timings_s=timings,
-        config={"teacher": settings_record(teacher), "evaluation": settings_record(config)},
+        duration_s=time.time() - run.started,
+        timings_s=run.timings,
+        config={"teacher": settings_record(run.teacher), "evaluation": settings_record(config)},
         versions=_library_versions(),
-        device=DeviceInfo(name=str(device), description=device_description(device),
+        device=DeviceInfo(name=str(run.device), description=device_description(run.device),
                           torch_threads=torch.get_num_threads(), platform=platform.platform()),
         dataset=DatasetSummary(**data.summary),
         alignment_pairs=AlignmentPairsInfo(
-            n_pairs=len(pairs),
-            n_matching=int(pairs.matching.sum()),
-            n_non_matching=int((~pairs.matching).sum()),
-            negatives_per_question=config.negatives_per_question,
-            seed=config.seed,
+            n_pairs=len(pairs), n_matching=int(pairs.matching.sum()), n_non_matching=int((~pairs.matching).sum()),
+            negatives_per_question=config.negatives_per_question, seed=config.seed,
             description=PAIRS_DESCRIPTION.format(negatives=config.negatives_per_question, seed=config.seed),
         ),
         retrieval=RetrievalSettings(
-            backend=backend.name,
-            qdrant_url=settings_record(config)["qdrant_url"] if qdrant_client is None else "(injected client)",
-            indexes=_index_kinds(config),
-            k=list(config.k),
-            depth=depth,
-            n_questions=len(data.questions),
-            n_contexts=len(data.contexts),
-            distractors=config.distractors,
+            backend=run.backend,
+            qdrant_url=settings_record(config)["qdrant_url"] if not run.injected_client else "(injected client)",
+            indexes=_index_kinds(config), k=list(config.k), depth=measured.depth, n_questions=len(data.questions),
+            n_contexts=len(data.contexts), distractors=config.distractors,
             hnsw=HnswSettings(m=config.hnsw_m, ef_construct=config.hnsw_ef_construct, ef=config.hnsw_ef),
-            outputs=outputs,
-            hybrid_weights=tuple(config.hybrid_weights) if len(outputs) > 1 else None,
+            outputs=measured.outputs,
+            hybrid_weights=tuple(config.hybrid_weights) if len(measured.outputs) > 1 else None,
         ),
         speed=SpeedPolicy(
-            n_texts=len(timed_texts),
-            batch_size=config.speed.batch_size,
-            repeats=config.speed.repeats,
-            warmup_batches=config.speed.warmup_batches,
-            min_seconds_per_repeat=config.speed.min_seconds_per_repeat,
+            n_texts=len(measured.timed_texts), batch_size=config.speed.batch_size, repeats=config.speed.repeats,
+            warmup_batches=config.speed.warmup_batches, min_seconds_per_repeat=config.speed.min_seconds_per_repeat,
             order="interleaved",
         ),
-        models=model_reports,
-        pairs=pair_reports,
-        real_questions=real_questions,
+        models=_model_reports(models, measured, run.device, run.dataset_digest),
+        pairs=measured.pair_reports,
+        real_questions=measured.real_questions,
     )
-    # The new report replaces the old folder (and its embeddings cache) only once every file is written.
-    with disk_space_for(out_dir, 2_000_000), atomic_dir(out_dir.absolute(), overwrite=True,
-                                                        ours=REPORT_FILES) as new_report_dir:
-        write_report(report, new_report_dir)
-    logger.info("evaluated %d models in %.1fs; report in %s", len(labels), report.duration_s, out_dir)
-    return report
+
+
+def _model_reports(models: _Models, measured: _Measured, device: str, dataset_digest: str | None) -> list[ModelReport]:
+    """Each model's entry in the report, with its size on disk added to its metrics."""
+    reports = []
+    for label in models.labels:
+        metrics, layers = measured.metrics[label], measured.layers[label]
+        if label in models.variants:
+            metrics[SIZE_ON_DISK] = models.variants[label].encoder.weights_bytes  # the .onnx file(s)
+            reports.append(models.variants[label].describe(label, layers, metrics))
+            continue
+        source = models.sources[label]
+        metrics[SIZE_ON_DISK] = None if source == IN_MEMORY_SOURCE else size_on_disk(source)
+        reports.append(_describe_model(label, source, models.torch[label], layers, metrics, device, dataset_digest))
+    return reports
 
 
 def _check_report_dir(out_dir: Path) -> None:
@@ -375,36 +479,15 @@ def _check_report_dir(out_dir: Path) -> None:
     )
 
 
-def _load_models(teacher: TeacherConfig, students: dict[str, Path], device: str,
-                 teacher_model: SentenceTransformer | None = None) -> dict[str, SentenceTransformer]:
-    """The teacher and the students by label, teacher first."""
-    loaded = {}
-    # Students first: they are small, and a bad folder should fail before the big teacher is loaded.
-    for label, path in students.items():
-        loaded[label] = load_sentence_transformer(path, device=device)
-    if teacher_model is not None:
-        return {TEACHER_LABEL: teacher_model, **loaded}
-    teacher_model = load_sentence_transformer(
-        teacher.model, revision=teacher.revision, trust_remote_code=teacher.trust_remote_code, device=device,
-        max_seq_length=teacher.max_seq_length,
-    )
-    return {TEACHER_LABEL: teacher_model, **loaded}
-
-
-def _load_heads(
-    models: dict[str, SentenceTransformer],
-    teacher: TeacherConfig,
-    student_folders: dict[str, Path],
-    teacher_model: SentenceTransformer | None,
-    teacher_heads: M3Heads | None,
-) -> dict[str, M3Heads | None]:
+def _load_heads(models: dict[str, SentenceTransformer], teacher: TeacherConfig, student_folders: dict[str, Path],
+                in_memory: InMemory) -> dict[str, M3Heads | None]:
     """Each model's M3 heads by label: ``None`` for a dense-only model, and for every model of a dense-only teacher.
 
     The teacher's come from ``teacher_heads`` (in memory) or its folder; a student's from its folder. A student of
     an M3 teacher without head files (or held in memory) is evaluated on dense alone, with a warning.
     """
-    if teacher_model is not None:
-        found = teacher_heads
+    if in_memory.teacher is not None:
+        found = in_memory.teacher_heads
     else:
         found = load_m3_heads(models[TEACHER_LABEL], local_model_folder(teacher.model, teacher.revision))
     heads: dict[str, M3Heads | None] = {label: None for label in models}
@@ -420,130 +503,6 @@ def _load_heads(
             logger.warning("%s has no M3 head files (%s): evaluated on its dense output alone", label,
                            " and ".join(HEAD_FILES))
     return heads
-
-
-def _load_variants(students: dict[str, Path], models: dict[str, SentenceTransformer],
-                   device: str) -> dict[str, _Variant]:
-    """Every exported ONNX variant of the student folders, by its label, loaded for onnxruntime's CPU provider.
-
-    Each runs with as many threads as torch (a fair race on the CPU) and the torch student's sequence length.
-    Without onnxruntime the exports are left out with a warning.
-    """
-    try:
-        from m3distill.onnx_serving import OnnxEncoder, exported_variants
-    except ImportError as error:
-        exported = [label for label, folder in students.items() if (folder / _ONNX_FOLDER).is_dir()]
-        if exported:
-            logger.warning("the ONNX exports of %s are left out: %s (pip install onnxruntime, or set "
-                           "evaluation.onnx_variants: false)", ", ".join(exported), error)
-        return {}
-    variants: dict[str, _Variant] = {}
-    for label, folder in students.items():
-        found = exported_variants(folder)
-        export = export_record_digest(folder) if found else None
-        for variant in found:
-            try:
-                encoder = OnnxEncoder(folder, variant, threads=torch.get_num_threads(),
-                                      max_seq_length=models[label].max_seq_length)
-            except M3DistillError:
-                raise
-            except Exception as error:  # onnxruntime's own errors: a damaged or foreign file
-                cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-                raise M3DistillError(f"{folder}: its {variant} ONNX export does not load ({cause}); export the "
-                                     "student again, or set evaluation.onnx_variants: false") from error
-            variants[variant_label(label, variant)] = _Variant(encoder=encoder, student=label, variant=variant,
-                                                               export=export)
-    if variants:
-        logger.info("evaluating %d ONNX variant(s) on onnxruntime's CPU provider: %s", len(variants),
-                    ", ".join(variants))
-        if torch.device(device).type != _ONNX_DEVICE:
-            logger.info("the torch models run on %s and the ONNX variants on the CPU: the variants' texts/s are "
-                        "CPU figures, reported without a speed-up over the teacher", device)
-    return variants
-
-
-def export_record_digest(student_dir: str | Path) -> str | None:
-    """What pins a student's ONNX exports: the sha256 of its export record (which lists every exported file's
-    sha256), or ``None`` for a student without one. A new export or a re-export changes it.
-
-    Without onnxruntime it is ``None`` too: the exports cannot be evaluated, so they cannot change a report.
-    """
-    try:
-        from m3distill.onnx_serving import EXPORT_RECORD_FILE
-    except ImportError:
-        return None
-    record = Path(student_dir) / EXPORT_RECORD_FILE
-    if not record.is_file():
-        return None
-    return hashlib.sha256(record.read_bytes()).hexdigest()
-
-
-def _encode_variant_cached(variant: _Variant, texts: list[str], cache_dir: Path, label: str, batch_size: int,
-                           show_progress: bool) -> M3Embeddings:
-    """A variant's (dense) embeddings of ``texts``, from the cache when this export already encoded exactly these."""
-    digest = hashlib.sha256()
-    stat = Path(variant.encoder.file).stat()
-    # The export record pins the files' contents; size and time also catch a file replaced behind its back.
-    digest.update(f"{variant.variant}|{variant.export}|{stat.st_size}|{stat.st_mtime_ns}|"
-                  f"{variant.encoder.max_seq_length}|{variant.encoder.dim}".encode())
-    _digest_texts(digest, texts)
-    cache_file = cache_dir / f"{_file_label(label)}-{digest.hexdigest()[:16]}.npy"
-    if cache_file.is_file():
-        logger.info("%s: reusing embeddings from %s", label, cache_file)
-        return M3Embeddings(dense=np.load(cache_file))
-    logger.info("%s: encoding %d texts with onnxruntime", label, len(texts))
-    chunks = []
-    for start in tqdm(range(0, len(texts), _ONNX_ENCODE_CHUNK), desc=f"encode {label}", unit="chunk",
-                      disable=not show_progress):
-        chunks.append(np.asarray(variant.encoder.encode(texts[start:start + _ONNX_ENCODE_CHUNK],
-                                                        batch_size=batch_size), dtype=np.float32))
-    dense = np.concatenate(chunks) if chunks else np.zeros((0, variant.encoder.dim), np.float32)
-    with atomic_path(cache_file) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, dense)
-    return M3Embeddings(dense=dense)
-
-
-def _embed_all(
-    models: dict[str, SentenceTransformer],
-    heads: dict[str, M3Heads | None],
-    texts: list[str],
-    cache_dir: Path,
-    batch_size: int,
-    show_progress: bool,
-    teacher_embeddings: Callable[[list[str]], np.ndarray | None] | None,
-) -> dict[str, M3Embeddings]:
-    """Every model's embeddings of ``texts`` (questions, then contexts), all its outputs from one encoding."""
-    embeddings = {}
-    for label, model in models.items():
-        provided = teacher_embeddings(texts) if label == TEACHER_LABEL and teacher_embeddings is not None else None
-        if provided is not None:
-            provided = np.asarray(provided, dtype=np.float32)
-            if provided.shape != (len(texts), model.get_embedding_dimension()):
-                raise ValueError(f"teacher_embeddings returned shape {provided.shape}; expected "
-                                 f"({len(texts)}, {model.get_embedding_dimension()})")
-            logger.info("teacher: using %d provided embeddings", len(texts))
-            if heads[label] is None:
-                embeddings[label] = M3Embeddings(dense=provided)
-                continue
-        found = _encode_cached(model, heads[label], texts, cache_dir, label, batch_size, show_progress)
-        if provided is not None:
-            # The sparse and ColBERT outputs need the encoding; dense stays the provided one (the teacher cache's).
-            found.dense = provided
-        embeddings[label] = found
-    return embeddings
-
-
-def _embed_real_questions(real: RealQuestionSet, models: dict[str, SentenceTransformer],
-                          variants: dict[str, _Variant], cache_dir: Path, batch_size: int,
-                          show_progress: bool) -> dict[str, np.ndarray]:
-    """Every model's dense embeddings of the real questions (their other outputs are not searched)."""
-    found = {label: _encode_cached(model, None, real.texts, cache_dir, f"{label}-real-questions", batch_size,
-                                   show_progress).dense
-             for label, model in models.items()}
-    found.update({label: _encode_variant_cached(variant, real.texts, cache_dir, f"{label}-real-questions",
-                                                batch_size, show_progress).dense
-                  for label, variant in variants.items()})
-    return found
 
 
 def _measure_alignment(embeddings: dict[str, M3Embeddings], data: _TestData, config: EvaluationConfig,
@@ -764,90 +723,6 @@ def _model_labels(student_dirs: Sequence[Path]) -> list[str]:
     return labels
 
 
-def _encode_cached(
-    model: SentenceTransformer, heads: M3Heads | None, texts: list[str], cache_dir: Path, label: str,
-    batch_size: int, show_progress: bool,
-) -> M3Embeddings:
-    """All outputs of ``model`` (with ``heads``) for ``texts``, from the cache when it already encoded exactly these.
-
-    Dense alone is cached as ``.npy``; every output of an M3 model as ``.m3.npz`` (arrays only, no pickle).
-    """
-    fingerprint = _fingerprint(model, texts, heads)
-    name = _file_label(label)
-    cache_file = cache_dir / (f"{name}-{fingerprint}.npy" if heads is None else f"{name}-{fingerprint}.m3.npz")
-    if cache_file.is_file():
-        logger.info("%s: reusing embeddings from %s", label, cache_file)
-        if heads is None:
-            return M3Embeddings(dense=np.load(cache_file))
-        return _read_m3_cache(cache_file)
-    logger.info("%s: encoding %d texts%s", label, len(texts), "" if heads is None else " (dense, sparse, ColBERT)")
-    embeddings = encode_m3(model, heads, texts, batch_size=batch_size, show_progress=show_progress,
-                           desc=f"encode {label}")
-    embeddings.dense = np.asarray(embeddings.dense, dtype=np.float32)
-    with atomic_path(cache_file) as tmp, open(tmp, "wb") as handle:
-        if heads is None:
-            np.save(handle, embeddings.dense)
-        else:
-            _write_m3_cache(handle, embeddings)
-    return embeddings
-
-
-def _write_m3_cache(handle, embeddings: M3Embeddings) -> None:
-    """Every output as flat arrays: sparse ids and weights and ColBERT vectors concatenated, with offsets per text."""
-    sparse_counts = [len(weights) for weights in embeddings.sparse]
-    colbert_counts = [len(vectors) for vectors in embeddings.colbert]
-    width = embeddings.colbert[0].shape[1] if embeddings.colbert else 0
-    np.savez(
-        handle,
-        dense=embeddings.dense,
-        sparse_offsets=np.concatenate([[0], np.cumsum(sparse_counts)]).astype(np.int64),
-        sparse_ids=np.array([token for weights in embeddings.sparse for token in weights], dtype=np.int64),
-        sparse_weights=np.array([weight for weights in embeddings.sparse for weight in weights.values()],
-                                dtype=np.float32),
-        colbert_offsets=np.concatenate([[0], np.cumsum(colbert_counts)]).astype(np.int64),
-        colbert_vectors=np.concatenate(embeddings.colbert).astype(np.float32) if embeddings.colbert
-        else np.zeros((0, width), np.float32),
-    )
-
-
-def _read_m3_cache(cache_file: Path) -> M3Embeddings:
-    with np.load(cache_file, allow_pickle=False) as stored:
-        offsets, ids, weights = stored["sparse_offsets"], stored["sparse_ids"], stored["sparse_weights"]
-        sparse = [dict(zip(ids[a:b].tolist(), weights[a:b].tolist())) for a, b in itertools.pairwise(offsets)]
-        offsets, vectors = stored["colbert_offsets"], stored["colbert_vectors"]
-        colbert = [np.ascontiguousarray(vectors[a:b]) for a, b in itertools.pairwise(offsets)]
-        return M3Embeddings(dense=stored["dense"], sparse=sparse, colbert=colbert)
-
-
-def _fingerprint(model: SentenceTransformer, texts: list[str], heads: M3Heads | None = None) -> str:
-    # The weights' checksum would be exact but slow for big models; the parameter bytes of a few tensors plus
-    # shapes catch every realistic change (retraining, another layer plan) cheaply. The heads are small: all of them.
-    digest = hashlib.sha256()
-    digest.update(f"{model.max_seq_length}|{model.get_embedding_dimension()}".encode())
-    parameters = list(model.parameters())
-    for parameter in parameters[:: max(1, len(parameters) // 8)]:
-        digest.update(str(tuple(parameter.shape)).encode())
-        digest.update(parameter.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    if heads is not None:
-        digest.update(b"m3-heads")
-        for parameter in heads.parameters():
-            digest.update(str(tuple(parameter.shape)).encode())
-            digest.update(parameter.detach().float().cpu().numpy().tobytes())
-    _digest_texts(digest, texts)
-    return digest.hexdigest()[:16]
-
-
-def _digest_texts(digest, texts: list[str]) -> None:
-    for text in texts:
-        digest.update(text.encode("utf-8", errors="surrogatepass"))
-        digest.update(b"\0")
-
-
-def _file_label(label: str) -> str:
-    """``label`` as part of a file name: ``student-2L (int8)`` -> ``student-2L-int8``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "model"
-
-
 def _layers(model: SentenceTransformer) -> int | None:
     try:
         return num_layers(model)
@@ -866,38 +741,7 @@ def _describe_model(label: str, source: str, model: SentenceTransformer, layers:
         max_seq_length=model.max_seq_length,
         metrics=metrics,
         device=str(device),
-        learnt_test_contexts=None if label == TEACHER_LABEL else _learnt_test_contexts(source, dataset_digest),
-    )
-
-
-def _learnt_test_contexts(source: str, dataset_digest: str | None) -> bool | None:
-    """Whether an m3distill student learnt the evaluated test split's contexts (``training.all_contexts``): None
-    when its folder does not say, or when it was trained on another dataset than the one evaluated."""
-    from m3distill.stages.fingerprint import CONTENTS
-
-    try:
-        metadata = json.loads((Path(source) / STUDENT_METADATA_FILE).read_text(encoding="utf-8"))
-        learnt = metadata["data"]["all_contexts"]
-        trained_on = metadata["inputs"]["dataset" + CONTENTS]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(learnt, bool) or dataset_digest is None or trained_on != dataset_digest:
-        return None
-    return learnt
-
-
-def _describe_variant(label: str, variant: _Variant, layers: int | None, metrics: dict[str, Any]) -> ModelReport:
-    return ModelReport(
-        name=label,
-        role="student",
-        source=str(Path(variant.encoder.file).resolve()),
-        layers=layers,
-        embedding_dim=variant.encoder.dim,
-        max_seq_length=variant.encoder.max_seq_length,
-        metrics=metrics,
-        variant=variant.variant,
-        variant_of=variant.student,
-        device=_ONNX_DEVICE,
+        learnt_test_contexts=None if label == TEACHER_LABEL else learnt_test_contexts(source, dataset_digest),
     )
 
 

@@ -62,6 +62,8 @@ from m3distill.metrics import (
     PEAK_MEMORY,
     MEMORY_MEASURE,
     SECONDS_PER_RUN,
+    is_suspect_speedup,
+    speedup_limit,
 )
 from m3distill.models import count_parameters, local_model_folder
 
@@ -197,18 +199,6 @@ def interleaved_throughput(
             if after_turn is not None:
                 after_turn()
     return throughput
-
-
-def speedup_limit(teacher_layers: int | None, student_layers: int | None) -> float | None:
-    """The fastest a student can honestly be: teacher layers / student layers (``None`` when either is unknown)."""
-    if not teacher_layers or not student_layers:
-        return None
-    return teacher_layers / student_layers
-
-
-def is_suspect_speedup(speedup: float | None, limit: float | None) -> bool:
-    """True when a measured speed-up is above what the layer ratio allows, i.e. the timing was disturbed."""
-    return speedup is not None and limit is not None and speedup > limit
 
 
 def speed_figures(

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 from m3distill.atomic import write_json_atomic, write_text_atomic
 from m3distill.layout import REPORT_JSON_FILE, REPORT_MD_FILE
-from m3distill.locks import hold_outputs
+from m3distill.locks import hold_outputs, hold_run_dir
 from m3distill.report.schema import (
     REPORT_SCHEMA_VERSION,
     AlignmentPairsInfo,
@@ -77,8 +78,13 @@ def render_report(report_dir: str | Path) -> Path:
     Args:
         report_dir: a report directory, or a run directory whose ``report/`` holds one.
     """
-    report_dir = find_report_dir(report_dir)
-    with hold_outputs([report_dir], doing="report"):  # the report's own lock: evaluate writes it too
+    given, report_dir = Path(report_dir), find_report_dir(report_dir)
+    # The report's own lock (evaluate writes it too), and the run directory's when given one, as every command
+    # writing into a run directory holds it.
+    with ExitStack() as locks:
+        if report_dir != given:
+            locks.enter_context(hold_run_dir(given, doing="report"))
+        locks.enter_context(hold_outputs([report_dir], doing="report"))
         return _render_files(load_report(report_dir), report_dir)
 
 

@@ -363,13 +363,7 @@ def report_from_json_dict(data: Any, source: str = "report") -> Report:
 
 def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
     """Version 1 -> 2: the timing policy says its repeats were sequential; students get the layer-ratio check."""
-    # Imported here: the suspect rule lives with the speed measurement, which pulls in torch.
-    from m3distill.evaluation.speed import is_suspect_speedup, speedup_limit
-    from m3distill.metrics import (
-        LAYER_RATIO,
-        SPEEDUP,
-        SPEEDUP_SUSPECT,
-    )
+    from m3distill.metrics import LAYER_RATIO, SPEEDUP, SPEEDUP_SUSPECT, is_suspect_speedup, speedup_limit
 
     data = json.loads(json.dumps(data))  # a deep copy: the caller's dict stays as it was
     data["schema_version"] = 2

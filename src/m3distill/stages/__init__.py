@@ -9,11 +9,11 @@ metadata, the report's inputs.json), answers ``status()`` / ``is_current()`` and
 from __future__ import annotations
 
 from m3distill.config import M3DistillConfig
+from m3distill.fingerprint import Fingerprint, StageStatus
 from m3distill.layout import RunLayout
-from m3distill.stages.base import Stage, StageStatus
+from m3distill.stages.base import Stage
 from m3distill.stages.evaluate import EvaluateStage, EvaluationResult
 from m3distill.stages.export import ExportStage, ExportStageResult
-from m3distill.stages.fingerprint import Fingerprint
 from m3distill.stages.synth import SynthStage
 from m3distill.stages.teacher import TeacherStage
 from m3distill.stages.train import TrainResult, TrainStage

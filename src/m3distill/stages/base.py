@@ -13,36 +13,17 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from m3distill.atomic import check_can_create
 from m3distill.errors import M3DistillError
 from m3distill.locks import hold_outputs
-from m3distill.stages.fingerprint import Fingerprint
+from m3distill.fingerprint import Fingerprint, StageStatus
 
 logger = logging.getLogger(__name__)
 
-State = Literal["missing", "current", "stale"]
-
-
-@dataclass(frozen=True)
-class StageStatus:
-    """Where a stage's outputs stand.
-
-    Attributes:
-        state: ``missing`` (none, or unfinished: the stage makes or resumes them), ``current`` (made from the
-            same inputs and settings: reused) or ``stale`` (made from other ones: redone or refused).
-        reason: for ``stale``, what changed, e.g. ``training.max_steps is 10 now, 6 when it was made``.
-    """
-
-    state: State
-    reason: str = ""
-
-    @property
-    def current(self) -> bool:
-        return self.state == "current"
+__all__ = ["Stage", "StageStatus", "check_device"]
 
 
 def check_device(device: str | None) -> None:
@@ -58,6 +39,8 @@ class Stage(ABC):
 
     name: ClassVar[str]
     redo_flag: ClassVar[str] = "--force"
+    # What the refusal of a stale output says the flag does.
+    redo_words: ClassVar[str] = "redo it, or choose another output"
 
     @property
     @abstractmethod
@@ -115,10 +98,13 @@ class Stage(ABC):
             show_progress: show progress bars.
         """
 
-    def refuse_if_stale(self, status: StageStatus, *, replace_stale: bool, force: bool) -> None:
-        """The standalone rule: a stale output is never silently reused nor silently replaced."""
+    def refuse_if_stale(self, status: StageStatus, *, replace_stale: bool, force: bool,
+                        where: str | Path | None = None) -> None:
+        """The standalone rule: a stale output is never silently reused nor silently replaced.
+
+        Raises :class:`M3DistillError` for a ``stale`` status unless the pipeline (``replace_stale``) or ``force``
+        redoes it, naming ``where`` (the stage's first output when None), what changed and the flag that redoes it.
+        """
         if status.state == "stale" and not (replace_stale or force):
-            where = next(iter(self.outputs.values()))
-            raise M3DistillError(
-                f"{where} is out of date: {status.reason}; pass {self.redo_flag} to redo it, or choose another output"
-            )
+            where = where if where is not None else next(iter(self.outputs.values()))
+            raise M3DistillError(f"{where} is out of date: {status.reason}; pass {self.redo_flag} to {self.redo_words}")

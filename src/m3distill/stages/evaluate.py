@@ -8,21 +8,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from m3distill.atomic import write_json_atomic
 from m3distill.config import M3DistillConfig, settings_record
 from m3distill.errors import M3DistillError
 from m3distill.layout import REPORT_INPUTS_FILE, REPORT_JSON_FILE
-from m3distill.stages.base import Stage, StageStatus, check_device
-from m3distill.stages.fingerprint import (
-    CONTENTS,
-    Fingerprint,
-    dataset_fingerprint,
-    flatten,
-    read_json,
-    teacher_identity,
+from m3distill.fingerprint import CONTENTS, Fingerprint, StageStatus, flatten, read_json
+from m3distill.stages.base import Stage, check_device
+from m3distill.stages.fingerprint import dataset_fingerprint, teacher_identity
+from m3distill.students.folder import (
+    check_student_contents,
+    compare_student_contents,
+    finished_students,
+    holds_students,
 )
+
+if TYPE_CHECKING:
+    from m3distill.report import Report
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class EvaluationResult:
     """
 
     report_dir: Path
-    report: Any
+    report: Report
     skipped: dict[str, str] = field(default_factory=dict)
     teacher_from_cache: bool = False
 
@@ -99,20 +102,19 @@ class EvaluateStage(Stage):
         if self.students is not None:
             folders, skipped = [], {}
             for path in map(Path, self.students):
-                if _holds_students(path):  # a students folder given where one student was expected: take its students
-                    finished, left_out = _finished_students(path)
+                if holds_students(path):  # a students folder given where one student was expected: take its students
+                    finished, left_out = finished_students(path)
                     folders += finished
                     skipped.update(left_out)
                 else:
                     folders.append(path)
             return folders, {}, skipped
-        finished, skipped = _finished_students(self.students_dir)
+        finished, skipped = finished_students(self.students_dir)
         return finished, {}, skipped
 
     def fingerprint(self) -> Fingerprint:
         from m3distill.data.real_questions import real_questions_digest
-        from m3distill.evaluation.evaluate import export_record_digest
-        from m3distill.training.distill import compare_student_contents
+        from m3distill.evaluation.onnx_variants import export_record_digest
 
         folders, in_memory, _ = self.selection
         students: dict[str, Any] = {}
@@ -152,6 +154,9 @@ class EvaluateStage(Stage):
         from m3distill.data.dataset import require_complete_dataset
         from m3distill.data.real_questions import load_real_questions
 
+        if self.students is None and self.students_dir is not None and not self.students_dir.is_dir():
+            raise M3DistillError(f"no students in {self.students_dir}: train some with `m3distill train` or pass "
+                                 "--students")
         require_complete_dataset(self.dataset_dir)
         if self.config.evaluation.real_questions:
             load_real_questions(self.config.evaluation.real_questions)
@@ -163,8 +168,7 @@ class EvaluateStage(Stage):
         An evaluation is always run when asked for: its output is a measurement, and the old one stays whole
         until the new one is written, so there is nothing to refuse.
         """
-        from m3distill.evaluation.evaluate import evaluate_models
-        from m3distill.training.distill import check_student_contents
+        from m3distill.evaluation.evaluate import InMemory, evaluate_models
 
         self.check_inputs()
         self.check_outputs_writable()
@@ -188,8 +192,8 @@ class EvaluateStage(Stage):
 
             report = evaluate_models(
                 self.dataset_dir, self.config.teacher, folders, self.config.evaluation, self.out_dir,
-                show_progress=show_progress, teacher_embeddings=teacher_embeddings, student_models=in_memory,
-                teacher_model=self.teacher_model,
+                show_progress=show_progress, in_memory=InMemory(teacher=self.teacher_model, students=in_memory,
+                                                                teacher_embeddings=teacher_embeddings),
             )
             write_json_atomic(self.out_dir / REPORT_INPUTS_FILE, fingerprint.to_record())
             return EvaluationResult(report_dir=self.out_dir, report=report, skipped=skipped,
@@ -201,14 +205,14 @@ class EvaluateStage(Stage):
         Used only when the cache records the same teacher as this evaluation's (files, revision, sequence length)
         and float32 storage: the evaluation must see exactly what the teacher computes.
         """
-        from m3distill.teacher.cache import CACHE_MANIFEST_FILE, TeacherCache
+        from m3distill.teacher.cache import TeacherCache, read_cache_manifest
 
         if self.cache_dir is None or self.teacher_model is not None:
             return None
-        manifest = read_json(self.cache_dir / CACHE_MANIFEST_FILE)
+        manifest = read_cache_manifest(self.cache_dir)
         if manifest is None:
             return None
-        recorded = (manifest.get("inputs") or {}).get("inputs") or {}
+        recorded = manifest.get("inputs") or {}
         wanted = {**teacher_identity(self.config.teacher), "teacher.dtype": "float32"}
         if any(recorded.get(name) != value for name, value in wanted.items()):
             logger.info("evaluating without the teacher cache %s: it was made by another teacher or dtype",
@@ -219,30 +223,3 @@ class EvaluateStage(Stage):
         except M3DistillError as error:
             logger.info("evaluating without the teacher cache: %s", error)
             return None
-
-
-def _holds_students(path: Path) -> bool:
-    """True for a folder that is not a model itself but holds models or students (``students/``, not
-    ``student-2L/``)."""
-    from m3distill.training.distill import RUN_FILE
-
-    markers = ("modules.json", "config.json", RUN_FILE)
-    if not path.is_dir() or any((path / marker).is_file() for marker in markers):
-        return False
-    return any(child.is_dir() and any((child / marker).is_file() for marker in markers) for child in path.iterdir())
-
-
-def _finished_students(students_dir: Path | None) -> tuple[list[Path], dict[str, str]]:
-    """The finished students in ``students_dir``, and every other visible folder there with why it is left out."""
-    from m3distill.training import completed_student_dirs
-    from m3distill.training.distill import RUN_FILE
-
-    if students_dir is None or not students_dir.is_dir():
-        return [], {}
-    finished = completed_student_dirs(students_dir)
-    skipped = {}
-    for folder in sorted(students_dir.iterdir()):
-        if folder.is_dir() and not folder.name.startswith(".") and folder not in finished:
-            skipped[folder.name] = ("unfinished: rerun train with --resume" if (folder / RUN_FILE).is_file()
-                                    else "not an m3distill student")
-    return finished, skipped

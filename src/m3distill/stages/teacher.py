@@ -6,18 +6,17 @@ import logging
 import shutil
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from m3distill.atomic import refuse_files_not_ours
 from m3distill.config import M3DistillConfig, TeacherConfig
 from m3distill.errors import M3DistillError
-from m3distill.stages.base import Stage, StageStatus, check_device
-from m3distill.stages.fingerprint import (
-    CONTENTS,
-    Fingerprint,
-    dataset_fingerprint,
-    read_json,
-    teacher_identity,
-)
+from m3distill.fingerprint import CONTENTS, Fingerprint, StageStatus
+from m3distill.stages.base import Stage, check_device
+from m3distill.stages.fingerprint import dataset_fingerprint, teacher_identity, teacher_made_by
+
+if TYPE_CHECKING:
+    from m3distill.teacher.cache import CacheSummary
 
 logger = logging.getLogger(__name__)
 
@@ -84,22 +83,20 @@ class TeacherStage(Stage):
     def fingerprint(self) -> Fingerprint:
         return Fingerprint({_DATASET_PART: dataset_fingerprint(self.dataset_dir), **self.teacher_parts})
 
-    def _recorded(self) -> dict | None:
-        from m3distill.teacher.cache import CACHE_MANIFEST_FILE, is_complete_cache
-
-        if not is_complete_cache(self.out_dir):
-            return None
-        return read_json(self.out_dir / CACHE_MANIFEST_FILE) or {}
-
     def status(self) -> StageStatus:
-        from m3distill.teacher.cache import damaged_shards
+        from m3distill.teacher.cache import damaged_shards, read_cache_manifest
 
-        manifest = self._recorded()
+        manifest = read_cache_manifest(self.out_dir)
         if manifest is None:
-            return StageStatus("missing")
+            # Unfinished: resumed, unless another teacher (dtype, precision) began it.
+            change = self._teacher_change()
+            return StageStatus("missing") if change is None else StageStatus("stale", change)
         fingerprint = self.fingerprint()
-        if manifest.get("inputs", {}).get("fingerprint") != fingerprint.digest:
-            return StageStatus("stale", fingerprint.change(manifest.get("inputs", {}).get("inputs")))
+        if manifest.get("fingerprint") != fingerprint.digest:
+            recorded = manifest.get("inputs")
+            # A cache from before the stage's record: what its teacher.json says, when the teacher changed.
+            why = fingerprint.change(recorded) if isinstance(recorded, dict) else self._teacher_change()
+            return StageStatus("stale", why or fingerprint.change(None))
         damaged = damaged_shards(self.out_dir)
         if damaged:
             # Unfinished, not stale: the run embeds the damaged shards' texts again and keeps the rest.
@@ -108,19 +105,25 @@ class TeacherStage(Stage):
             return StageStatus("missing")
         return StageStatus("current")
 
-    def _teacher_changed(self) -> bool:
-        """True when the cache holds another teacher's embeddings (so it cannot be extended, only replaced)."""
-        from m3distill.teacher.cache import CACHE_TEACHER_FILE
+    def _teacher_change(self) -> str | None:
+        """What differs between this teacher (files or hub id and revision, sequence length, dtype, precision) and
+        the one whose embeddings the cache holds, finished or not; None when they are the same or the folder holds
+        no cache: only then may the cache be extended (a cache behind on the dataset alone gets the new texts)."""
+        from m3distill.teacher.cache import read_cache_manifest, read_cache_owner
 
-        recorded = ((self._recorded() or {}).get("inputs") or {}).get("inputs")
-        if recorded is None:
-            # No recorded inputs: build_teacher_cache compares the teacher's full fingerprint itself.
-            return False
+        recorded = (read_cache_manifest(self.out_dir) or {}).get("inputs")
+        if isinstance(recorded, dict):
+            made_by = {name: value for name, value in recorded.items() if name.startswith("teacher.")}
+        else:
+            # A cache made before the stage's record, or not finished: its teacher.json says who began it.
+            owner = read_cache_owner(self.out_dir)
+            if owner is None:
+                return None
+            made_by = {**teacher_made_by(self.teacher_parts, owner["fingerprint"]), "teacher.dtype": owner["dtype"]}
+            if owner["precision"] != "fp32":
+                made_by["teacher.precision"] = owner["precision"]
         # Both ways: a part recorded then and absent now (precision back to fp32) is a change too.
-        names = set(self.teacher_parts) | {name for name in recorded if name.startswith("teacher.")}
-        return any(recorded.get(name) != self.teacher_parts.get(name) for name in names) and (
-            self.out_dir / CACHE_TEACHER_FILE
-        ).is_file()
+        return None if made_by == self.teacher_parts else Fingerprint(self.teacher_parts).change(made_by)
 
     def check_inputs(self) -> None:
         from m3distill.data.dataset import require_complete_dataset
@@ -150,17 +153,17 @@ class TeacherStage(Stage):
             logger.info("removing %s to rebuild the teacher cache", self.out_dir)
             shutil.rmtree(self.out_dir)
 
-    def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True):
+    def run(self, *, replace_stale: bool = False, force: bool = False, show_progress: bool = True) -> CacheSummary:
         """Build, resume or extend the cache; returns :class:`m3distill.teacher.cache.CacheSummary`."""
-        from m3distill.teacher.cache import build_teacher_cache
         from m3distill.distributed import process_group
+        from m3distill.teacher.cache import build_teacher_cache
 
         self.check_inputs()
         self.check_outputs_writable()
         with self.holding_outputs():  # a second command writing the same output is refused
             with process_group() as group:
                 # Every process decides from the files as they are now, before process 0 may clear them.
-                replace = force or self._teacher_changed()
+                replace = force or self._teacher_change() is not None
                 if replace:
                     self.refuse_if_stale(self.status(), replace_stale=replace_stale, force=force)
                     self.check_clearable()  # in every process: a refusal must end all of them, not leave them waiting

@@ -79,20 +79,36 @@ def candidate_plans(n_teacher_layers: int, n_layers: int, n_candidates: int, *, 
     return [list(plan) for plan in itertools.islice(found, n_candidates)]
 
 
+@dataclass(frozen=True)
+class SearchSettings:
+    """How a layer search scores its candidates.
+
+    Attributes:
+        n_candidates: how many plans to score (see :func:`candidate_plans`).
+        steps: MSE training steps on the training texts before scoring; 0 scores the untrained cuts.
+        batch_size: batch size for training and encoding.
+        learning_rate: AdamW learning rate for the training steps.
+        seed: seed for candidate drawing and batch order.
+        max_seq_length: student max sequence length; the teacher's when ``None``.
+    """
+
+    n_candidates: int = 6
+    steps: int = 0
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    seed: int = 42
+    max_seq_length: int | None = None
+
+
 def search_layer_plan(
     teacher: SentenceTransformer,
     n_layers: int,
     *,
     dev_texts: Sequence[str],
     dev_embeddings: np.ndarray,
-    n_candidates: int = 6,
-    steps: int = 0,
     train_texts: Sequence[str] = (),
     train_embeddings: np.ndarray | None = None,
-    batch_size: int = 32,
-    learning_rate: float = 1e-4,
-    seed: int = 42,
-    max_seq_length: int | None = None,
+    settings: SearchSettings = SearchSettings(),
     top_k_score: Callable[[SentenceTransformer], float] | None = None,
 ) -> SearchResult:
     """Score candidate plans for an ``n_layers`` student and return the best one.
@@ -102,32 +118,28 @@ def search_layer_plan(
         n_layers: layers the student keeps.
         dev_texts: texts the candidates are scored on.
         dev_embeddings: the teacher's embeddings of ``dev_texts`` (float32, one row per text).
-        n_candidates: how many plans to score (see :func:`candidate_plans`).
-        steps: MSE training steps on ``train_texts`` before scoring; 0 scores the untrained cuts.
-        train_texts: texts for those steps.
+        train_texts: texts for the training steps (``settings.steps``).
         train_embeddings: the teacher's embeddings of ``train_texts``.
-        batch_size: batch size for training and encoding.
-        learning_rate: AdamW learning rate for the training steps.
-        seed: seed for candidate drawing and batch order.
-        max_seq_length: student max sequence length; the teacher's when ``None``.
+        settings: how many candidates, training steps and their settings (:class:`SearchSettings`).
         top_k_score: the dev top-k agreement of a candidate with the teacher; when given, candidates are ranked by
             it (ties by MSE), else by dev MSE.
     """
+    steps, batch_size = settings.steps, settings.batch_size
     if len(dev_texts) == 0 or len(dev_texts) != len(dev_embeddings):
         raise ValueError(
             f"need dev texts with one teacher embedding each, got {len(dev_texts)} texts and {len(dev_embeddings)} rows"
         )
     if steps and (train_embeddings is None or len(train_texts) != len(train_embeddings) or not train_texts):
         raise ValueError("search steps > 0 need train_texts with one teacher embedding each")
-    plans = candidate_plans(num_layers(teacher), n_layers, n_candidates, seed=seed)
+    plans = candidate_plans(num_layers(teacher), n_layers, settings.n_candidates, seed=settings.seed)
     scores = []
     for layers in plans:
         student = build_student(teacher, layers)
-        if max_seq_length is not None:
-            student.max_seq_length = max_seq_length
+        if settings.max_seq_length is not None:
+            student.max_seq_length = settings.max_seq_length
         if steps:
             _train_steps(student, train_texts, train_embeddings, steps=steps, batch_size=batch_size,
-                         learning_rate=learning_rate, seed=seed)
+                         learning_rate=settings.learning_rate, seed=settings.seed)
         predicted = student.encode(list(dev_texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
         top_k = top_k_score(student) if top_k_score is not None else None
         scores.append(CandidateScore(tuple(layers), *embedding_error(predicted, dev_embeddings), top_k=top_k))

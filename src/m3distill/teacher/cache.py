@@ -3,12 +3,15 @@
     CACHE_DIR/
       teacher.json                  written first: the teacher's fingerprint, the storage dtype and the compute
                                     precision. Shards are only ever added by the same teacher in the same dtype and
-                                    precision; anything else is refused.
+                                    precision: the teacher stage compares them, and clears or refuses the cache.
       shards/shard-00000.dense.npy  (n, dim) float32 or float16 sentence embeddings, row i for key i
       shards/shard-00000.keys.npy   (n,) S64 text keys (see :func:`text_key`); written last, so its presence
                                     marks the shard complete
-      manifest.json                 written last: fingerprint, dim, dtype, precision, count, outputs, and the shards
-                                    with their row counts and the checksum of each of their files
+      manifest.json                 written last: the teacher stage's fingerprint record (fingerprint, inputs), the
+                                    teacher's fingerprint, dim, dtype, precision, count, outputs, and the shards
+                                    with their row counts and the checksum of each of their files (format 2; format 1
+                                    kept the teacher's fingerprint as "fingerprint" and the stage's record nested in
+                                    "inputs", and is still read)
 
 Opening a cache for training or evaluation checks every shard against its manifest entry (rows, dimension, file
 sizes, and the xxh3-128 checksum of each file's bytes: about 0.1 s per GB when the files are in the page cache): a
@@ -68,13 +71,15 @@ from m3distill.data.dataset import load_synth_dataset
 from m3distill.encoding import encode_texts, resolve_precision
 from m3distill.errors import M3DistillError
 from m3distill.layout import CACHE_TEACHER_FILE, folder_kind
-from m3distill.models import load_sentence_transformer, process_device
+from m3distill.models import load_teacher, process_device
 from m3distill.distributed import ProcessGroup, process_group
-from m3distill.teacher.fingerprint import TeacherFingerprint, check_fingerprint, teacher_fingerprint
+from m3distill.teacher.fingerprint import TeacherFingerprint, teacher_fingerprint
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+# Earlier formats this m3distill still reads (see _in_current_format).
+_READ_FORMATS = (1, CACHE_FORMAT_VERSION)
 CACHE_MANIFEST_FILE = "manifest.json"
 SHARDS_DIRNAME = "shards"
 DENSE_OUTPUT = "dense"
@@ -149,7 +154,7 @@ def is_complete_cache(cache_dir: str | Path) -> bool:
 
 def cache_fingerprint(cache_dir: str | Path) -> TeacherFingerprint:
     """The fingerprint of the teacher that made the cache in ``cache_dir``, read from its manifest alone."""
-    return TeacherFingerprint.from_dict(TeacherCache.read_manifest(cache_dir)["fingerprint"])
+    return TeacherFingerprint.from_dict(TeacherCache.read_manifest(cache_dir)["teacher"])
 
 
 def build_teacher_cache(
@@ -164,8 +169,10 @@ def build_teacher_cache(
 ) -> CacheSummary:
     """Embed every text of a dataset directory (contexts, questions, general; all splits) with the teacher.
 
-    Under torchrun the processes share the shards (see the module's docstring): each one calls this function with
-    the same arguments and gets the same summary.
+    The cache in ``out_dir`` is created, resumed or extended: whether an existing cache may be extended (the same
+    teacher, dtype and precision made it) is the teacher stage's question (:mod:`m3distill.stages.teacher`), which
+    clears one that may not before it calls this. Under torchrun the processes share the shards (see the module's
+    docstring): each one calls this function with the same arguments and gets the same summary.
 
     Args:
         dataset_dir: a dataset directory written by ``m3distill synth``.
@@ -176,40 +183,21 @@ def build_teacher_cache(
             max_seq_length must equal ``teacher.max_seq_length`` when that is set).
         show_progress: show a tqdm bar with texts/s (under torchrun, process 0's, over its own shards).
         on_shard: called after each shard is written (progress hooks; tests use it to simulate a kill).
-        inputs: what the cache was made from (the teacher stage's fingerprint), recorded in the manifest so that
-            a later run can tell whether the cache is current (see :mod:`m3distill.stages.teacher`).
+        inputs: what the cache was made from (the teacher stage's fingerprint record), recorded in the manifest so
+            that a later run can tell whether the cache is current.
 
     Raises:
-        M3DistillError: the dataset is missing or incomplete; ``out_dir`` holds a cache of another teacher, dtype
-            or precision; the precision cannot run on the device; or, under torchrun, the processes do not see the
-            same cache folder or a shard of another process is missing at the end.
+        M3DistillError: the dataset is missing or incomplete; ``out_dir`` holds something that is not a teacher
+            cache; the precision cannot run on the device; or, under torchrun, the processes do not see the same
+            cache folder or a shard of another process is missing at the end.
     """
     out_dir = Path(out_dir)
     with process_group() as group:
-        dataset = load_synth_dataset(dataset_dir)
-        texts = dataset.texts()
-        if not texts:
-            raise M3DistillError(
-                f"dataset {dataset_dir} holds no texts; rerun `m3distill synth` with a non-empty corpus"
-            )
+        texts = _dataset_texts(dataset_dir)
         model = _teacher_model(teacher, model)
         precision = resolve_precision(teacher.precision, model.device)
         fingerprint = teacher_fingerprint(model, teacher.model, revision=teacher.revision)
-        # Every process checks the folder before any of them writes to it, so a refusal is every process's.
-        claimed = _check_cache_owner(out_dir, fingerprint, teacher.dtype, precision)
-        group.barrier()
-        # Process 0 alone claims the folder and removes damaged shards; the others read what it left.
-        intact = None
-        if group.is_main:
-            if not claimed:
-                _claim_cache_dir(out_dir, fingerprint, teacher.dtype, precision)
-            intact = _intact_shards(out_dir, fingerprint.dim)
-        group.barrier()
-        if intact is None:
-            intact = _intact_shards(out_dir, fingerprint.dim, main=False)
-        shard_keys = {name: keys for name, (keys, _) in intact.items()}
-        checksums = {name: sums for name, (_, sums) in intact.items()}
-
+        shard_keys, checksums = _open_for_writing(out_dir, fingerprint, teacher.dtype, precision, group)
         plan = _plan_shards(texts, shard_keys, teacher.shard_size)
         # Also the last wait before shards are written: no process plans from a folder another has begun to fill.
         if not group.agree(_plan_digest(shard_keys, plan)):
@@ -218,29 +206,14 @@ def build_teacher_cache(
                 "machine, or put the cache on a file system all of them share"
             )
         n_missing = sum(len(chunk) for _, chunk in plan)
-        n_reused = len(texts) - n_missing
-        mine = [(index, chunk) for index, chunk in plan if index % group.world_size == group.rank]
         if group.is_main:
             logger.info("teacher cache %s: %d texts, %d cached, %d to embed in %d shards, in %s", out_dir, len(texts),
-                        n_reused, n_missing, len(plan), precision)
-        if group.world_size > 1:
-            logger.info("process %d of %d: %d shards (%d texts) on %s", group.rank, group.world_size, len(mine),
-                        sum(len(chunk) for _, chunk in mine), model.device)
-
+                        len(texts) - n_missing, n_missing, len(plan), precision)
         started = time.perf_counter()
-        desc = "teacher cache" if group.world_size == 1 else f"teacher cache (process 0 of {group.world_size})"
-        # Each text's embedding in the storage dtype and its 64-byte key.
-        needed = sum(len(chunk) for _, chunk in mine) * (fingerprint.dim * np.dtype(teacher.dtype).itemsize + 64)
-        with disk_space_for(out_dir, needed), tqdm(total=sum(len(chunk) for _, chunk in mine), unit="text", desc=desc,
-                                                   smoothing=0.1, disable=not (show_progress and group.is_main)) as bar:
-            for index, chunk in mine:
-                info = _write_shard(out_dir, index, chunk, model, teacher, precision, bar)
-                checksums[info.name] = info.checksums
-                if on_shard is not None:
-                    on_shard(info)
+        _write_my_shards(out_dir, plan, _Embedder(model, teacher, precision, fingerprint.dim), group, checksums,
+                         show_progress=show_progress, on_shard=on_shard)
         group.barrier()
         seconds = time.perf_counter() - started
-
         shard_counts = {name: len(keys) for name, keys in shard_keys.items()}
         shard_counts.update({_shard_name(index): len(chunk) for index, chunk in plan})
         if group.is_main:
@@ -250,8 +223,9 @@ def build_teacher_cache(
         # The others return once the manifest exists: whatever runs next in them may open the cache.
         group.barrier()
     summary = CacheSummary(
-        cache_dir=out_dir, n_texts=len(texts), n_computed=n_missing, n_reused=n_reused, n_shards=len(shard_counts),
-        dim=fingerprint.dim, dtype=teacher.dtype, seconds=seconds, precision=precision, processes=group.world_size,
+        cache_dir=out_dir, n_texts=len(texts), n_computed=n_missing, n_reused=len(texts) - n_missing,
+        n_shards=len(shard_counts), dim=fingerprint.dim, dtype=teacher.dtype, seconds=seconds, precision=precision,
+        processes=group.world_size,
     )
     if group.is_main:
         logger.info(
@@ -259,6 +233,62 @@ def build_teacher_cache(
             sum(shard_counts.values()), len(shard_counts), summary.texts_per_second,
         )
     return summary
+
+
+def _dataset_texts(dataset_dir: str | Path) -> list[str]:
+    texts = load_synth_dataset(dataset_dir).texts()
+    if not texts:
+        raise M3DistillError(f"dataset {dataset_dir} holds no texts; rerun `m3distill synth` with a non-empty corpus")
+    return texts
+
+
+def _open_for_writing(out_dir: Path, fingerprint: TeacherFingerprint, dtype: str, precision: str,
+                      group: ProcessGroup) -> tuple[dict[str, list[str]], dict[str, dict[str, str] | None]]:
+    """The keys and checksums of the intact shards already in ``out_dir``, once the folder is claimed as this
+    teacher's cache (process 0 writes teacher.json into a new one and removes damaged shards)."""
+    # Every process checks the folder before any of them writes to it, so a refusal is every process's.
+    claimed = _check_cache_dir(out_dir)
+    group.barrier()
+    # Process 0 alone claims the folder and removes damaged shards; the others read what it left.
+    intact = None
+    if group.is_main:
+        if not claimed:
+            _claim_cache_dir(out_dir, fingerprint, dtype, precision)
+        intact = _intact_shards(out_dir, fingerprint.dim)
+    group.barrier()
+    if intact is None:
+        intact = _intact_shards(out_dir, fingerprint.dim, main=False)
+    return {name: keys for name, (keys, _) in intact.items()}, {name: sums for name, (_, sums) in intact.items()}
+
+
+@dataclass(frozen=True)
+class _Embedder:
+    """The teacher as the shards are embedded: the model, its settings, the precision it computes in, its width."""
+
+    model: SentenceTransformer
+    teacher: TeacherConfig
+    precision: str
+    dim: int
+
+
+def _write_my_shards(out_dir: Path, plan: list[tuple[int, list[tuple[str, str]]]], embedder: _Embedder,
+                     group: ProcessGroup, checksums: dict[str, dict[str, str] | None], *, show_progress: bool,
+                     on_shard: Callable[[ShardInfo], None] | None) -> None:
+    """Embed and write this process's shards of ``plan`` (number modulo the processes), adding their checksums."""
+    mine = [(index, chunk) for index, chunk in plan if index % group.world_size == group.rank]
+    if group.world_size > 1:
+        logger.info("process %d of %d: %d shards (%d texts) on %s", group.rank, group.world_size, len(mine),
+                    sum(len(chunk) for _, chunk in mine), embedder.model.device)
+    desc = "teacher cache" if group.world_size == 1 else f"teacher cache (process 0 of {group.world_size})"
+    # Each text's embedding in the storage dtype and its 64-byte key.
+    needed = sum(len(chunk) for _, chunk in mine) * (embedder.dim * np.dtype(embedder.teacher.dtype).itemsize + 64)
+    with disk_space_for(out_dir, needed), tqdm(total=sum(len(chunk) for _, chunk in mine), unit="text", desc=desc,
+                                               smoothing=0.1, disable=not (show_progress and group.is_main)) as bar:
+        for index, chunk in mine:
+            info = _write_shard(out_dir, index, chunk, embedder.model, embedder.teacher, embedder.precision, bar)
+            checksums[info.name] = info.checksums
+            if on_shard is not None:
+                on_shard(info)
 
 
 def _plan_shards(
@@ -339,12 +369,12 @@ class TeacherCache:
                 "(an interrupted `m3distill teacher`? rerun it to finish)"
             )
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        if manifest.get("format") != CACHE_FORMAT_VERSION:
+        if manifest.get("format") not in _READ_FORMATS:
             raise M3DistillError(
                 f"{root} holds teacher cache format {manifest.get('format')!r}; this m3distill reads "
-                f"{CACHE_FORMAT_VERSION}: rebuild it with `m3distill teacher` into a new folder"
+                f"{', '.join(map(str, _READ_FORMATS))}: rebuild it with `m3distill teacher` into a new folder"
             )
-        return manifest
+        return _in_current_format(manifest)
 
     @classmethod
     def open(cls, cache_dir: str | Path) -> TeacherCache:
@@ -382,7 +412,7 @@ class TeacherCache:
     @property
     def fingerprint(self) -> TeacherFingerprint:
         """The teacher that made this cache."""
-        return TeacherFingerprint.from_dict(self.manifest["fingerprint"])
+        return TeacherFingerprint.from_dict(self.manifest["teacher"])
 
     @property
     def dim(self) -> int:
@@ -432,10 +462,7 @@ class TeacherCache:
 def _teacher_model(teacher: TeacherConfig, model: SentenceTransformer | None) -> SentenceTransformer:
     if model is None:
         # Under torchrun each process embeds on its own GPU (cuda:LOCAL_RANK).
-        return load_sentence_transformer(
-            teacher.model, revision=teacher.revision, trust_remote_code=teacher.trust_remote_code,
-            device=process_device(teacher.device), max_seq_length=teacher.max_seq_length,
-        )
+        return load_teacher(teacher, device=process_device(teacher.device))
     if teacher.max_seq_length is not None and teacher.max_seq_length != model.max_seq_length:
         raise ValueError(
             f"the given model has max_seq_length {model.max_seq_length} but the config asks for {teacher.max_seq_length}"
@@ -443,28 +470,13 @@ def _teacher_model(teacher: TeacherConfig, model: SentenceTransformer | None) ->
     return model
 
 
-def _check_cache_owner(out_dir: Path, fingerprint: TeacherFingerprint, dtype: str, precision: str) -> bool:
-    """True when ``out_dir`` is already a cache of this teacher, dtype and precision; False when it is new or empty.
+def _check_cache_dir(out_dir: Path) -> bool:
+    """True when ``out_dir`` is already a teacher cache (its teacher.json is there); False when it is new or empty.
 
-    Raises :class:`M3DistillError` when another teacher, dtype or precision owns it, or when it holds something
-    else. Reads only: the folder is claimed by :func:`_claim_cache_dir`.
+    Raises :class:`M3DistillError` when it holds something else. Reads only: the folder is claimed by
+    :func:`_claim_cache_dir`. Whose cache it is (teacher, dtype, precision) the teacher stage has checked.
     """
-    owner_file = out_dir / CACHE_TEACHER_FILE
-    if owner_file.is_file():
-        owner = json.loads(owner_file.read_text(encoding="utf-8"))
-        owner_fingerprint = TeacherFingerprint.from_dict(owner["fingerprint"])
-        check_fingerprint(fingerprint, owner_fingerprint, where=f"teacher cache {out_dir}")
-        if owner["dtype"] != dtype:
-            raise M3DistillError(
-                f"teacher cache {out_dir} stores {owner['dtype']} embeddings but {dtype} was asked for; "
-                "use another output folder or the same dtype"
-            )
-        owner_precision = owner.get("precision", DEFAULT_CACHE_PRECISION)
-        if owner_precision != precision:
-            raise M3DistillError(
-                f"teacher cache {out_dir} holds embeddings computed in {owner_precision} but this run computes in "
-                f"{precision}; use another output folder or teacher.precision {owner_precision} (--precision)"
-            )
+    if (out_dir / CACHE_TEACHER_FILE).is_file():
         return True
     if out_dir.exists() and any(out_dir.iterdir()):
         kind = folder_kind(out_dir)
@@ -474,7 +486,7 @@ def _check_cache_owner(out_dir: Path, fingerprint: TeacherFingerprint, dtype: st
 
 
 def _claim_cache_dir(out_dir: Path, fingerprint: TeacherFingerprint, dtype: str, precision: str) -> None:
-    """Record which teacher, dtype and precision own ``out_dir`` (checked first by :func:`_check_cache_owner`)."""
+    """Record which teacher, dtype and precision own ``out_dir`` (a new or empty folder, see :func:`_check_cache_dir`)."""
     write_json_atomic(out_dir / CACHE_TEACHER_FILE,
                       {"fingerprint": fingerprint.to_dict(), "dtype": dtype, "precision": precision})
 
@@ -639,9 +651,11 @@ def _write_manifest(root: Path, fingerprint: TeacherFingerprint, dtype: str, pre
     write_json_atomic(
         root / CACHE_MANIFEST_FILE,
         {
-            **({"inputs": inputs} if inputs is not None else {}),
             "format": CACHE_FORMAT_VERSION,
-            "fingerprint": fingerprint.to_dict(),
+            # The one fingerprint record, as every stage's output keeps it: what the cache was made from.
+            "fingerprint": (inputs or {}).get("fingerprint"),
+            "inputs": (inputs or {}).get("inputs"),
+            "teacher": fingerprint.to_dict(),
             "dim": fingerprint.dim,
             "dtype": dtype,
             "precision": precision,
@@ -652,3 +666,35 @@ def _write_manifest(root: Path, fingerprint: TeacherFingerprint, dtype: str, pre
                        for name in sorted(shard_counts, key=_shard_index)],
         },
     )
+
+
+def _in_current_format(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest as this m3distill writes it. Format 1 kept the teacher's fingerprint as ``fingerprint`` and the
+    teacher stage's record nested as ``inputs: {fingerprint, inputs}`` (or none); format 2 keeps one fingerprint
+    record, ``fingerprint`` and ``inputs`` as every stage's output does, and the teacher's as ``teacher``."""
+    if manifest.get("format") != 1:
+        return manifest
+    record = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
+    return {**manifest, "format": CACHE_FORMAT_VERSION, "teacher": manifest.get("fingerprint"),
+            "fingerprint": record.get("fingerprint"), "inputs": record.get("inputs")}
+
+
+def read_cache_manifest(cache_dir: str | Path) -> dict[str, Any] | None:
+    """The manifest of the finished cache in ``cache_dir`` in the current format, or None when there is none (or it
+    is unreadable, or of a format this m3distill does not read)."""
+    try:
+        return TeacherCache.read_manifest(cache_dir)
+    except (M3DistillError, OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def read_cache_owner(cache_dir: str | Path) -> dict[str, Any] | None:
+    """teacher.json of the (finished or unfinished) cache in ``cache_dir``: the teacher's fingerprint, the storage
+    dtype and the precision (``fp32`` for caches from before it was recorded); None when there is none."""
+    try:
+        owner = json.loads((Path(cache_dir) / CACHE_TEACHER_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(owner, dict) or not isinstance(owner.get("fingerprint"), dict):
+        return None
+    return {**owner, "precision": owner.get("precision", DEFAULT_CACHE_PRECISION)}

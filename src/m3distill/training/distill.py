@@ -23,7 +23,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallbac
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from m3distill import __version__
+from m3distill._version import __version__
 from m3distill.atomic import (
     atomic_dir,
     disk_space_for,
@@ -51,19 +50,17 @@ from m3distill.atomic import (
 )
 from m3distill.config import (
     DEFAULT_TRAINING_STEPS,
-    M3DistillConfig,
     StudentsConfig,
     TeacherConfig,
     TrainingConfig,
     settings_record,
 )
-from m3distill.data.dataset import SynthDataset, load_synth_dataset
+from m3distill.data.dataset import SynthDataset, dataset_fingerprint, load_synth_dataset
+from m3distill.distributed import process_count, process_rank
 from m3distill.encoding import resolve_precision
 from m3distill.errors import M3DistillError
-from m3distill.layout import STUDENT_METADATA_FILE, folder_kind
-from m3distill.layout import STUDENT_RUN_FILE as RUN_FILE
+from m3distill.layout import HEAD_FILES, STUDENT_METADATA_FILE, STUDENT_RUN_FILE, folder_kind
 from m3distill.m3 import (
-    HEAD_FILES,
     M3_OUTPUTS,
     M3Embeddings,
     M3Heads,
@@ -74,27 +71,29 @@ from m3distill.m3 import (
 from m3distill.metrics import row_cosines, sparse_alignment_metrics
 from m3distill.models import (
     count_parameters,
-    load_sentence_transformer,
+    load_teacher,
     local_model_folder,
     num_layers,
     process_device,
 )
 from m3distill.students.build import build_student
+from m3distill.students.folder import (
+    CHECKPOINTS_DIRNAME,
+    LOGS_DIRNAME,
+    is_m3distill_student_dir,
+    is_trained_student,
+    student_contents,
+    student_files,
+)
 from m3distill.students.layer_plan import (
     LayerPlan,
     ensure_distinct_names,
-    planned_student_names,
     resolve_layer_plans,
     validate_layers,
 )
-from m3distill.students.search import search_layer_plan
+from m3distill.students.search import SearchSettings, search_layer_plan
 from m3distill.teacher.cache import TeacherCache
-from m3distill.teacher.fingerprint import (
-    check_fingerprint,
-    combine_file_digests,
-    model_file_digests,
-    teacher_fingerprint,
-)
+from m3distill.teacher.fingerprint import teacher_fingerprint
 from m3distill.training.dev_set import (
     DEV_TOP_K,
     DevSet,
@@ -106,13 +105,12 @@ from m3distill.training.dev_set import (
 )
 from m3distill.training.losses import DistillationLoss, needs_online_teacher
 from m3distill.training.model_card import student_model_card
+from m3distill.training.record import plan_spec, student_fingerprint
 from m3distill.training.sampler import ContextGroupedBatchSampler, LengthGroupedBatchSampler, register_text_groups
 
 logger = logging.getLogger(__name__)
 
 _DEV_HEAD_TEXTS = 256
-CHECKPOINTS_DIRNAME = "checkpoints"
-LOGS_DIRNAME = "logs"
 
 
 @dataclass(frozen=True)
@@ -159,85 +157,7 @@ class StudentResult:
         )
 
 
-def is_trained_student(path: str | Path) -> bool:
-    """True when ``path`` holds a finished student (its metadata file exists)."""
-    return (Path(path) / STUDENT_METADATA_FILE).is_file()
-
-
-def read_student_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``m3distill_student.json`` of a finished student folder."""
-    file = Path(path) / STUDENT_METADATA_FILE
-    if not file.is_file():
-        raise M3DistillError(
-            f"{path} is not a finished m3distill student ({STUDENT_METADATA_FILE} is missing); run `m3distill train`"
-        )
-    return json.loads(file.read_text(encoding="utf-8"))
-
-
-def student_contents(student_dir: str | Path) -> dict[str, str]:
-    """The SHA-256 of each file a student computes with, by name: its model files (config, tokenizer, weights, as
-    :func:`~m3distill.teacher.fingerprint.hash_model_files` sees them) and a student of an M3 teacher's two head
-    files; not its metadata, card, logs or exports.
-
-    Recorded in the metadata when the student is saved, so that a file damaged or replaced later is noticed by
-    whatever reads the student (:func:`check_student_contents`): a student's identity is its contents.
-    """
-    return model_file_digests(student_dir, leave_out=(STUDENT_METADATA_FILE,), also=HEAD_FILES)
-
-
-def compare_student_contents(student_dir: str | Path) -> tuple[str, str | None]:
-    """The digest of a student's files (:func:`student_contents`), and what changed in them since it was saved
-    (``"model.safetensors changed"``), None when nothing did or the student records nothing to compare with (it
-    was trained by an earlier m3distill, or elsewhere)."""
-    student_dir = Path(student_dir)
-    current = student_contents(student_dir)
-    digest = combine_file_digests(current)
-    try:
-        recorded = read_student_metadata(student_dir).get("contents") if is_trained_student(student_dir) else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        return digest, None
-    changes = [*(f"{name} changed" for name in recorded if name in current and current[name] != recorded[name]),
-               *(f"{name} is missing" for name in recorded if name not in current),
-               *(f"{name} was added" for name in current if name not in recorded)]
-    return digest, ", ".join(changes) or None
-
-
-def check_student_contents(student_dir: str | Path) -> str:
-    """The digest of a student's files, once they are checked against the ones it was saved with.
-
-    Raises :class:`M3DistillError` naming the files that changed (a truncated or replaced ``model.safetensors``)
-    and how to retrain the student.
-    """
-    digest, change = compare_student_contents(student_dir)
-    if change is not None:
-        raise M3DistillError(
-            f"{student_dir} was changed or damaged since it was trained ({change}); retrain it with `m3distill train "
-            "--force` (`m3distill run` retrains it by itself)"
-        )
-    return digest
-
-
-def completed_student_dirs(students_dir: str | Path) -> list[Path]:
-    """Finished student folders directly inside ``students_dir``, sorted by name.
-
-    Hidden folders are left out: they are students on their way in or out (a temporary copy being written, or a
-    stale student kept aside until its retrained replacement is complete).
-    """
-    root = Path(students_dir)
-    if not root.is_dir():
-        return []
-    return sorted(path for path in root.iterdir()
-                  if path.is_dir() and not path.name.startswith(".") and is_trained_student(path))
-
-
-def planned_students_complete(config: M3DistillConfig, students_dir: str | Path) -> bool:
-    """True when every student that ``config.students`` asks for is finished in ``students_dir``."""
-    return all(is_trained_student(Path(students_dir) / name) for name in planned_student_names(config.students))
-
-
-def train_students(
+def distil_students(
     dataset_dir: str | Path,
     cache_dir: str | Path,
     *,
@@ -247,7 +167,6 @@ def train_students(
     out_dir: str | Path,
     resume: bool = False,
     show_progress: bool = True,
-    teacher_model: SentenceTransformer | None = None,
 ) -> list[StudentResult]:
     """Train one student per layer plan to reproduce the cached teacher embeddings.
 
@@ -255,53 +174,52 @@ def train_students(
     trained with sentence-transformers' SentenceTransformerTrainer and :class:`DistillationLoss` (the terms and
     weights of ``training.loss``) for a budget of optimizer steps, evaluated on the dev split before and during
     training (top-10 agreement with the teacher, MSE, Spearman), stopped early when ``training.best_metric`` stops
-    improving, and saved with the best dev checkpoint.
+    improving, and saved with the best dev checkpoint and the record of what it was made from
+    (:mod:`m3distill.training.record`).
+
+    Every plan is trained: which students need training (not the finished and current ones) and whether the cache
+    is this teacher's are the train stage's questions (:func:`m3distill.stages.train.train_students` asks them), and
+    a folder holding a finished student is refused here.
 
     Args:
         dataset_dir: dataset directory from ``m3distill synth``; training uses its train split (the text kinds of
             ``training.texts``: contexts, questions, crops, general text), evaluation its dev split.
         cache_dir: teacher cache from ``m3distill teacher`` holding every text of the dataset.
-        teacher: the teacher settings; the model must be the one that made the cache (fingerprints are compared).
-            Unset ``max_seq_length`` and ``revision`` are taken from the cache.
+        teacher: the teacher settings: the teacher that made the cache. Unset ``max_seq_length`` and ``revision``
+            are taken from the cache.
         students: the ``students`` config section, or explicit plans (:class:`LayerPlan` or layer lists).
         training: steps, learning rate, loss, batch size, evaluation, early stopping and checkpoint settings.
         out_dir: folder receiving one sub-folder per student (see :func:`m3distill.layout.student_name`).
         resume: continue each unfinished student from its latest checkpoint.
         show_progress: show the Trainer's progress bars.
-        teacher_model: an already-loaded teacher to use instead of loading ``teacher.model`` (not modified).
-
-    Finished students (with a metadata file) are skipped and reported with ``skipped=True``.
 
     Raises:
-        M3DistillError: missing or incomplete dataset or cache, a cache from another teacher, a plan the teacher
-            cannot serve, texts missing from the cache, or an unfinished student without ``resume``. All of
-            these are checked before any student trains.
+        M3DistillError: missing or incomplete dataset or cache, a plan the teacher cannot serve, texts missing from
+            the cache, a finished student in the way, or an unfinished student without ``resume``. All of these are
+            checked before any student trains.
     """
     out_dir = Path(out_dir)
     dataset = load_synth_dataset(dataset_dir)
     cache = TeacherCache.open(cache_dir)
-    if teacher_model is None:
-        # Unset settings are the ones the cache was made with, so the fingerprints can match.
-        teacher = teacher.model_copy(update={
-            "max_seq_length": teacher.max_seq_length or cache.fingerprint.max_seq_length,
-            "revision": teacher.revision or cache.fingerprint.revision,
-        })
-        teacher_model = load_sentence_transformer(
-            teacher.model, revision=teacher.revision, trust_remote_code=teacher.trust_remote_code,
-            device=process_device(training.device or teacher.device), max_seq_length=teacher.max_seq_length,
-        )
-    fingerprint = teacher_fingerprint(teacher_model, teacher.model, revision=teacher.revision)
-    check_fingerprint(fingerprint, cache.fingerprint, where=f"teacher cache {cache_dir}")
-    teacher_folder = local_model_folder(teacher.model, teacher.revision)
-    teacher_heads = load_m3_heads(teacher_model, teacher_folder)
-    if teacher_heads is not None:
-        teacher_heads.to(teacher_model.device)
-        logger.info("M3 teacher: the students keep and train the sparse and ColBERT heads (loss.sparse %g, "
-                    "loss.colbert %g)", training.loss.sparse, training.loss.colbert)
-    n_teacher_layers = num_layers(teacher_model)
-    plans = _resolve_plans(students, n_teacher_layers)
-    search_settings = students if isinstance(students, StudentsConfig) else StudentsConfig()
+    # Unset settings are the ones the cache was made with, so the student records the cache's teacher.
+    teacher = teacher.model_copy(update={
+        "max_seq_length": teacher.max_seq_length or cache.fingerprint.max_seq_length,
+        "revision": teacher.revision or cache.fingerprint.revision,
+    })
+    teacher_model = load_teacher(teacher, device=process_device(training.device or teacher.device))
+    plans = _resolve_plans(students, num_layers(teacher_model))
+    job = _TrainingJob.prepare(dataset, cache, teacher, teacher_model, training, show_progress=show_progress,
+                               search_settings=students if isinstance(students, StudentsConfig) else StudentsConfig())
+    # Only process 0 writes student folders, so only it checks them: under torchrun a slower process could look in
+    # while process 0 writes run.json (atomically, through a temporary file) and take the folder for the user's.
+    for plan in plans if process_rank() == 0 else ():
+        _check_resumable(out_dir / plan.name, resume)
+    return [job.train(plan, out_dir / plan.name, resume=resume) for plan in plans]
 
+
+def _checked_training_texts(dataset: SynthDataset, training: TrainingConfig) -> list[str]:
+    """:func:`training_texts`, saying in the log what they are and which kinds asked for the dataset lacks; raises
+    :class:`M3DistillError` when there are none."""
     train_texts = training_texts(dataset, training)
     n_held_out_contexts = len(train_texts) - len(dataset.texts(["train"], training.texts))
     if n_held_out_contexts:
@@ -310,29 +228,12 @@ def train_students(
     for kind, settings in (("crops", "synth.crop_sentences / crop_spans"), ("general", "synth.general")):
         if kind in training.texts and not dataset.texts(["train"], [kind]):
             logger.warning("training.texts asks for %s, but the dataset %s has none (%s): training without them",
-                           kind, dataset_dir, settings)
+                           kind, dataset.root, settings)
     if not train_texts:
         raise M3DistillError(
-            f"the dataset {dataset_dir} has no training texts; rerun `m3distill synth` with a train split"
+            f"the dataset {dataset.root} has no training texts; rerun `m3distill synth` with a train split"
         )
-    train_embeddings = cache.get(train_texts)
-    dev = build_dev_set(dataset, cache, max_texts=training.max_dev_texts, corpus_size=training.dev_corpus_size,
-                        seed=training.seed)
-    _schedule(training, len(train_texts))
-    resolve_precision(training.precision, teacher_model.device, bf16_on_cpu=True)
-    # Only process 0 writes student folders, so only it checks them: under torchrun a slower process could look in
-    # while process 0 writes run.json (atomically, through a temporary file) and take the folder for the user's.
-    for plan in plans if _rank() == 0 else ():
-        _check_resumable(out_dir / plan.name, resume)
-
-    job = _TrainingJob(
-        dataset=dataset, cache=cache, teacher_model=teacher_model, teacher_heads=teacher_heads,
-        teacher_heads_sha256=head_files_sha256(teacher_folder) if teacher_heads is not None else None,
-        fingerprint=fingerprint.to_dict(),
-        train_texts=train_texts, train_embeddings=train_embeddings, dev=dev, training=training,
-        search_settings=search_settings, show_progress=show_progress,
-    )
-    return [job.train(plan, out_dir / plan.name, resume=resume) for plan in plans]
+    return train_texts
 
 
 def training_texts(dataset: SynthDataset, training: TrainingConfig) -> list[str]:
@@ -375,42 +276,6 @@ def _resolve_plans(
     return plans
 
 
-def is_m3distill_student_dir(path: str | Path) -> bool:
-    """True when ``path`` carries m3distill's marker: a finished student's metadata, or the ``run.json`` that
-    training writes into a student folder before anything else. Only such a folder is ever replaced or removed."""
-    path = Path(path)
-    if is_trained_student(path):
-        return True
-    try:
-        return "layers" in json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
-        return False
-
-
-# What a student folder saved by an earlier m3distill (whose metadata lists no files) holds besides the files
-# student_files names for every student: sentence-transformers' files and module folders, the M3 heads.
-_SAVED_BEFORE_FILES_WERE_RECORDED = ("*.json", "*.safetensors", "*.bin", "*.model", "*.pt", "*.tiktoken", "vocab.txt",
-                                     "merges.txt", "[0-9]_*/**")
-
-
-def student_files(student_dir: str | Path) -> list[str]:
-    """What m3distill wrote in a student folder, as patterns for :func:`m3distill.atomic.files_not_ours`: the files
-    the finished student was saved with (listed in its metadata), what training writes (run.json, checkpoints/,
-    logs/) and an export m3distill made (``onnx/`` with its record). Anything else there is the user's."""
-    from m3distill.onnx_serving import ONNX_DIR, export_files
-
-    student_dir = Path(student_dir)
-    saved: list[str] = []
-    if is_trained_student(student_dir):
-        try:
-            recorded = read_student_metadata(student_dir).get("files")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            recorded = None
-        saved = recorded if isinstance(recorded, list) else list(_SAVED_BEFORE_FILES_WERE_RECORDED)
-    return [*saved, STUDENT_METADATA_FILE, "README.md", RUN_FILE, f"{CHECKPOINTS_DIRNAME}/**", f"{LOGS_DIRNAME}/**",
-            *(f"{ONNX_DIR}/{name}" for name in export_files(student_dir))]
-
-
 def _check_student_dir_is_ours(student_dir: Path) -> None:
     """Refuse a student folder holding files m3distill did not write: finishing the student replaces the folder."""
     if not student_dir.exists() and not student_dir.is_symlink():
@@ -420,17 +285,20 @@ def _check_student_dir_is_ours(student_dir: Path) -> None:
     if not (student_dir.is_dir() and is_m3distill_student_dir(student_dir)):
         kind = folder_kind(student_dir)
         raise M3DistillError(
-            f"{student_dir} holds files that are not an m3distill student (no {STUDENT_METADATA_FILE} or {RUN_FILE}"
+            f"{student_dir} holds files that are not an m3distill student (no {STUDENT_METADATA_FILE} or "
+            f"{STUDENT_RUN_FILE}"
             f"{f'; it is {kind}' if kind else ''}); training would replace it: move it away or choose another --out"
         )
-    if not is_trained_student(student_dir):  # a finished one is only replaced by a retrain, which checks it itself
-        refuse_files_not_ours(student_dir, student_files(student_dir), replacing="finishing the student")
+    refuse_files_not_ours(student_dir, student_files(student_dir), replacing="finishing the student")
 
 
 def _check_resumable(student_dir: Path, resume: bool) -> None:
+    if is_trained_student(student_dir):  # retraining sets a finished student aside first (the train stage)
+        raise M3DistillError(f"{student_dir} holds a finished student; retrain it with `m3distill train --force`, or "
+                             "choose another --out")
     _check_student_dir_is_ours(student_dir)
     checkpoints = student_dir / CHECKPOINTS_DIRNAME
-    if is_trained_student(student_dir) or resume or not checkpoints.is_dir():
+    if resume or not checkpoints.is_dir():
         return
     last = get_last_checkpoint(str(checkpoints))
     if last is not None:
@@ -442,7 +310,7 @@ def _check_resumable(student_dir: Path, resume: bool) -> None:
 
 @dataclass
 class _TrainingJob:
-    """What all students of one ``train_students`` call share."""
+    """What all students of one ``distil_students`` call share."""
 
     dataset: SynthDataset
     cache: TeacherCache
@@ -458,52 +326,47 @@ class _TrainingJob:
     show_progress: bool
     _teacher_dev_outputs: M3Embeddings | None = None
 
+    @classmethod
+    def prepare(cls, dataset: SynthDataset, cache: TeacherCache, teacher: TeacherConfig,
+                teacher_model: SentenceTransformer, training: TrainingConfig, *, search_settings: StudentsConfig,
+                show_progress: bool) -> _TrainingJob:
+        """The teacher's heads, the training texts with their cached embeddings and the dev set, once every setting
+        is checked (the schedule, the precision on this device)."""
+        fingerprint = teacher_fingerprint(teacher_model, teacher.model, revision=teacher.revision)
+        teacher_folder = local_model_folder(teacher.model, teacher.revision)
+        teacher_heads = load_m3_heads(teacher_model, teacher_folder)
+        if teacher_heads is not None:
+            teacher_heads.to(teacher_model.device)
+            logger.info("M3 teacher: the students keep and train the sparse and ColBERT heads (loss.sparse %g, "
+                        "loss.colbert %g)", training.loss.sparse, training.loss.colbert)
+        train_texts = _checked_training_texts(dataset, training)
+        dev = build_dev_set(dataset, cache, max_texts=training.max_dev_texts, corpus_size=training.dev_corpus_size,
+                            seed=training.seed)
+        _schedule(training, len(train_texts))
+        resolve_precision(training.precision, teacher_model.device, bf16_on_cpu=True)
+        return cls(
+            dataset=dataset, cache=cache, teacher_model=teacher_model, teacher_heads=teacher_heads,
+            teacher_heads_sha256=head_files_sha256(teacher_folder) if teacher_heads is not None else None,
+            fingerprint=fingerprint.to_dict(), train_texts=train_texts, train_embeddings=cache.get(train_texts),
+            dev=dev, training=training, search_settings=search_settings, show_progress=show_progress,
+        )
+
     def train(self, plan: LayerPlan, student_dir: Path, *, resume: bool) -> StudentResult:
-        if is_trained_student(student_dir):
-            check_student_contents(student_dir)
-            logger.info("%s is already trained; skipping it (delete the folder to retrain)", student_dir)
-            return StudentResult.from_metadata(student_dir, read_student_metadata(student_dir), skipped=True)
-        is_main = _rank() == 0
+        is_main = process_rank() == 0
         layers, search = self._layers(plan, student_dir, resume=resume, write=is_main)
-        student = build_student(self.teacher_model, layers)
-        student.max_seq_length = self.training.max_seq_length or self.fingerprint["max_seq_length"]
-        if self.training.dropout is not None:
-            set_dropout(student, self.training.dropout)
-        # The student's heads start as the teacher's and train with its layers (an M3 teacher only).
-        heads = copy.deepcopy(self.teacher_heads).to(student.device) if self.teacher_heads is not None else None
-        if heads is not None:
-            heads.requires_grad_(True)
+        student, heads = self._untrained_student(layers)
         evaluator = dev_evaluator(self.dev, batch_size=self.training.batch_size,
                                   max_tokens_per_batch=self.training.dev_max_tokens_per_batch)
         dev_before = dev_metrics(evaluator(student))
         heads_before = self._dev_head_metrics(student, heads)
         logger.info("%s untrained: dev %s", plan.name, _format_metrics(dev_before))
-
-        checkpoints = student_dir / CHECKPOINTS_DIRNAME
-        last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
-        if resume and last is None:
-            logger.info("%s: no checkpoint to resume from; training from the start", plan.name)
-        elif last is not None:
-            logger.info("%s: resuming from %s", plan.name, Path(last).name)
-        args, precision = self._arguments(checkpoints, student.device)
-        total_steps = _schedule(self.training, len(self.train_texts))[0]
-        seen = total_steps * self.training.batch_size * max(1, int(os.environ.get("WORLD_SIZE", "1")))
-        logger.info("%s: up to %d steps x %d texts = %d texts seen: each of the %d training texts about %.1f times; "
-                    "computing in %s", plan.name, total_steps, self.training.batch_size, seen, len(self.train_texts),
-                    seen / len(self.train_texts), precision)
+        args, precision = self._arguments(student_dir / CHECKPOINTS_DIRNAME, student.device)
+        last = self._last_checkpoint(plan, student_dir, resume, precision)
         timer = _StepTimer()
-        callbacks: list[TrainerCallback] = [timer, _StudentProgress(plan.name, show_bar=self.show_progress)]
-        if is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(student_dir / LOGS_DIRNAME))))
-        if self.training.early_stopping_patience:
-            callbacks.append(EarlyStoppingCallback(early_stopping_patience=self.training.early_stopping_patience))
-        if heads is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            callbacks.append(_AverageHeadGradients(heads))
         trainer = _HeadsTrainer(
             heads=heads, model=student, args=args, train_dataset=self._train_dataset(),
-            loss=self._loss(student, heads, precision), evaluator=evaluator, callbacks=callbacks,
+            loss=self._loss(student, heads, precision), evaluator=evaluator,
+            callbacks=self._callbacks(plan, student_dir, heads, timer, tensorboard=is_main),
         )
         # One bar per student and one line per dev evaluation instead of the Trainer's raw log dicts.
         trainer.remove_callback(PrinterCallback)
@@ -515,23 +378,59 @@ class _TrainingJob:
             train_seconds = time.perf_counter() - started
             dev_after = _best_dev_metrics(trainer) or dev_metrics(evaluator(trainer.model))
             logger.info("%s trained: dev %s", plan.name, _format_metrics(dev_after))
-            with own_forward_pass(trainer.model) as trained:  # in fp32, as the dev metrics are
-                heads_after = self._dev_head_metrics(trained, heads)
+            resumed_from = int(Path(last).name.rsplit("-", 1)[-1]) if last else None
+            record = self._training_record(trainer, precision, timer, train_seconds, resumed_from_step=resumed_from)
+            metadata = {**self._metadata(plan, layers, search, student, record),
+                        "dev_before": dev_before, "dev_after": dev_after}
             if heads is not None:
+                with own_forward_pass(trainer.model) as trained:  # in fp32, as the dev metrics are
+                    heads_after = self._dev_head_metrics(trained, heads)
                 logger.info("%s heads: dev %s (untrained: %s)", plan.name, _format_metrics(heads_after),
                             _format_metrics(heads_before))
-
-            metadata = self._metadata(
-                plan, layers, search, trainer, precision=precision, n_parameters=count_parameters(student),
-                dev_before=dev_before, dev_after=dev_after, timer=timer, train_seconds=train_seconds,
-                resumed_from_step=int(Path(last).name.rsplit("-", 1)[-1]) if last else None,
-            )
-            if heads is not None:
                 metadata["dev_heads_before"], metadata["dev_heads_after"] = heads_before, heads_after
             if trainer.is_world_process_zero():
                 metadata = self._write_student(trainer.model, student_dir, metadata, heads)
             trainer.accelerator.wait_for_everyone()
         return StudentResult.from_metadata(student_dir, metadata, skipped=False)
+
+    def _untrained_student(self, layers: list[int]) -> tuple[SentenceTransformer, M3Heads | None]:
+        """The teacher's embeddings and ``layers``, and (an M3 teacher only) its heads, which train with them."""
+        student = build_student(self.teacher_model, layers)
+        student.max_seq_length = self.training.max_seq_length or self.fingerprint["max_seq_length"]
+        if self.training.dropout is not None:
+            set_dropout(student, self.training.dropout)
+        heads = copy.deepcopy(self.teacher_heads).to(student.device) if self.teacher_heads is not None else None
+        if heads is not None:
+            heads.requires_grad_(True)
+        return student, heads
+
+    def _last_checkpoint(self, plan: LayerPlan, student_dir: Path, resume: bool, precision: str) -> str | None:
+        """The checkpoint to resume from (with ``resume``); logs the plan's budget too."""
+        checkpoints = student_dir / CHECKPOINTS_DIRNAME
+        last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+        if resume and last is None:
+            logger.info("%s: no checkpoint to resume from; training from the start", plan.name)
+        elif last is not None:
+            logger.info("%s: resuming from %s", plan.name, Path(last).name)
+        total_steps = _schedule(self.training, len(self.train_texts))[0]
+        seen = total_steps * self.training.batch_size * process_count()
+        logger.info("%s: up to %d steps x %d texts = %d texts seen: each of the %d training texts about %.1f times; "
+                    "computing in %s", plan.name, total_steps, self.training.batch_size, seen, len(self.train_texts),
+                    seen / len(self.train_texts), precision)
+        return last
+
+    def _callbacks(self, plan: LayerPlan, student_dir: Path, heads: M3Heads | None, timer: _StepTimer, *,
+                   tensorboard: bool) -> list[TrainerCallback]:
+        callbacks: list[TrainerCallback] = [timer, _StudentProgress(plan.name, show_bar=self.show_progress)]
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(student_dir / LOGS_DIRNAME))))
+        if self.training.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=self.training.early_stopping_patience))
+        if heads is not None and process_count() > 1:
+            callbacks.append(_AverageHeadGradients(heads))
+        return callbacks
 
     def _bytes_written(self, student: SentenceTransformer, heads: M3Heads | None) -> int:
         """About what training a student writes: float32 weights, and in each checkpoint kept (the last
@@ -589,14 +488,23 @@ class _TrainingJob:
                                 teacher_precision=precision)
 
     def _layers(self, plan: LayerPlan, student_dir: Path, *, resume: bool, write: bool) -> tuple[list[int], dict | None]:
-        """The plan's layers; for a search, the recorded choice when resuming, else a fresh search."""
-        run_file = student_dir / RUN_FILE
+        """The plan's layers; for a search, the recorded choice when resuming, else a fresh search.
+
+        An unfinished student started with other layers is refused when it holds checkpoints to resume, and started
+        over when it holds none: then there is nothing of it to keep.
+        """
+        run_file = student_dir / STUDENT_RUN_FILE
         recorded = json.loads(run_file.read_text(encoding="utf-8")) if resume and run_file.is_file() else None
         if recorded is not None and plan.layers is not None and tuple(recorded["layers"]) != plan.layers:
-            raise M3DistillError(
-                f"{student_dir} was started with layers {recorded['layers']}, not {list(plan.layers)}; "
-                "resume with the same plan or delete the folder"
-            )
+            checkpoints = student_dir / CHECKPOINTS_DIRNAME
+            if checkpoints.is_dir() and get_last_checkpoint(str(checkpoints)) is not None:
+                raise M3DistillError(
+                    f"{student_dir} was started with layers {recorded['layers']}, not {list(plan.layers)}; "
+                    "resume with the same plan or delete the folder"
+                )
+            logger.info("%s: started with layers %s and no checkpoint; starting over with %s", plan.name,
+                        recorded["layers"], list(plan.layers))
+            recorded = None
         if recorded is not None:
             return list(recorded["layers"]), recorded.get("search")
         search = None
@@ -604,11 +512,13 @@ class _TrainingJob:
             dev_count = min(len(self.dev.texts), self.search_settings.search_dev_texts)
             result = search_layer_plan(
                 self.teacher_model, plan.n_layers, dev_texts=self.dev.texts[:dev_count],
-                dev_embeddings=self.dev.embeddings[:dev_count], n_candidates=self.search_settings.search_candidates,
-                steps=self.search_settings.search_steps, train_texts=self.train_texts,
-                train_embeddings=self.train_embeddings,
-                batch_size=self.training.batch_size, learning_rate=self.training.learning_rate, seed=self.training.seed,
-                max_seq_length=self.training.max_seq_length, top_k_score=self._top_k_score(),
+                dev_embeddings=self.dev.embeddings[:dev_count], train_texts=self.train_texts,
+                train_embeddings=self.train_embeddings, top_k_score=self._top_k_score(),
+                settings=SearchSettings(
+                    n_candidates=self.search_settings.search_candidates, steps=self.search_settings.search_steps,
+                    batch_size=self.training.batch_size, learning_rate=self.training.learning_rate,
+                    seed=self.training.seed, max_seq_length=self.training.max_seq_length,
+                ),
             )
             search = result.to_dict()
             layers = list(result.best)
@@ -653,26 +563,15 @@ class _TrainingJob:
         )
         return args, precision
 
-    def _metadata(
-        self, plan: LayerPlan, layers: list[int], search: dict | None, trainer: SentenceTransformerTrainer, *,
-        precision: str, n_parameters: int, dev_before: dict, dev_after: dict, timer: _StepTimer, train_seconds: float,
-        resumed_from_step: int | None,
-    ) -> dict[str, Any]:
-        from m3distill.stages.fingerprint import (
-            dataset_fingerprint,
-            plan_spec,
-            student_fingerprint,
-        )
-        from m3distill.stages.train import trained_student_record
-
-        training = self.training
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        best = trainer.state.best_model_checkpoint
+    def _metadata(self, plan: LayerPlan, layers: list[int], search: dict | None, student: SentenceTransformer,
+                  training: dict[str, Any]) -> dict[str, Any]:
+        """The finished student's metadata but its dev metrics: what it was made from (its fingerprint record), what
+        it is and how it was trained (``training``, see :meth:`_training_record`)."""
         # What the student was made from: a later run retrains it (or refuses to reuse it) when any of it changed.
-        record = trained_student_record(student_fingerprint(
-            dataset_fingerprint(self.dataset.root), self.cache.manifest, training,
+        record = student_fingerprint(
+            dataset_fingerprint(self.dataset.root), self.cache.manifest, self.training,
             plan_spec(plan.n_layers, plan.strategy, plan.layers, self.search_settings), self.teacher_heads_sha256,
-        ))
+        ).to_record()
         return {
             **record,
             "m3distill_version": __version__,
@@ -681,7 +580,7 @@ class _TrainingJob:
             "strategy": plan.strategy,
             "search": search,
             "teacher": self.fingerprint,
-            "parameters": {"student": n_parameters, "teacher": count_parameters(self.teacher_model)},
+            "parameters": {"student": count_parameters(student), "teacher": count_parameters(self.teacher_model)},
             "outputs": list(M3_OUTPUTS if self.teacher_heads is not None else M3_OUTPUTS[:1]),
             "data": {
                 "dataset": str(self.dataset.root),
@@ -691,37 +590,42 @@ class _TrainingJob:
                 "dev_texts": len(self.dev.texts),
                 "dev_pairs": len(self.dev.pairs),
             },
-            "training": {
-                "epochs": training.epochs,
-                "max_steps": training.max_steps,
-                "global_step": trainer.state.global_step,
-                "batch_size": training.batch_size,
-                "learning_rate": training.learning_rate,
-                "warmup_ratio": training.warmup_ratio,
-                "lr_scheduler": training.lr_scheduler,
-                "weight_decay": training.weight_decay,
-                "loss": settings_record(training.loss),
-                "texts": list(training.texts),
-                "early_stopping_patience": training.early_stopping_patience,
-                "texts_seen": trainer.state.global_step * training.batch_size * trainer.args.world_size,
-                "passes_over_train_texts": round(
-                    trainer.state.global_step * training.batch_size * trainer.args.world_size / len(self.train_texts), 2
-                ),
-                "max_seq_length": trainer.model.max_seq_length,
-                "precision": precision,
-                "seed": training.seed,
-                "world_size": trainer.args.world_size,
-                "best_metric": training.best_metric,
-                "best_step": int(best.rsplit("-", 1)[-1]) if best else None,
-                "train_loss_first": losses[0] if losses else None,
-                "train_loss_last": losses[-1] if losses else None,
-                "resumed_from_step": resumed_from_step,
-                "steps_this_run": timer.steps,
-                "seconds_per_step": timer.seconds_per_step,
-                "train_seconds": train_seconds,
-            },
-            "dev_before": dev_before,
-            "dev_after": dev_after,
+            "training": training,
+        }
+
+    def _training_record(self, trainer: SentenceTransformerTrainer, precision: str, timer: _StepTimer,
+                         train_seconds: float, *, resumed_from_step: int | None) -> dict[str, Any]:
+        """How the student was trained: the settings, the steps taken, the timings and the loss."""
+        training = self.training
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        best = trainer.state.best_model_checkpoint
+        texts_seen = trainer.state.global_step * training.batch_size * trainer.args.world_size
+        return {
+            "epochs": training.epochs,
+            "max_steps": training.max_steps,
+            "global_step": trainer.state.global_step,
+            "batch_size": training.batch_size,
+            "learning_rate": training.learning_rate,
+            "warmup_ratio": training.warmup_ratio,
+            "lr_scheduler": training.lr_scheduler,
+            "weight_decay": training.weight_decay,
+            "loss": settings_record(training.loss),
+            "texts": list(training.texts),
+            "early_stopping_patience": training.early_stopping_patience,
+            "texts_seen": texts_seen,
+            "passes_over_train_texts": round(texts_seen / len(self.train_texts), 2),
+            "max_seq_length": trainer.model.max_seq_length,
+            "precision": precision,
+            "seed": training.seed,
+            "world_size": trainer.args.world_size,
+            "best_metric": training.best_metric,
+            "best_step": int(best.rsplit("-", 1)[-1]) if best else None,
+            "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": losses[-1] if losses else None,
+            "resumed_from_step": resumed_from_step,
+            "steps_this_run": timer.steps,
+            "seconds_per_step": timer.seconds_per_step,
+            "train_seconds": train_seconds,
         }
 
     def _write_student(self, model: SentenceTransformer, student_dir: Path, metadata: dict[str, Any],
@@ -856,8 +760,7 @@ def set_dropout(model: torch.nn.Module, rate: float) -> None:
 
 def _schedule(training: TrainingConfig, n_train_texts: int) -> tuple[int, int, int]:
     """Total optimizer steps, evaluation interval and checkpoint interval (default: 8 evaluations per run)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = max(1, n_train_texts // (training.batch_size * world_size))
+    steps_per_epoch = max(1, n_train_texts // (training.batch_size * process_count()))
     if training.max_steps:
         total_steps = training.max_steps
     elif training.epochs:
@@ -910,10 +813,6 @@ def _train_dataset(texts: list[str], embeddings: np.ndarray) -> Dataset:
     """Texts with their teacher embeddings in the ``label`` column the loss reads."""
     labels = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), type=pa.float32()), embeddings.shape[1])
     return Dataset(pa.table({"text": pa.array(texts, type=pa.string()), "label": labels}))
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:

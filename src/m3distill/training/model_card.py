@@ -135,6 +135,47 @@ def with_export_section(card: str, record: dict[str, Any] | None) -> str:
     return card[:anchor + 1] + section + card[anchor + 1:]
 
 
+def _training_section(settings: dict[str, Any]) -> list[str]:
+    lines = ["## Training", "", "| setting | value |", "|---|---|"]
+    for key in ("epochs", "max_steps", "global_step", "batch_size", "learning_rate", "lr_scheduler", "warmup_ratio",
+                "weight_decay", "precision", "world_size", "best_metric", "best_step", "early_stopping_patience",
+                "texts_seen", "seconds_per_step", "train_seconds"):
+        value = settings.get(key)
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        lines.append(f"| {key} | {value if value is not None else '-'} |")
+    return lines
+
+
+def _dev_metrics_section(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    lines = ["", "## Dev metrics", "", "| metric | before training | after training |", "|---|---|---|"]
+    for key, label, fmt in _METRICS:
+        if key in before and key in after:
+            lines.append(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
+    return lines
+
+
+def _search_section(search: dict[str, Any] | None) -> list[str]:
+    if not search:
+        return []
+    lines = [
+        "",
+        "## Layer search",
+        "",
+        f"{len(search['candidates'])} candidate plans scored on {search['n_dev_texts']} dev texts after "
+        f"{search['steps']} training steps each (highest dev top-10 agreement wins; lowest MSE when it was not "
+        "measured):",
+        "",
+        "| layers | dev top-10 agreement | dev MSE | mean cosine |",
+        "|---|---|---|---|",
+    ]
+    for candidate in search["candidates"]:
+        top_k = candidate.get("top_k")
+        lines.append(f"| {candidate['layers']} | {'-' if top_k is None else f'{top_k:.4f}'} | "
+                     f"{candidate['mse']:.6f} | {candidate['mean_cosine']:.4f} |")
+    return lines
+
+
 def student_model_card(metadata: dict[str, Any]) -> str:
     """Markdown model card for a student; ``metadata`` is what goes into ``m3distill_student.json``."""
     teacher = metadata["teacher"]
@@ -185,38 +226,8 @@ def student_model_card(metadata: dict[str, Any]) -> str:
         f"seen {settings.get('passes_over_train_texts', '-')} times each on average",
         f"- dev texts: {data['dev_texts']:,}; dev pairs (question with its context / a random context): {data['dev_pairs']:,}",
         "",
-        "## Training",
-        "",
-        "| setting | value |",
-        "|---|---|",
     ]
-    for key in ("epochs", "max_steps", "global_step", "batch_size", "learning_rate", "lr_scheduler", "warmup_ratio",
-                "weight_decay", "precision", "world_size", "best_metric", "best_step", "early_stopping_patience",
-                "texts_seen", "seconds_per_step", "train_seconds"):
-        value = settings.get(key)
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        lines.append(f"| {key} | {value if value is not None else '-'} |")
-    lines += ["", "## Dev metrics", "", "| metric | before training | after training |", "|---|---|---|"]
-    before, after = metadata["dev_before"], metadata["dev_after"]
-    for key, label, fmt in _METRICS:
-        if key in before and key in after:
-            lines.append(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
-    search = metadata.get("search")
-    if search:
-        lines += [
-            "",
-            "## Layer search",
-            "",
-            f"{len(search['candidates'])} candidate plans scored on {search['n_dev_texts']} dev texts after "
-            f"{search['steps']} training steps each (highest dev top-10 agreement wins; lowest MSE when it was not "
-            "measured):",
-            "",
-            "| layers | dev top-10 agreement | dev MSE | mean cosine |",
-            "|---|---|---|---|",
-        ]
-        for candidate in search["candidates"]:
-            top_k = candidate.get("top_k")
-            lines.append(f"| {candidate['layers']} | {'-' if top_k is None else f'{top_k:.4f}'} | "
-                         f"{candidate['mse']:.6f} | {candidate['mean_cosine']:.4f} |")
+    lines += _training_section(settings)
+    lines += _dev_metrics_section(metadata["dev_before"], metadata["dev_after"])
+    lines += _search_section(metadata.get("search"))
     return "\n".join(lines) + "\n"

@@ -6,8 +6,9 @@
       m3distill_export.json          the record: what was exported, from which student, how close each variant stays
 
 The record is m3distill's marker: an ``onnx/`` folder without it is the user's and is never touched. It carries the
-export's fingerprint (the student's model files and the export settings), so an export of the same student with
-the same settings is current and skipped, and one of an older student (or other settings) is stale.
+export's fingerprint (the student's model files and the export settings), which the export stage
+(:mod:`m3distill.stages.export`) compares: an export of the same student with the same settings is current and
+skipped, and one of an older student (or other settings) is stale.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from m3distill import __version__
+from m3distill._version import __version__
 from m3distill.atomic import (
     atomic_dir,
     disk_space_for,
@@ -31,6 +32,7 @@ from m3distill.atomic import (
 )
 from m3distill.config import ExportConfig, settings_record
 from m3distill.errors import M3DistillError
+from m3distill.fingerprint import CONTENTS, Fingerprint
 from m3distill.onnx_serving import (
     EXPORT_RECORD_FILE,
     ONNX_DIR,
@@ -40,8 +42,6 @@ from m3distill.onnx_serving import (
     read_export_record,
     serving_spec,
 )
-from m3distill.stages.base import StageStatus
-from m3distill.stages.fingerprint import CONTENTS, Fingerprint, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -92,38 +92,6 @@ class ExportResult:
 
 def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
-
-
-def export_fingerprint(student_dir: str | Path, config: ExportConfig) -> Fingerprint:
-    """What an export of ``student_dir`` is made from: the student's model files (its config, tokenizer and
-    weights; not its card, its heads nor ``onnx/`` itself) and the settings that shape the files."""
-    from m3distill.teacher.fingerprint import hash_model_files
-
-    settings = settings_record(config, include={"variants", "opset", "quantization"})
-    if "int8" not in config.variants:
-        settings.pop("quantization")
-    return Fingerprint({"student" + CONTENTS: hash_model_files(student_dir), **flatten("export", settings)})
-
-
-def student_export_status(student_dir: str | Path, config: ExportConfig) -> StageStatus:
-    """Whether ``student_dir``'s export is missing, current or stale (made from another student or settings).
-
-    An ``onnx/`` folder m3distill did not write is reported stale with the reason: exporting refuses to touch it.
-    """
-    student_dir = Path(student_dir)
-    if not (student_dir / ONNX_DIR).exists():
-        return StageStatus("missing")
-    record = read_export_record(student_dir)
-    if record is None:
-        return StageStatus("stale", f"{student_dir / ONNX_DIR} holds files m3distill did not write")
-    listed = record.get("variants") or {}
-    if any(variant not in listed or not all((student_dir / name).is_file() for name in listed[variant].get("files", []))
-           for variant in config.variants):
-        return StageStatus("missing")
-    fingerprint = export_fingerprint(student_dir, config)
-    if record.get("fingerprint") == fingerprint.digest:
-        return StageStatus("current")
-    return StageStatus("stale", fingerprint.change(record.get("inputs")))
 
 
 def check_onnx_dir_is_ours(student_dir: str | Path) -> None:
@@ -189,45 +157,36 @@ def _with_long_text(texts: list[str], max_seq_length: int) -> list[str]:
     return [*texts, (joined * (characters // max(len(joined), 1) + 1))[:characters]]
 
 
-def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequence[str] | None = None,
-                   show_progress: bool = True, force: bool = False) -> ExportResult:
+def write_export(student_dir: str | Path, config: ExportConfig, fingerprint: Fingerprint, *,
+                 texts: Sequence[str] | None = None, show_progress: bool = True) -> ExportResult:
     """Export one student to ONNX (float32) and int8 in its ``onnx/`` folder, verified against the torch student.
 
     The new ``onnx/`` folder is written beside the student's as a hidden temporary folder and renamed into place
     only once every variant is written and the float32 one reaches ``config.min_cosine``; until then an earlier
-    export stays whole. The student's model card gets a section on loading each variant.
+    export stays whole. The student's model card gets a section on loading each variant. Whether an export is
+    needed at all is the export stage's question (:mod:`m3distill.stages.export`); this writes one when asked.
 
     Args:
         student_dir: a sentence-transformers folder (a student, or any Transformer -> Pooling [-> Normalize] model).
         config: the export settings (``variants``, ``opset``, ``min_cosine``, ``quantization``...).
+        fingerprint: what the export is made from (the export stage's), recorded in it.
         texts: verification texts; ``config.verify_texts`` texts of the bundled sample corpus when None. One text
             longer than the student's limit is added to them.
         show_progress: show a progress bar of the steps.
-        force: export again even when the export is current (same student files, same settings).
 
     Raises :class:`M3DistillError` when ``student_dir`` is not a sentence-transformers folder, when its ``onnx/``
     folder holds files m3distill did not write, or when the float32 graph misses ``config.min_cosine``.
     """
-    from m3distill.export.onnx import build_variants
+    from m3distill.exporting.onnx import build_variants
     from m3distill.m3 import is_m3_model
-
-    from m3distill.training.distill import check_student_contents
 
     student_dir = Path(student_dir)
     if not student_dir.is_dir():
         raise M3DistillError(f"student folder not found: {student_dir}")
     spec = serving_spec(student_dir)
-    check_student_contents(student_dir)  # a student damaged since it was trained gives no export
-    status = student_export_status(student_dir, config)
-    if status.current and not force:
-        logger.info("%s: export up to date, skipped", student_dir.name)
-        return _result_from_record(student_dir, read_export_record(student_dir) or {}, skipped=True)
     check_onnx_dir_is_ours(student_dir)
     onnx_dir = student_dir / ONNX_DIR
-    if status.state == "stale":
-        logger.info("%s: re-exporting (%s)", student_dir.name, status.reason)
     verify_on = _with_long_text(list(texts) if texts is not None else verification_texts(config), spec.max_seq_length)
-    fingerprint = export_fingerprint(student_dir, config)
     started = time.perf_counter()
     steps = ["loading the student", "exporting float32", "verifying float32"]
     steps += ["quantising to int8", "verifying int8"] if "int8" in config.variants else []
@@ -244,7 +203,7 @@ def export_student(student_dir: str | Path, config: ExportConfig, *, texts: Sequ
             record = {
                 "format": EXPORT_RECORD_FORMAT,
                 "m3distill_version": __version__,
-                "student": fingerprint.parts["student" + CONTENTS],
+                "student": fingerprint.parts.get("student" + CONTENTS),
                 **fingerprint.to_record(),
                 **facts,
                 "outputs": ["dense"],  # the sparse and ColBERT heads of an M3 student stay in torch
@@ -295,6 +254,13 @@ def _files_sha256(folder: Path, files: list[str]) -> str:
     return digest.hexdigest()
 
 
+def read_export_result(student_dir: str | Path) -> ExportResult:
+    """What the export in ``student_dir`` holds, read from its record, as the result of an export found current
+    (``skipped``)."""
+    student_dir = Path(student_dir)
+    return _result_from_record(student_dir, read_export_record(student_dir) or {}, skipped=True)
+
+
 def _result_from_record(student_dir: Path, record: dict[str, Any], *, skipped: bool) -> ExportResult:
     variants = {}
     listed = record.get("variants") or {}
@@ -311,7 +277,7 @@ def _result_from_record(student_dir: Path, record: dict[str, Any], *, skipped: b
 def refresh_model_card(student_dir: Path, record: dict[str, Any]) -> None:
     """Write (or rewrite) the export section of an m3distill student's model card; other folders' READMEs are
     their owners'."""
-    from m3distill.training import STUDENT_METADATA_FILE
+    from m3distill.layout import STUDENT_METADATA_FILE
     from m3distill.training.model_card import with_export_section
 
     card = student_dir / "README.md"
