@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop-spans", type=int, default=2,
                         help="random spans per training context that synth adds to the crops (synth.crop_spans)")
     parser.add_argument("--per-set", action="store_true", help="also print real-question P@10 per set")
+    parser.add_argument("--vocabulary", choices=("full", "corpus", "corpus+languages"), default="full",
+                        help="the students' vocabulary (students.vocabulary) in every row; a trimmed one names its rows")
+    parser.add_argument("--vocabulary-budget", type=int, help="students.vocabulary_budget, with --vocabulary")
     args = parser.parse_args(argv)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="m3distill-fidelity-"))
@@ -213,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                  for name, training in additions(default).items()]
     if args.only:
         runs = [run for run in runs if any(word in run[0] for word in args.only.split(","))]
+    vocabulary = {"vocabulary": args.vocabulary, "vocabulary_budget": args.vocabulary_budget}
+    if args.vocabulary != "full":
+        trimmed = f" (vocabulary {args.vocabulary}{f' {args.vocabulary_budget}' if args.vocabulary_budget else ''})"
+        runs = [(name + trimmed, *rest) for name, *rest in runs]
 
     if faq:
         bench = FaqBenchmark(config, work, crop_spans=args.crop_spans)
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if key in measured and is_trained_student(folder / measured[key]["student"]):
             row = measured[key]
         else:
-            students = StudentsConfig(layers=[n_layers], strategy=strategy)
+            students = StudentsConfig(layers=[n_layers], strategy=strategy, **vocabulary)
             dataset_dir, cache_dir = bench.prepare(synth) if faq else (dataset_dir, cache_dir)
             result = train_students(dataset_dir, cache_dir, teacher=config.teacher, students=students,
                                     training=training, out_dir=folder, resume=True, show_progress=False)[0]

@@ -45,7 +45,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("settings and files", ("config", "atomic", "distributed", "locks")),
     # The vocabulary every worker shares: loading models, encoding, bge-m3's outputs, the metric names, the ONNX
     # encoder, fingerprints and stage status, what a student folder is.
-    ("shared vocabulary", ("models", "encoding", "m3", "metrics", "onnx_serving", "fingerprint", "students")),
+    ("shared vocabulary", ("models", "encoding", "m3", "m3_outputs", "metrics", "onnx_serving", "fingerprint",
+                           "students")),
     # The workers, in the order the data flows through them.
     ("data", ("data",)),
     ("teacher", ("teacher",)),

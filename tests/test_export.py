@@ -102,7 +102,7 @@ def _agreement(encoder: OnnxEncoder, model: SentenceTransformer, texts: list[str
 def test_a_bert_student_exports_both_variants_and_the_encoder_matches_sentence_transformers(exported_bert):
     record = read_export_record(exported_bert)
     assert exported_variants(exported_bert) == ["onnx", "int8"]
-    assert record["format"] == 1 and record["outputs"] == ["dense"]
+    assert record["format"] == 2 and record["outputs"] == ["dense"]
     assert record["graph_inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     # The export changes nothing the student's own fingerprints hash (the train stage still sees it as current).
     assert record["student"] == hash_model_files(exported_bert)

@@ -171,6 +171,15 @@ class StudentsConfig(_Section):
     search_candidates: int = Field(6, ge=1, description="Candidate plans scored per student with strategy=search.")
     search_steps: int = Field(0, ge=0, description="Training steps per candidate before scoring (0 = none).")
     search_dev_texts: int = Field(500, ge=10, description="Dev texts each search candidate is scored on.")
+    vocabulary: Literal["full", "corpus", "corpus+languages"] = Field(
+        "full", description="The students' token vocabulary: full (the teacher's); corpus (the tokens the training "
+        "texts use, plus special and single-character tokens of their scripts); corpus+languages (those, plus every "
+        "token of the corpus's scripts). See m3distill.students.vocabulary.",
+    )
+    vocabulary_budget: int | None = Field(
+        None, ge=1, description="Keep at most this many tokens (the most frequent first) besides the special and "
+        "single-character ones; needs vocabulary corpus or corpus+languages.",
+    )
 
     @field_validator("layers")
     @classmethod
@@ -178,6 +187,12 @@ class StudentsConfig(_Section):
         if not value or any(n < 1 for n in value):
             raise ValueError("layers must be a non-empty list of positive layer counts, e.g. [8, 6, 4]")
         return value
+
+    @model_validator(mode="after")
+    def _budget_needs_trimming(self) -> StudentsConfig:
+        if self.vocabulary_budget is not None and self.vocabulary == "full":
+            raise ValueError("vocabulary_budget trims the vocabulary: set vocabulary to corpus or corpus+languages")
+        return self
 
 
 class LossConfig(_Section):

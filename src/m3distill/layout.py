@@ -47,6 +47,8 @@ STUDENT_RUN_FILE = "run.json"
 SPARSE_HEAD_FILE = "sparse_linear.pt"
 COLBERT_HEAD_FILE = "colbert_linear.pt"
 HEAD_FILES = (SPARSE_HEAD_FILE, COLBERT_HEAD_FILE)
+# A student with a trimmed vocabulary (m3distill.students.vocabulary): the teacher's id of each of its token ids.
+VOCABULARY_MAP_FILE = "m3distill_vocabulary.json"
 
 # Files inside a report directory.
 REPORT_JSON_FILE = "report.json"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +34,21 @@ from tqdm.auto import tqdm
 from m3distill.atomic import atomic_dir, atomic_path
 from m3distill.errors import M3DistillError
 from m3distill.layout import COLBERT_HEAD_FILE, HEAD_FILES, SPARSE_HEAD_FILE
+from m3distill.m3_outputs import (  # noqa: F401 (the M3 vocabulary, importable from here as before)
+    COLBERT,
+    DENSE,
+    M3_OUTPUTS,
+    SPARSE,
+    UNUSED_SPECIAL_TOKENS,
+    M3Embeddings,
+    colbert_score,
+    hybrid_score,
+    max_weight_per_id,
+    sparse_score,
+)
 
 logger = logging.getLogger(__name__)
 
-# The output kinds of an M3 model, in FlagEmbedding's order; a dense-only model has the first alone.
-DENSE, SPARSE, COLBERT = "dense", "sparse", "colbert"
-M3_OUTPUTS = (DENSE, SPARSE, COLBERT)
-# The special tokens FlagEmbedding leaves out of the sparse weights (those a tokenizer has).
-_UNUSED_SPECIAL_TOKENS = ("cls_token", "eos_token", "pad_token", "unk_token")
 
 
 def is_m3_model(folder: str | Path | None) -> bool:
@@ -65,6 +71,9 @@ class M3Heads(nn.Module):
         super().__init__()
         self.sparse_linear = nn.Linear(hidden_size, 1)
         self.colbert_linear = nn.Linear(hidden_size, colbert_dim or hidden_size)
+        # A student with a trimmed vocabulary (m3distill.students.vocabulary): the teacher's id of each of its token
+        # ids, so that its sparse weights are keyed as the teacher's are. Not a parameter, and not in the head files.
+        self.teacher_token_ids: Tensor | None = None
 
     @classmethod
     def load(cls, folder: str | Path, *, hidden_size: int | None = None) -> M3Heads:
@@ -128,41 +137,13 @@ class M3Heads(nn.Module):
 def unused_token_ids(tokenizer) -> set[int]:
     """Token ids FlagEmbedding leaves out of sparse weights: the tokenizer's CLS, EOS, padding and unknown tokens."""
     ids = set()
-    for name in _UNUSED_SPECIAL_TOKENS:
+    for name in UNUSED_SPECIAL_TOKENS:
         token = getattr(tokenizer, name, None)
         if token is not None:
             token_id = tokenizer.convert_tokens_to_ids(token)
             if token_id is not None:
                 ids.add(int(token_id))
     return ids
-
-
-@dataclass
-class M3Embeddings:
-    """Every output of a model for a list of texts, one entry per text in order.
-
-    ``sparse`` and ``colbert`` are ``None`` for a dense-only model.
-    """
-
-    dense: np.ndarray  # (texts, dim) float32
-    sparse: list[dict[int, float]] | None = None  # token id -> weight, weights > 0 only
-    colbert: list[np.ndarray] | None = None  # (tokens, colbert_dim) float32 each, unit rows
-
-    def __len__(self) -> int:
-        return len(self.dense)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return M3_OUTPUTS if self.sparse is not None and self.colbert is not None else (DENSE,)
-
-    def rows(self, rows: Sequence[int] | slice) -> M3Embeddings:
-        """The embeddings of the texts at ``rows`` (a slice or row numbers)."""
-        picked = range(len(self))[rows] if isinstance(rows, slice) else [int(row) for row in rows]
-        return M3Embeddings(
-            dense=self.dense[list(picked)],
-            sparse=None if self.sparse is None else [self.sparse[row] for row in picked],
-            colbert=None if self.colbert is None else [self.colbert[row] for row in picked],
-        )
 
 
 class M3Model:
@@ -211,25 +192,20 @@ class M3Model:
                 ids, mask = features["input_ids"], features["attention_mask"]
                 weights = output["sparse_weights"].float()
                 keep = (weights > 0) & (mask > 0) & ~torch.isin(ids, self.unused_ids.to(ids.device))
+                if self.heads.teacher_token_ids is not None:
+                    ids = self.heads.teacher_token_ids.to(ids.device)[ids]
                 vectors = output["colbert_vectors"].float().cpu().numpy()
                 lengths = mask.sum(dim=1).cpu().tolist()
                 embeddings = output["sentence_embedding"].float().cpu().numpy()
                 for position, row in enumerate(rows):
                     dense[row] = embeddings[position]
-                    sparse[row] = _max_weight_per_id(ids[position][keep[position]], weights[position][keep[position]])
+                    sparse[row] = max_weight_per_id(ids[position][keep[position]].cpu().tolist(),
+                                                    weights[position][keep[position]].cpu().tolist())
                     colbert[row] = np.ascontiguousarray(vectors[position, : int(lengths[position]) - 1])
         finally:
             self.model.train(was_training)
         return M3Embeddings(dense=np.stack(dense).astype(np.float32) if texts else np.zeros((0, 0), np.float32),
                             sparse=sparse, colbert=colbert)
-
-
-def _max_weight_per_id(ids: Tensor, weights: Tensor) -> dict[int, float]:
-    result: dict[int, float] = {}
-    for token_id, weight in zip(ids.cpu().tolist(), weights.cpu().tolist()):
-        if weight > result.get(token_id, 0.0):
-            result[token_id] = weight
-    return result
 
 
 def _hidden_size(model: SentenceTransformer) -> int | None:
@@ -243,7 +219,13 @@ def load_m3_heads(model: SentenceTransformer, folder: str | Path | None) -> M3He
     """The heads in ``folder`` when it is an M3 model (checked against ``model``'s hidden size), else ``None``."""
     if not is_m3_model(folder):
         return None
-    return M3Heads.load(folder, hidden_size=_hidden_size(model))
+    from m3distill.students.vocabulary import read_teacher_ids
+
+    heads = M3Heads.load(folder, hidden_size=_hidden_size(model))
+    teacher_ids = read_teacher_ids(folder)
+    if teacher_ids is not None:
+        heads.teacher_token_ids = torch.from_numpy(teacher_ids)
+    return heads
 
 
 def encode_m3(model: SentenceTransformer, heads: M3Heads | None, texts: Sequence[str], *, batch_size: int = 32,
@@ -254,31 +236,6 @@ def encode_m3(model: SentenceTransformer, heads: M3Heads | None, texts: Sequence
                              convert_to_numpy=True)
         return M3Embeddings(dense=np.asarray(dense, dtype=np.float32))
     return M3Model(model, heads).encode(texts, batch_size=batch_size, show_progress=show_progress, desc=desc)
-
-
-# Scores, as FlagEmbedding computes them.
-
-def sparse_score(query: dict[int, float], document: dict[int, float]) -> float:
-    """Lexical matching score: the sum over shared token ids of the product of the two weights."""
-    if len(document) < len(query):
-        query, document = document, query
-    return float(sum(weight * document[token] for token, weight in query.items() if token in document))
-
-
-def colbert_score(query: np.ndarray, document: np.ndarray) -> float:
-    """MaxSim averaged over the query's vectors: mean over query tokens of the best dot product in the document."""
-    if len(query) == 0 or len(document) == 0:
-        return 0.0
-    return float((query @ document.T).max(axis=1).sum() / len(query))
-
-
-def hybrid_score(dense: float, sparse: float, colbert: float, weights: Sequence[float]) -> float:
-    """FlagEmbedding's hybrid score: the weighted mean of the three scores (dense, sparse, ColBERT).
-
-    FlagEmbedding divides the weighted sum by the sum of the weights; the search ranks by the weighted sum, which
-    orders the contexts of a question the same way.
-    """
-    return float((weights[0] * dense + weights[1] * sparse + weights[2] * colbert) / sum(weights))
 
 
 def attach_random_heads(folder: str | Path, *, seed: int = 0, colbert_dim: int | None = None) -> M3Heads:

@@ -223,6 +223,11 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in {id(p): p for p in model.parameters()}.values())
 
 
+def count_embedding_parameters(model: SentenceTransformer) -> int:
+    """The parameters of ``model``'s token-embedding table (vocabulary x hidden size)."""
+    return int(transformer_backbone(model).get_input_embeddings().weight.numel())
+
+
 def transformer_backbone(model: SentenceTransformer) -> torch.nn.Module:
     """The Hugging Face ``PreTrainedModel`` inside a sentence-transformers model's first module."""
     first = model[0]

@@ -17,6 +17,14 @@ the ``tokenizers`` library (no torch, transformers or sentence-transformers): it
 
 The graph outputs token embeddings (``last_hidden_state``); pooling (``1_Pooling/config.json``) and ``Normalize``
 are applied here, which is also what sentence-transformers' ONNX backend expects of such a file.
+
+The export of a student of an M3 teacher (bge-m3's sparse and ColBERT heads beside it) returns, from the same run,
+bge-m3's other two outputs as well: ``sparse_weights`` (``relu(sparse_linear(h))``, one per token) and
+``colbert_vectors`` (``colbert_linear(h[:, 1:])``, padding zeroed, normalised). :meth:`OnnxEncoder.encode_m3` turns
+them into what :func:`m3distill.encode_m3` returns (:class:`~m3distill.m3_outputs.M3Embeddings`), with numpy alone::
+
+    outputs = m3distill.onnx_encoder("runs/x/students/student-2L", "int8").encode_m3(texts)
+    outputs.dense, outputs.sparse[0], outputs.colbert[0]        # (n, dim); {token id: weight}; (tokens, dim)
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ import onnxruntime
 from tokenizers import Tokenizer
 
 from m3distill.errors import M3DistillError
+from m3distill.layout import VOCABULARY_MAP_FILE
+from m3distill.m3_outputs import UNUSED_SPECIAL_TOKENS, M3Embeddings, max_weight_per_id
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,11 @@ VARIANTS = tuple(ONNX_VARIANT_FILES)
 
 # What the graph is fed, by the names the tokenizer gives them.
 _GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# What it returns: the token embeddings, and for a student of an M3 teacher bge-m3's other two outputs.
+GRAPH_OUTPUT = "last_hidden_state"
+SPARSE_OUTPUT = "sparse_weights"
+COLBERT_OUTPUT = "colbert_vectors"
+M3_GRAPH_OUTPUTS = (GRAPH_OUTPUT, SPARSE_OUTPUT, COLBERT_OUTPUT)
 _POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 _LEGACY_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
@@ -189,6 +204,7 @@ class OnnxEncoder:
         max_seq_length: tokens per text after truncation.
         dim: the embedding dimension.
         normalize: whether embeddings are L2-normalised.
+        outputs: ``("dense",)``, or ``("dense", "sparse", "colbert")`` for the export of an M3 student.
     """
 
     def __init__(self, model_dir: str | Path, variant: str = "onnx", *, threads: int | None = None,
@@ -233,7 +249,22 @@ class OnnxEncoder:
         unknown = [name for name in self._inputs if name not in _GRAPH_INPUTS]
         if unknown or "input_ids" not in self._inputs:
             raise M3DistillError(f"{self.file} takes inputs {self._inputs}; expected some of {', '.join(_GRAPH_INPUTS)}")
-        self._output = self._session.get_outputs()[0].name
+        names = [node.name for node in self._session.get_outputs()]
+        self._output = GRAPH_OUTPUT if GRAPH_OUTPUT in names else names[0]
+        self.outputs = ("dense", "sparse", "colbert") if set(M3_GRAPH_OUTPUTS) <= set(names) else ("dense",)
+        self._unused_ids = np.array(sorted(self._special_ids()), dtype=np.int64)
+        self._teacher_ids = _teacher_token_ids(self.model_dir)
+
+    def _special_ids(self) -> set[int]:
+        """The ids FlagEmbedding leaves out of sparse weights (CLS, EOS, padding, unknown), as the tokenizer names
+        them in its config files."""
+        transformer_dir = self._spec.tokenizer_file.parent
+        named = {**(_read_json(transformer_dir / "special_tokens_map.json") or {}),
+                 **(_read_json(transformer_dir / "tokenizer_config.json") or {})}
+        ids = {self._tokenizer.token_to_id(token) for token in map(_token_text, (named.get(name)
+                                                                                  for name in UNUSED_SPECIAL_TOKENS))
+               if token}
+        return {int(token_id) for token_id in ids if token_id is not None}
 
     def _load_tokenizer(self) -> Tokenizer:
         tokenizer = Tokenizer.from_file(str(self._spec.tokenizer_file))
@@ -258,6 +289,39 @@ class OnnxEncoder:
         Texts are tokenized and truncated as the student does, sorted by length into batches of ``batch_size``
         (less padding), run through the graph, pooled and (when the student normalises) L2-normalised.
         """
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for rows, feed, mask in self._batches(texts, batch_size):
+            hidden = self._session.run([self._output], feed)[0]
+            out[rows] = self._pool(hidden.astype(np.float32, copy=False), mask)
+        return out
+
+    def encode_m3(self, texts: Sequence[str], batch_size: int = 32) -> M3Embeddings:
+        """All the outputs the export has for ``texts``, as :func:`m3distill.encode_m3` gives them for the torch
+        student: dense (as :meth:`encode`); for an M3 student also sparse (per text, the largest weight of each
+        token id above zero, CLS, EOS, padding and unknown tokens left out; a trimmed student's ids mapped to the
+        teacher's) and ColBERT (per text, one unit vector per token after the first). One graph run per batch."""
+        if self.outputs == ("dense",):
+            return M3Embeddings(dense=self.encode(texts, batch_size=batch_size))
+        dense = np.zeros((len(texts), self.dim), dtype=np.float32)
+        sparse: list[dict[int, float]] = [{} for _ in texts]
+        colbert: list[np.ndarray] = [np.zeros((0, 0), np.float32) for _ in texts]
+        for rows, feed, mask in self._batches(texts, batch_size):
+            hidden, weights, vectors = self._session.run(list(M3_GRAPH_OUTPUTS), feed)
+            dense[rows] = self._pool(hidden.astype(np.float32, copy=False), mask)
+            ids = feed["input_ids"]
+            keep = (weights > 0) & (mask > 0) & ~np.isin(ids, self._unused_ids)
+            for position, row in enumerate(rows):
+                kept_ids = ids[position][keep[position]]
+                if self._teacher_ids is not None:
+                    kept_ids = self._teacher_ids[kept_ids]
+                sparse[row] = max_weight_per_id(kept_ids.tolist(),
+                                                weights[position][keep[position]].astype(np.float32).tolist())
+                colbert[row] = np.ascontiguousarray(vectors[position][mask[position, 1:] > 0], dtype=np.float32)
+        return M3Embeddings(dense=dense, sparse=sparse, colbert=colbert)
+
+    def _batches(self, texts: Sequence[str], batch_size: int):
+        """``(rows, graph feed, attention mask)`` per batch: the texts tokenized as the student does (prompt,
+        lowercasing, truncation), sorted by length so that a batch holds little padding."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts, not one string: encode([text])")
         if batch_size < 1:
@@ -265,17 +329,14 @@ class OnnxEncoder:
         texts = [self._spec.prompt + text for text in texts]
         if self._spec.lowercase:
             texts = [text.lower() for text in texts]
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return out
+            return
         encodings = self._tokenizer.encode_batch(texts, add_special_tokens=True)
         order = sorted(range(len(texts)), key=lambda index: -len(encodings[index].ids))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             feed, mask = self._batch([encodings[index] for index in rows])
-            hidden = self._session.run([self._output], feed)[0]
-            out[rows] = self._pool(hidden.astype(np.float32, copy=False), mask)
-        return out
+            yield rows, feed, mask
 
     def _batch(self, encodings: list) -> tuple[dict[str, np.ndarray], np.ndarray]:
         length = max(len(encoding.ids) for encoding in encodings)
@@ -317,6 +378,17 @@ class OnnxEncoder:
 
     def __repr__(self) -> str:
         return f"OnnxEncoder({str(self.model_dir)!r}, {self.variant!r}, dim={self.dim})"
+
+
+def _teacher_token_ids(model_dir: Path) -> np.ndarray | None:
+    """A trimmed student's map from its token ids to the teacher's (m3distill.students.vocabulary), else None."""
+    record = _read_json(model_dir / VOCABULARY_MAP_FILE)
+    if record is None:
+        return None
+    try:
+        return np.asarray(record["teacher_ids"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as error:
+        raise M3DistillError(f"{model_dir / VOCABULARY_MAP_FILE} is not a readable vocabulary map") from error
 
 
 def read_export_record(model_dir: str | Path) -> dict[str, Any] | None:

@@ -105,6 +105,7 @@ from m3distill.metrics import (
     top_k_overlap,
 )
 from m3distill.models import (
+    count_embedding_parameters,
     count_parameters,
     load_sentence_transformer,
     load_teacher,
@@ -126,6 +127,7 @@ from m3distill.report import (
     write_report,
 )
 from m3distill.students.folder import learnt_test_contexts
+from m3distill.students.vocabulary import read_teacher_ids, tokenization_changes, vocabulary_map
 
 logger = logging.getLogger(__name__)
 
@@ -439,15 +441,17 @@ def _assemble_report(models: _Models, measured: _Measured, data: _TestData, run:
             warmup_batches=config.speed.warmup_batches, min_seconds_per_repeat=config.speed.min_seconds_per_repeat,
             order="interleaved",
         ),
-        models=_model_reports(models, measured, run.device, run.dataset_digest),
+        models=_model_reports(models, measured, run.device, run.dataset_digest, data.questions),
         pairs=measured.pair_reports,
         real_questions=measured.real_questions,
     )
 
 
-def _model_reports(models: _Models, measured: _Measured, device: str, dataset_digest: str | None) -> list[ModelReport]:
+def _model_reports(models: _Models, measured: _Measured, device: str, dataset_digest: str | None,
+                   questions: Sequence[str]) -> list[ModelReport]:
     """Each model's entry in the report, with its size on disk added to its metrics."""
     reports = []
+    teacher = models.torch[TEACHER_LABEL]
     for label in models.labels:
         metrics, layers = measured.metrics[label], measured.layers[label]
         if label in models.variants:
@@ -456,8 +460,27 @@ def _model_reports(models: _Models, measured: _Measured, device: str, dataset_di
             continue
         source = models.sources[label]
         metrics[SIZE_ON_DISK] = None if source == IN_MEMORY_SOURCE else size_on_disk(source)
-        reports.append(_describe_model(label, source, models.torch[label], layers, metrics, device, dataset_digest))
+        report = _describe_model(label, source, models.torch[label], layers, metrics, device, dataset_digest)
+        report.vocabulary = _vocabulary(models.torch[label], source, teacher, questions)
+        reports.append(report)
     return reports
+
+
+def _vocabulary(model: SentenceTransformer, source: str, teacher: SentenceTransformer,
+                questions: Sequence[str]) -> dict[str, Any] | None:
+    """A torch model's vocabulary entry in the report (see :class:`ModelReport`)."""
+    try:
+        embeddings = count_embedding_parameters(model)
+    except M3DistillError:
+        return None
+    trimmed = vocabulary_map(source) if source != IN_MEMORY_SOURCE else None
+    teacher_ids = read_teacher_ids(source) if trimmed is not None else None
+    record = {"mode": trimmed.get("mode", "trimmed") if trimmed else "full", "size": len(model.tokenizer),
+              "teacher_size": len(teacher.tokenizer), "embedding_parameters": embeddings,
+              "other_parameters": count_parameters(model) - embeddings}
+    if model is not teacher:
+        record.update(tokenization_changes(teacher.tokenizer, model.tokenizer, teacher_ids, questions))
+    return record
 
 
 def _check_report_dir(out_dir: Path) -> None:

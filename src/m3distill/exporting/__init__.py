@@ -12,6 +12,7 @@ is never shadowed by it. Importing this package does not import torch.
 """
 
 from m3distill.exporting.student import (
+    EXPORT_RECORD_FORMAT,
     ExportResult,
     VariantResult,
     check_onnx_dir_is_ours,
@@ -21,6 +22,7 @@ from m3distill.exporting.student import (
 )
 
 __all__ = [
+    "EXPORT_RECORD_FORMAT",
     "ExportResult",
     "VariantResult",
     "check_onnx_dir_is_ours",

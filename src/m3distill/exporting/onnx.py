@@ -6,6 +6,12 @@ tokenizer gives (``input_ids``, ``attention_mask`` and, for BERT-style tokenizer
 batch and sequence axes, and returns ``last_hidden_state``; pooling and normalisation stay outside the graph
 (:class:`m3distill.onnx_serving.OnnxEncoder`). It is traced on a batch that holds padding: on a batch without any,
 transformers skips the attention mask altogether and the trace would ignore it (a cosine of 0.989 instead of 1.0).
+
+A student of an M3 teacher (bge-m3's sparse and ColBERT head files beside it) is exported with its heads: the same
+graph also returns ``sparse_weights`` and ``colbert_vectors`` (see :mod:`m3distill.m3`), and the float32 graph must
+match the torch student on all three: dense mean cosine and every ColBERT vector's cosine at least
+``export.min_cosine``, sparse weights within :data:`SPARSE_TOLERANCE` with the same token ids, else nothing is
+written. The int8 graph's figures are measured and recorded.
 """
 
 from __future__ import annotations
@@ -26,13 +32,23 @@ from sentence_transformers import SentenceTransformer
 
 from m3distill.config import ExportConfig, QuantizationConfig
 from m3distill.errors import M3DistillError
+from m3distill.m3 import M3Embeddings, M3Heads, encode_m3, load_m3_heads
 from m3distill.metrics import row_cosines
 from m3distill.models import load_sentence_transformer, transformer_backbone
-from m3distill.onnx_serving import ONNX_DIR, ONNX_VARIANT_FILES, OnnxEncoder, serving_spec
+from m3distill.onnx_serving import (
+    COLBERT_OUTPUT,
+    GRAPH_OUTPUT,
+    ONNX_DIR,
+    ONNX_VARIANT_FILES,
+    SPARSE_OUTPUT,
+    OnnxEncoder,
+    serving_spec,
+)
 
 logger = logging.getLogger(__name__)
 
-GRAPH_OUTPUT = "last_hidden_state"
+# The float32 graph's sparse weights may differ from the torch student's by this much at most.
+SPARSE_TOLERANCE = 1e-4
 _GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Protobuf cannot hold an ONNX file over 2 GiB: above this many bytes of weights they go into a data file beside it.
 EXTERNAL_DATA_ABOVE_BYTES = 1_500_000_000
@@ -50,12 +66,14 @@ class BuiltVariant:
         mean_cosine: mean cosine of its embeddings to the torch student's on the verification texts.
         min_cosine: the lowest of those cosines.
         seconds: time to write and verify it.
+        m3: an M3 student's sparse and ColBERT figures against the torch student (:func:`m3_agreement`).
     """
 
     files: list[str]
     mean_cosine: float
     min_cosine: float
     seconds: float
+    m3: dict[str, float] | None = None
 
 
 def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts: list[str], *,
@@ -81,23 +99,29 @@ def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts
             f"{student_dir}: its files give max_seq_length {spec.max_seq_length} but sentence-transformers uses "
             f"{model.max_seq_length}; set max_seq_length in sentence_bert_config.json"
         )
-    reference = model.encode(texts, batch_size=config.batch_size, convert_to_numpy=True, show_progress_bar=False)
+    heads = load_m3_heads(model, student_dir)
+    m3_reference = encode_m3(model, heads, texts, batch_size=config.batch_size) if heads is not None else None
+    reference = (m3_reference.dense if m3_reference is not None else
+                 model.encode(texts, batch_size=config.batch_size, convert_to_numpy=True, show_progress_bar=False))
     threads = torch.get_num_threads()
 
     step("exporting float32")
     started = time.perf_counter()
     fp32 = out_dir / Path(ONNX_VARIANT_FILES["onnx"]).name
     external = _weights_bytes(model) > EXTERNAL_DATA_ABOVE_BYTES
-    graph_inputs = export_graph(model, fp32, opset=config.opset, external_data=external)
+    graph_inputs = export_graph(model, fp32, opset=config.opset, external_data=external, heads=heads)
     step("verifying float32")
-    mean, low = _agreement(OnnxEncoder(student_dir, "onnx", file=fp32, threads=threads), texts, reference,
-                           config.batch_size)
+    encoder = OnnxEncoder(student_dir, "onnx", file=fp32, threads=threads)
+    mean, low = _agreement(encoder, texts, reference, config.batch_size)
     if mean < config.min_cosine:
         raise M3DistillError(
             f"the ONNX export of {student_dir.name} gives a mean cosine of {mean:.6f} to the torch student (lowest "
             f"{low:.6f}), below export.min_cosine {config.min_cosine}; nothing was written"
         )
-    built = {"onnx": BuiltVariant(_files_of(fp32, out_dir), mean, low, time.perf_counter() - started)}
+    m3 = m3_agreement(encoder, texts, m3_reference, config.batch_size) if m3_reference is not None else None
+    if m3 is not None:
+        _check_m3_agreement(student_dir, m3, config.min_cosine)
+    built = {"onnx": BuiltVariant(_files_of(fp32, out_dir), mean, low, time.perf_counter() - started, m3)}
     logger.info("%s: float32 ONNX export, mean cosine %.7f (lowest %.7f) to the torch student", student_dir.name,
                 mean, low)
 
@@ -107,9 +131,10 @@ def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts
         int8 = out_dir / Path(ONNX_VARIANT_FILES["int8"]).name
         quantize_int8(fp32, int8, config.quantization, external_data=external)
         step("verifying int8")
-        mean, low = _agreement(OnnxEncoder(student_dir, "int8", file=int8, threads=threads), texts, reference,
-                               config.batch_size)
-        built["int8"] = BuiltVariant(_files_of(int8, out_dir), mean, low, time.perf_counter() - started)
+        encoder = OnnxEncoder(student_dir, "int8", file=int8, threads=threads)
+        mean, low = _agreement(encoder, texts, reference, config.batch_size)
+        m3 = m3_agreement(encoder, texts, m3_reference, config.batch_size) if m3_reference is not None else None
+        built["int8"] = BuiltVariant(_files_of(int8, out_dir), mean, low, time.perf_counter() - started, m3)
         logger.info("%s: int8 ONNX export, mean cosine %.5f (lowest %.5f) to the torch student", student_dir.name,
                     mean, low)
     if "onnx" not in config.variants:  # written only to quantise and verify from
@@ -118,6 +143,7 @@ def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts
     facts = {
         "graph_inputs": graph_inputs,
         "graph_output": GRAPH_OUTPUT,
+        "graph_outputs": [GRAPH_OUTPUT, SPARSE_OUTPUT, COLBERT_OUTPUT] if heads is not None else [GRAPH_OUTPUT],
         "opset": config.opset,
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         "max_seq_length": spec.max_seq_length,
@@ -127,6 +153,37 @@ def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts
         "external_data": external,
     }
     return built, facts
+
+
+def m3_agreement(encoder: OnnxEncoder, texts: list[str], reference: M3Embeddings,
+                 batch_size: int) -> dict[str, float]:
+    """How close an export's sparse and ColBERT outputs are to the torch student's (``reference``) on ``texts``:
+    the largest sparse weight difference (a token id one side lacks counts as weight 0), the share of texts whose
+    sparse token ids are the same, and the lowest and mean cosine of ColBERT vectors of the same token."""
+    found = encoder.encode_m3(texts, batch_size=batch_size)
+    differences, same_ids, cosines = [0.0], 0, []
+    for mine, theirs in zip(found.sparse, reference.sparse):
+        same_ids += mine.keys() == theirs.keys()
+        differences += [abs(mine.get(token, 0.0) - theirs.get(token, 0.0)) for token in mine.keys() | theirs.keys()]
+    for mine, theirs in zip(found.colbert, reference.colbert):
+        if mine.shape != theirs.shape:
+            cosines.append(0.0)  # a vector too many or too few: as far from the student as it gets
+        elif len(mine):
+            cosines += row_cosines(mine, theirs).tolist()
+    return {"sparse_max_abs_diff": float(max(differences)), "sparse_same_ids": same_ids / max(len(texts), 1),
+            "colbert_min_cosine": float(min(cosines, default=1.0)),
+            "colbert_mean_cosine": float(np.mean(cosines)) if cosines else 1.0}
+
+
+def _check_m3_agreement(student_dir: Path, m3: dict[str, float], min_cosine: float) -> None:
+    if (m3["sparse_max_abs_diff"] > SPARSE_TOLERANCE or m3["sparse_same_ids"] < 1.0
+            or m3["colbert_min_cosine"] < min_cosine):
+        raise M3DistillError(
+            f"the ONNX export of {student_dir.name} departs from the torch student's M3 outputs: sparse weights up to "
+            f"{m3['sparse_max_abs_diff']:.2e} apart (tolerance {SPARSE_TOLERANCE:g}), the same token ids in "
+            f"{m3['sparse_same_ids']:.1%} of the texts, ColBERT cosine down to {m3['colbert_min_cosine']:.6f} "
+            f"(export.min_cosine {min_cosine}); nothing was written"
+        )
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
@@ -158,9 +215,24 @@ class _Encoder(torch.nn.Module):
         return self.backbone(**{name: inputs[name] for name in self.input_names}).last_hidden_state
 
 
-def export_graph(model: SentenceTransformer, out_file: Path, *, opset: int, external_data: bool = False) -> list[str]:
+class _M3Encoder(_Encoder):
+    """The encoder plus an M3 student's heads: ``-> (last_hidden_state, sparse_weights, colbert_vectors)``."""
+
+    def __init__(self, backbone: torch.nn.Module, input_names: list[str], heads: M3Heads) -> None:
+        super().__init__(backbone, input_names)
+        self.heads = heads
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden = super().forward(input_ids, attention_mask, token_type_ids)
+        return hidden, self.heads.sparse_weights(hidden), self.heads.colbert_vectors(hidden, attention_mask)
+
+
+def export_graph(model: SentenceTransformer, out_file: Path, *, opset: int, external_data: bool = False,
+                 heads: M3Heads | None = None) -> list[str]:
     """Export ``model``'s encoder to ``out_file`` (weights in ``<name>.data`` beside it when ``external_data``);
-    returns the graph's input names, those the model's tokenizer gives."""
+    returns the graph's input names, those the model's tokenizer gives. With ``heads`` (an M3 student's) the graph
+    also returns the sparse weights and the ColBERT vectors."""
     backbone = transformer_backbone(model)
     accepted = set(inspect.signature(backbone.forward).parameters)
     features = model.preprocess(list(_TRACE_TEXTS))
@@ -172,10 +244,11 @@ def export_graph(model: SentenceTransformer, out_file: Path, *, opset: int, exte
     if bool(example[1].all()):  # cannot happen with _TRACE_TEXTS; without padding the trace would drop the mask
         raise RuntimeError("the trace batch holds no padding")
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    wrapper = _Encoder(backbone, names).eval()
+    wrapper = (_Encoder(backbone, names) if heads is None else _M3Encoder(backbone, names, heads)).eval()
+    outputs = [GRAPH_OUTPUT] if heads is None else [GRAPH_OUTPUT, SPARSE_OUTPUT, COLBERT_OUTPUT]
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
-            wrapper, example, dynamo=True, input_names=names, output_names=[GRAPH_OUTPUT], opset_version=opset,
+            wrapper, example, dynamo=True, input_names=names, output_names=outputs, opset_version=opset,
             dynamic_shapes={name: {0: batch, 1: sequence} for name in names}, verbose=False, optimize=True,
         )
     program.save(out_file, external_data=external_data)  # torch names the data file <name>.data

@@ -45,7 +45,7 @@ from m3distill.onnx_serving import (
 
 logger = logging.getLogger(__name__)
 
-EXPORT_RECORD_FORMAT = 1
+EXPORT_RECORD_FORMAT = 2  # 2: an M3 student's graph returns its sparse and ColBERT outputs too
 # Long texts stop here when the student's limit is so high that one text of that length would cost more to verify
 # than the rest together (bge-m3: 8192 tokens).
 _LONG_TEXT_TOKENS_CAP = 1024
@@ -206,7 +206,8 @@ def write_export(student_dir: str | Path, config: ExportConfig, fingerprint: Fin
                 "student": fingerprint.parts.get("student" + CONTENTS),
                 **fingerprint.to_record(),
                 **facts,
-                "outputs": ["dense"],  # the sparse and ColBERT heads of an M3 student stay in torch
+                # An M3 student's graph returns its sparse and ColBERT outputs too (m3distill.exporting.onnx).
+                "outputs": ["dense", "sparse", "colbert"] if len(facts["graph_outputs"]) > 1 else ["dense"],
                 "m3_heads": is_m3_model(student_dir),
                 "verify_texts": len(verify_on),
                 "seconds": round(time.perf_counter() - started, 2),
@@ -219,6 +220,7 @@ def write_export(student_dir: str | Path, config: ExportConfig, fingerprint: Fin
                         "mean_cosine_vs_torch": variant.mean_cosine,
                         "min_cosine_vs_torch": variant.min_cosine,
                         "seconds": round(variant.seconds, 2),
+                        **({"m3_vs_torch": variant.m3} if variant.m3 is not None else {}),
                         **({"quantization": settings_record(config.quantization)} if name == "int8" else {}),
                     }
                     for name, variant in built.items()

@@ -97,6 +97,7 @@ def render_markdown(report: Report, plot_files: dict[str, str]) -> str:
               ""]
     lines += _m3_alignment_sections(report)
     lines += _speed_section(report)
+    lines += _vocabulary_section(report)
     lines += _serving_section(report)
     if plot_files:
         lines += ["## Plots", ""]
@@ -285,6 +286,31 @@ def _speed_section(report: Report) -> list[str]:
         "",
     ]
     return lines
+
+
+def _vocabulary_section(report: Report) -> list[str]:
+    models = [model for model in report.models if model.vocabulary]
+    if not any(model.vocabulary.get("mode", "full") != "full" for model in models):
+        return []  # every model has the teacher's vocabulary: the speed table's parameters say it all
+    lines = ["## Vocabulary", ""]
+    lines += _table(
+        ["model", "vocabulary", "tokens", "embedding parameters", "other parameters", "question tokens not kept",
+         "questions tokenized as the teacher's"],
+        [[model.name, str(vocabulary.get("mode")),
+          f"{_integer(vocabulary.get('size'))} of {_integer(vocabulary.get('teacher_size'))}",
+          _integer(vocabulary.get("embedding_parameters")), _integer(vocabulary.get("other_parameters")),
+          _fraction(vocabulary.get("changed_token_share")) if model.role == "student" else "",
+          _fraction(vocabulary.get("identical_text_share")) if model.role == "student" else ""]
+         for model in models for vocabulary in [model.vocabulary]],
+    )
+    return lines + [
+        "",
+        ("A trimmed student (`students.vocabulary`) keeps the tokens its training texts use (and with "
+         "corpus+languages every token of their scripts), renumbered; its sparse weights are reported under the "
+         "teacher's token ids. *Question tokens not kept*: the share of the teacher's tokens of the test questions "
+         "that the student lacks, each split into smaller kept pieces."),
+        "",
+    ]
 
 
 def _serving_section(report: Report) -> list[str]:

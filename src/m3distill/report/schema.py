@@ -190,6 +190,10 @@ class ModelReport(_ReportPart):
     # A student whose training learnt the test split's contexts (training.all_contexts; never the test questions).
     # None for the teacher and for a folder that does not say (a student from before this field, not m3distill's).
     learnt_test_contexts: bool | None = None
+    # The model's token vocabulary (torch models; see m3distill.students.vocabulary): mode, size, the teacher's size,
+    # parameters split into token embeddings and the rest, and on the test questions the share of the teacher's
+    # tokens the model lacks and the share of questions tokenized as the teacher tokenizes them.
+    vocabulary: dict[str, Any] | None = None
 
     @property
     def is_variant(self) -> bool:

@@ -62,6 +62,10 @@ def export_status(student_dir: str | Path, config: ExportConfig) -> StageStatus:
     if any(variant not in listed or not all((student_dir / name).is_file() for name in listed[variant].get("files", []))
            for variant in config.variants):
         return StageStatus("missing")
+    from m3distill.exporting import EXPORT_RECORD_FORMAT
+
+    if record.get("format") != EXPORT_RECORD_FORMAT:  # format 1 left an M3 student's sparse and ColBERT outputs out
+        return StageStatus("stale", f"the export was made by an earlier m3distill (record format {record.get('format')})")
     fingerprint = export_fingerprint(student_dir, config)
     if record.get("fingerprint") == fingerprint.digest:
         return StageStatus("current")

@@ -70,6 +70,7 @@ from m3distill.m3 import (
 )
 from m3distill.metrics import row_cosines, sparse_alignment_metrics
 from m3distill.models import (
+    count_embedding_parameters,
     count_parameters,
     load_teacher,
     local_model_folder,
@@ -77,6 +78,13 @@ from m3distill.models import (
     process_device,
 )
 from m3distill.students.build import build_student
+from m3distill.students.vocabulary import (
+    VocabularyChoice,
+    choose_vocabulary,
+    full_vocabulary_record,
+    trim_student,
+    write_vocabulary_map,
+)
 from m3distill.students.folder import (
     CHECKPOINTS_DIRNAME,
     LOGS_DIRNAME,
@@ -324,6 +332,7 @@ class _TrainingJob:
     training: TrainingConfig
     search_settings: StudentsConfig
     show_progress: bool
+    vocabulary: VocabularyChoice | None = None  # the students' trimmed vocabulary (students.vocabulary)
     _teacher_dev_outputs: M3Embeddings | None = None
 
     @classmethod
@@ -344,11 +353,16 @@ class _TrainingJob:
                             seed=training.seed)
         _schedule(training, len(train_texts))
         resolve_precision(training.precision, teacher_model.device, bf16_on_cpu=True)
+        vocabulary = None
+        if search_settings.vocabulary != "full":  # trimmed before training, so the students learn their tokenization
+            vocabulary = choose_vocabulary(teacher_model.tokenizer, train_texts, search_settings.vocabulary,
+                                           budget=search_settings.vocabulary_budget)
         return cls(
             dataset=dataset, cache=cache, teacher_model=teacher_model, teacher_heads=teacher_heads,
             teacher_heads_sha256=head_files_sha256(teacher_folder) if teacher_heads is not None else None,
             fingerprint=fingerprint.to_dict(), train_texts=train_texts, train_embeddings=cache.get(train_texts),
             dev=dev, training=training, search_settings=search_settings, show_progress=show_progress,
+            vocabulary=vocabulary,
         )
 
     def train(self, plan: LayerPlan, student_dir: Path, *, resume: bool) -> StudentResult:
@@ -396,13 +410,20 @@ class _TrainingJob:
     def _untrained_student(self, layers: list[int]) -> tuple[SentenceTransformer, M3Heads | None]:
         """The teacher's embeddings and ``layers``, and (an M3 teacher only) its heads, which train with them."""
         student = build_student(self.teacher_model, layers)
+        if self.vocabulary is not None:
+            trim_student(student, self.vocabulary)
         student.max_seq_length = self.training.max_seq_length or self.fingerprint["max_seq_length"]
         if self.training.dropout is not None:
             set_dropout(student, self.training.dropout)
         heads = copy.deepcopy(self.teacher_heads).to(student.device) if self.teacher_heads is not None else None
         if heads is not None:
             heads.requires_grad_(True)
+            heads.teacher_token_ids = self._teacher_token_ids()
         return student, heads
+
+    def _teacher_token_ids(self) -> torch.Tensor | None:
+        """The teacher's id of each of a trimmed student's token ids (None for the full vocabulary)."""
+        return torch.tensor(self.vocabulary.kept_ids, dtype=torch.long) if self.vocabulary is not None else None
 
     def _last_checkpoint(self, plan: LayerPlan, student_dir: Path, resume: bool, precision: str) -> str | None:
         """The checkpoint to resume from (with ``resume``); logs the plan's budget too."""
@@ -485,7 +506,7 @@ class _TrainingJob:
         online = needs_online_teacher(config, has_heads=heads is not None)
         return DistillationLoss(student, config, anchors=anchors, teacher=self.teacher_model if online else None,
                                 heads=heads, teacher_heads=self.teacher_heads if heads is not None else None,
-                                teacher_precision=precision)
+                                teacher_precision=precision, teacher_token_ids=self._teacher_token_ids())
 
     def _layers(self, plan: LayerPlan, student_dir: Path, *, resume: bool, write: bool) -> tuple[list[int], dict | None]:
         """The plan's layers; for a search, the recorded choice when resuming, else a fresh search.
@@ -580,7 +601,10 @@ class _TrainingJob:
             "strategy": plan.strategy,
             "search": search,
             "teacher": self.fingerprint,
-            "parameters": {"student": count_parameters(student), "teacher": count_parameters(self.teacher_model)},
+            "parameters": {"student": count_parameters(student), "teacher": count_parameters(self.teacher_model),
+                           "student_embeddings": count_embedding_parameters(student)},
+            "vocabulary": (self.vocabulary.record() if self.vocabulary is not None
+                           else full_vocabulary_record(self.teacher_model.tokenizer)),
             "outputs": list(M3_OUTPUTS if self.teacher_heads is not None else M3_OUTPUTS[:1]),
             "data": {
                 "dataset": str(self.dataset.root),
@@ -637,6 +661,8 @@ class _TrainingJob:
             model.save(str(tmp), create_model_card=False)
             if heads is not None:
                 heads.save(tmp)
+            if self.vocabulary is not None:
+                write_vocabulary_map(tmp, self.vocabulary)
             for kept in (LOGS_DIRNAME, CHECKPOINTS_DIRNAME if self.training.keep_checkpoints else None):
                 if kept and (student_dir / kept).is_dir():
                     shutil.copytree(student_dir / kept, tmp / kept)

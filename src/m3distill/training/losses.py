@@ -52,6 +52,8 @@ class DistillationLoss(nn.Module):
         teacher_precision: what the online teacher computes in: the training's resolved precision (``fp32``,
             ``bf16`` or ``fp16``), so that it runs under the same autocast as the student's forward pass, which the
             Trainer wraps (the loss's own code runs outside it).
+        teacher_token_ids: a student with a trimmed vocabulary: the teacher's id of each of its token ids, through
+            which the online teacher reads the student's batches (None: the same vocabulary).
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class DistillationLoss(nn.Module):
         heads: M3Heads | None = None,
         teacher_heads: M3Heads | None = None,
         teacher_precision: str = "fp32",
+        teacher_token_ids: Tensor | None = None,
     ) -> None:
         super().__init__()
         if config.anchor_kl > 0 and (anchors is None or len(anchors) == 0):
@@ -81,6 +84,7 @@ class DistillationLoss(nn.Module):
         # Not frozen with requires_grad_(False): students are deep copies of the teacher and would inherit it.
         self._teacher = (teacher, teacher_heads)
         self.teacher_precision = teacher_precision
+        self.teacher_token_ids = teacher_token_ids
         for frozen in self._teacher:
             if frozen is not None:
                 frozen.eval()
@@ -125,8 +129,12 @@ class DistillationLoss(nn.Module):
         """The online-teacher terms: hidden states, sparse weights and ColBERT vectors, token by token."""
         config, (teacher, teacher_heads) = self.config, self._teacher
         attention = features["attention_mask"]
+        teacher_features = dict(features)
+        if self.teacher_token_ids is not None:
+            ids = features["input_ids"]
+            teacher_features["input_ids"] = self.teacher_token_ids.to(ids.device)[ids]
         with torch.no_grad(), compute_precision(self.teacher_precision, student_tokens.device):
-            teacher_tokens = teacher(dict(features))["token_embeddings"].to(student_tokens.dtype)
+            teacher_tokens = teacher(teacher_features)["token_embeddings"].to(student_tokens.dtype)
         mask = attention.to(student_tokens.dtype)
         loss = student_tokens.new_zeros(())
         if config.token:

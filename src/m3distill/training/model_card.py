@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from m3distill.layout import VOCABULARY_MAP_FILE
+
 _METRICS = (
     ("teacher_p@10", "top-10 agreement with the teacher (dev questions among dev + train contexts)", "{:.4f}"),
     ("mse", "MSE to the teacher (per dimension)", "{:.6f}"),
@@ -176,6 +178,22 @@ def _search_section(search: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _vocabulary_rows(vocabulary: dict[str, Any] | None, params: dict[str, Any]) -> list[str]:
+    if not vocabulary:
+        return []
+    size, teacher_size = vocabulary["size"], vocabulary["teacher_size"]
+    rows = [f"| vocabulary | {size:,} tokens of the teacher's {teacher_size:,} ({vocabulary['mode']}"
+            + (f", budget {vocabulary['budget']:,}" if vocabulary.get("budget") else "")
+            + (f"; scripts {', '.join(vocabulary['scripts'])}" if vocabulary.get("scripts") else "") + ") |"]
+    if params.get("student_embeddings") is not None:
+        rows.append(f"| token-embedding parameters | {params['student_embeddings']:,} "
+                    f"(other parameters {params['student'] - params['student_embeddings']:,}) |")
+    if vocabulary["mode"] != "full":
+        rows.append(f"| token ids | renumbered; `{VOCABULARY_MAP_FILE}` holds the teacher's id of each (sparse "
+                    "weights are reported under the teacher's ids) |")
+    return rows
+
+
 def student_model_card(metadata: dict[str, Any]) -> str:
     """Markdown model card for a student; ``metadata`` is what goes into ``m3distill_student.json``."""
     teacher = metadata["teacher"]
@@ -216,6 +234,7 @@ def student_model_card(metadata: dict[str, Any]) -> str:
         f"{(teacher['files_sha256'] or 'n/a')[:16]}) |",
         f"| kept layers | {layers} of the teacher's |",
         f"| parameters | {params['student']:,} (teacher {params['teacher']:,}, {params['student'] / params['teacher']:.1%}) |",
+        *_vocabulary_rows(metadata.get("vocabulary"), params),
         f"| embedding dimension | {teacher['dim']} |",
         f"| max sequence length | {settings['max_seq_length']} |",
         "",

@@ -62,4 +62,8 @@ def plan_spec(n_layers: int, strategy: str, layers: Any, students: Any) -> dict[
     if strategy == "search":
         spec.update(search_candidates=students.search_candidates, search_steps=students.search_steps,
                     search_dev_texts=students.search_dev_texts)
+    # A trimmed vocabulary is part of what the student is; "full" adds nothing, so earlier students stay current.
+    vocabulary = getattr(students, "vocabulary", "full")
+    if vocabulary != "full":
+        spec.update(vocabulary=vocabulary, vocabulary_budget=students.vocabulary_budget)
     return spec
