@@ -2,6 +2,7 @@
 
     python benchmarks/m3_heads.py                       # 300 steps per student, work folder in /tmp
     python benchmarks/m3_heads.py --max-steps 600 --work /tmp/m3-heads
+    python benchmarks/m3_heads.py --serving --work /tmp/m3-heads   # + the trained student's ONNX fp32 / int8 exports
 
 On the bundled sample corpus with the M3 test teacher (the packaged all-MiniLM-L6-v2 plus seeded random bge-m3
 heads, :func:`m3distill.m3.make_m3_test_teacher`), it trains two 2-of-6-layer students at the same step budget,
@@ -16,6 +17,13 @@ and, for each model, searches the test questions among all contexts with qdrant-
 dense, sparse, ColBERT (MaxSim) and hybrid (1 : 0.3 : 1). It prints P@10 and P@50 against the teacher's top-k per
 output, MRR@10 as a share of the teacher's, and the training cost: seconds per step with the cached teacher
 embeddings alone and with the online teacher.
+
+With ``--serving`` the ``+ head losses`` student is exported (``m3distill export``: one ONNX graph returning all three
+outputs, float32 and int8) and its exports are searched the same way, beside the torch student: P@10 against the
+teacher and against the torch student itself per output, and texts/s for producing all three outputs at once
+(``encode_m3`` in torch, ``onnx_encoder(...).encode_m3`` in onnxruntime) for the teacher, the torch student and both
+exports, timed in one run, the models taking turns in each repeat; the speed-up is the median of the per-repeat
+ratios to the teacher, with their range.
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="working folder (default: a new temporary folder)")
     parser.add_argument("--max-steps", type=int, default=300, help="step budget of each student")
     parser.add_argument("--layers", default="0,5", help="teacher layers the student keeps")
+    parser.add_argument("--serving", action="store_true", help="also the ONNX exports of the trained student")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each model (--serving)")
+    parser.add_argument("--speed-texts", type=int, default=256, help="texts timed per repeat (--serving)")
     args = parser.parse_args(argv)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="m3distill-m3-heads-"))
@@ -97,9 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     n = len(questions)
     backend = EdgeSearchBackend()
     tops, mrrs = {}, {}
-    for label, folder in {"teacher": teacher_dir, **students}.items():
-        model = load_sentence_transformer(folder, device="cpu", max_seq_length=config.training.max_seq_length)
-        encoded = encode_m3(model, load_m3_heads(model, folder), texts, batch_size=64)
+    encoders = {label: _torch_encoder(folder, config.training.max_seq_length)
+                for label, folder in {"teacher": teacher_dir, **students}.items()}
+    served = {}
+    if args.serving:
+        served = _exports(students["+ head losses (default)"], work, config.training.max_seq_length)
+        encoders.update(served)
+    for label, encode in encoders.items():
+        encoded = encode(texts, 64)
         tops[label] = backend.search_m3(label, encoded.rows(slice(n, None)), encoded.rows(slice(0, n)), 50, OUTPUTS)
         mrrs[label] = {output: ground_truth_metrics(top, own, [10], output)[mrr_metric(output)]
                        for output, top in tops[label].items()}
@@ -122,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             share = mrrs[name][output] / mrrs["teacher"][output]
             rows.append({"student": name, "output": output, "p@10": p10, "p@50": p50, "mrr_share": share})
             print(f"| {name} | {output} | {p10:.3f} | {p50:.3f} | {share:.1%} |")
+    if served:
+        _serving_tables(tops, mrrs, encoders, texts[:args.speed_texts], args.repeats)
     print("\n| student | seconds per step | minutes | teacher per step |")
     print("|---|---:|---:|---|")
     for name, folder in students.items():
@@ -131,6 +151,65 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {training['seconds_per_step']:.3f} | {training['train_seconds'] / 60:.1f} | {online} |")
     (work / "m3_heads.json").write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def _torch_encoder(folder: Path, max_seq_length: int | None):
+    model = load_sentence_transformer(folder, device="cpu", max_seq_length=max_seq_length)
+    heads = load_m3_heads(model, folder)
+    return lambda texts, batch_size: encode_m3(model, heads, texts, batch_size=batch_size)
+
+
+def _exports(student: Path, work: Path, max_seq_length: int | None) -> dict:
+    """The student's float32 and int8 exports (one graph: all three outputs) as encoders, by label."""
+    from m3distill import export_student
+    from m3distill.config import ExportConfig
+    from m3distill.onnx_serving import OnnxEncoder
+
+    folder = work / "exports" / student.name
+    if not folder.is_dir():
+        shutil.copytree(student, folder, ignore=shutil.ignore_patterns("onnx", "checkpoint*"))
+    result = export_student(folder, ExportConfig(enabled=True), show_progress=False)
+    print(result.line(), file=sys.stderr)
+    for variant, entry in result.record["variants"].items():
+        print(f"{variant} vs torch: {json.dumps(entry.get('m3_vs_torch'))}", file=sys.stderr)
+    encoders = {}
+    for variant, title in (("onnx", "ONNX fp32"), ("int8", "ONNX int8")):
+        encoder = OnnxEncoder(folder, variant, max_seq_length=max_seq_length)
+        encoders[f"student {title}"] = lambda texts, batch_size, encoder=encoder: encoder.encode_m3(
+            texts, batch_size=batch_size)
+    return encoders
+
+
+def _serving_tables(tops: dict, mrrs: dict, encoders: dict, texts: list[str], repeats: int) -> None:
+    torch_student = "+ head losses (default)"
+    labels = ["teacher", torch_student, *[label for label in encoders if label.startswith("student ")]]
+    print("\n| model | output | P@10 vs teacher | P@10 vs torch student | MRR@10 / teacher's |")
+    print("|---|---|---:|---:|---:|")
+    for label in labels[1:]:
+        for output in OUTPUTS:
+            rule = "miss" if output == "dense" else M3_OVERLAP_SHORT_LISTS
+            p10 = top_k_overlap(tops[label][output], tops["teacher"][output], 10, short_lists=rule)
+            own = top_k_overlap(tops[label][output], tops[torch_student][output], 10, short_lists=rule)
+            share = mrrs[label][output] / mrrs["teacher"][output]
+            name = "torch student" if label == torch_student else label
+            print(f"| {name} | {output} | {p10:.3f} | {own:.3f} | {share:.1%} |")
+    seconds: dict[str, list[float]] = {label: [] for label in labels}
+    for label in labels:  # warm-up
+        encoders[label](texts[:32], 32)
+    for _ in range(repeats):
+        for label in labels:
+            started = time.perf_counter()
+            encoders[label](texts, 32)
+            seconds[label].append(time.perf_counter() - started)
+    print(f"\nall three outputs at once, {len(texts)} texts in batches of 32, {repeats} interleaved repeats "
+          f"({os.cpu_count()} CPU cores)\n")
+    print("| model | texts/s | speed-up vs teacher (min-max) |")
+    print("|---|---:|---|")
+    for label in labels:
+        rate = len(texts) / float(np.median(seconds[label]))
+        ratios = [teacher / mine for teacher, mine in zip(seconds["teacher"], seconds[label])]
+        name = "torch student" if label == torch_student else label
+        print(f"| {name} | {rate:.0f} | {np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
 
 
 if __name__ == "__main__":

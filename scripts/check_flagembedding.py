@@ -10,6 +10,10 @@ the ColBERT vectors, plus the three FlagEmbedding scores of neighbouring text pa
 is above the tolerance.
 
     python scripts/check_flagembedding.py MODEL_DIR [MODEL_DIR ...] [--venv PATH] [--texts N] [--tolerance T]
+    python scripts/check_flagembedding.py STUDENT_DIR --variant onnx     # its ONNX export (m3distill export) instead
+
+With ``--variant onnx`` or ``int8`` m3distill's side is the folder's ONNX export, served by
+``m3distill.onnx_encoder(folder, variant).encode_m3`` (onnxruntime), against ``BGEM3FlagModel`` on the torch folder.
 
 The venv is built on first use (torch CPU first, so pip never pulls a CUDA build) and reused afterwards; a
 marker file inside it records the recipe, and a venv built from another recipe is rebuilt beside it and swapped
@@ -252,8 +256,9 @@ class Encoded:
     score_source: str = "m3distill.m3"
 
 
-def encode_with_m3distill(folder: Path, texts: list[str]) -> tuple[Encoded, int]:
-    """m3distill's outputs for ``texts``, and the model's max_seq_length (both sides truncate there)."""
+def encode_with_m3distill(folder: Path, texts: list[str], variant: str = "torch") -> tuple[Encoded, int]:
+    """m3distill's outputs for ``texts`` (the torch folder's, or its ONNX export's ``variant``), and the model's
+    max_seq_length (both sides truncate there)."""
     from m3distill.errors import M3DistillError
     from m3distill.m3 import colbert_score, encode_m3, load_m3_heads, sparse_score
     from m3distill.models import load_sentence_transformer
@@ -261,11 +266,20 @@ def encode_with_m3distill(folder: Path, texts: list[str]) -> tuple[Encoded, int]
     try:
         model = load_sentence_transformer(folder, device="cpu")
         heads = load_m3_heads(model, folder)
+        if heads is None:
+            raise CheckError(f"{folder} is not an M3 model")
+        if variant == "torch":
+            out = encode_m3(model, heads, texts, batch_size=16)
+        else:
+            from m3distill.onnx_serving import onnx_encoder
+
+            encoder = onnx_encoder(folder, variant)
+            if encoder.outputs != ("dense", "sparse", "colbert"):
+                raise CheckError(f"the {variant} export of {folder} has the dense output alone: export it again with "
+                                 "this m3distill (m3distill export --force)")
+            out = encoder.encode_m3(texts, batch_size=16)
     except M3DistillError as error:
         raise CheckError(str(error)) from error
-    if heads is None:
-        raise CheckError(f"{folder} is not an M3 model")
-    out = encode_m3(model, heads, texts, batch_size=16)
     scores = {"dense": [], "sparse": [], "colbert": []}
     for i in range(len(texts) - 1):
         scores["dense"].append(float(out.dense[i] @ out.dense[i + 1]))
@@ -294,6 +308,12 @@ def encode_with_flagembedding(python: Path, folder: Path, texts: list[str], sett
     ends = np.cumsum(arrays["colbert_lengths"])
     colbert = [arrays["colbert"][end - length : end] for end, length in zip(ends, arrays["colbert_lengths"])]
     sparse = [{int(token): weight for token, weight in weights.items()} for weights in data["sparse"]]
+    # BGEM3FlagModel keys a trimmed student's sparse weights by the student's own token ids; m3distill reports them
+    # under the teacher's (m3distill_vocabulary.json): compare under the teacher's.
+    vocabulary = folder / "m3distill_vocabulary.json"
+    if vocabulary.is_file():
+        teacher_ids = json.loads(vocabulary.read_text(encoding="utf-8"))["teacher_ids"]
+        sparse = [{teacher_ids[token]: weight for token, weight in weights.items()} for weights in sparse]
     return Encoded(arrays["dense"], sparse, colbert, data["scores"], data["score_source"])
 
 
@@ -342,14 +362,14 @@ def compare(ours: Encoded, flag: Encoded) -> list[tuple[str, float, float, str]]
     return rows
 
 
-def check_model(folder: Path, python: Path, texts: list[str], tolerance: float) -> bool:
+def check_model(folder: Path, python: Path, texts: list[str], tolerance: float, variant: str = "torch") -> bool:
     """Print the comparison table of one model; True when every difference is within ``tolerance``."""
     settings = folder_settings(folder)
-    ours, max_length = encode_with_m3distill(folder, texts)
+    ours, max_length = encode_with_m3distill(folder, texts, variant)
     flag = encode_with_flagembedding(python, folder, texts, settings, max_length)
     rows = compare(ours, flag)
-    print(f"\n{folder}  (pooling {settings.pooling}, normalize {settings.normalize}, max_length {max_length}, "
-          f"{len(texts)} texts)")
+    print(f"\n{folder}  (m3distill side: {variant}; pooling {settings.pooling}, normalize {settings.normalize}, "
+          f"max_length {max_length}, {len(texts)} texts)")
     print(f"  FlagEmbedding scores from: {flag.score_source}")
     print(f"  {'quantity':<16} {'max |diff|':>11}  {'ok':<4} note")
     passed = True
@@ -368,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"largest allowed absolute difference, times max(1, |score|) for the scores "
                              f"(default {DEFAULT_TOLERANCE:g})")
+    parser.add_argument("--variant", choices=("torch", "onnx", "int8"), default="torch",
+                        help="m3distill's side: the torch folder (default) or its ONNX export's float32 / int8 graph")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -375,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         for folder in args.models:
             folder_settings(folder)  # fail on a wrong folder before a venv build of minutes
         python = ensure_venv(args.venv.expanduser())
-        results = [check_model(folder, python, texts, args.tolerance) for folder in args.models]
+        results = [check_model(folder, python, texts, args.tolerance, args.variant) for folder in args.models]
     except CheckError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

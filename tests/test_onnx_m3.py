@@ -63,6 +63,7 @@ def test_an_m3_students_graph_returns_all_three_outputs_as_the_torch_student_doe
     assert fp32["sparse_max_abs_diff"] <= 1e-4 and fp32["sparse_same_ids"] == 1.0
     assert fp32["colbert_min_cosine"] >= 0.9999
     assert set(record["variants"]["int8"]["m3_vs_torch"]) == set(fp32)
+    assert ".encode_m3(" in (exported_m3 / "README.md").read_text(encoding="utf-8")  # the card says how
 
     texts = ["How do I install a package?", "Wie ändere ich das Passwort?", "", LONG_TEXT]
     reference = _torch_outputs(exported_m3, texts)
@@ -143,3 +144,32 @@ def test_a_dense_only_students_export_is_unchanged(minilm_teacher, tmp_path):
     encoder = m3distill.onnx_encoder(folder)
     outputs = encoder.encode_m3(["a text"])
     assert encoder.outputs == ("dense",) and outputs.sparse is None and outputs.dense.shape == (1, 384)
+
+
+def test_a_trained_m3_student_loads_its_colbert_output_in_sentence_transformers_multi_vector_encoder(
+        m3_teacher_path, small_dataset, tmp_path):
+    from sentence_transformers import MultiVectorEncoder
+
+    from m3distill.config import StudentsConfig, TeacherConfig, TrainingConfig
+    from m3distill.evaluation.speed import size_on_disk
+    from m3distill.teacher.cache import build_teacher_cache
+    from m3distill.training import distil_students
+
+    teacher = TeacherConfig(model=str(m3_teacher_path), device="cpu")
+    build_teacher_cache(small_dataset, teacher, tmp_path / "cache", show_progress=False)
+    training = TrainingConfig(max_steps=2, save_steps=2, eval_steps=2, batch_size=8, max_dev_texts=20,
+                              early_stopping_patience=None)
+    [result] = distil_students(small_dataset, tmp_path / "cache", teacher=teacher,
+                               students=StudentsConfig(layers=[1]), training=training, out_dir=tmp_path / "students",
+                               show_progress=False)
+    texts = ["How do I install a package?", "Wie ändere ich das Passwort?", ""]
+    reference = _torch_outputs(result.path, texts)
+    native = MultiVectorEncoder(str(result.path / "multi_vector"), device="cpu").encode(texts)
+    for mine, theirs in zip(native, reference.colbert):
+        np.testing.assert_allclose(np.asarray(mine), theirs, atol=1e-6)
+    # The encoder weights are shared with the student's (a hard link): counted once in the student's size, beside the
+    # ColBERT projection's own small file.
+    weights = result.path / "model.safetensors"
+    projection = sum(path.stat().st_size for path in (result.path / "multi_vector").glob("*_Dense/*.safetensors"))
+    assert (result.path / "multi_vector" / "model.safetensors").samefile(weights)
+    assert size_on_disk(result.path) == weights.stat().st_size + projection > weights.stat().st_size

@@ -413,6 +413,10 @@ class QuantizationConfig(_Section):
     op_types: list[str] = Field(
         default_factory=lambda: ["MatMul"], description="ONNX operator types whose weights are quantised.",
     )
+    heads: bool = Field(
+        False, description="Also quantise an M3 student's sparse and ColBERT heads (off: they stay float32, a small "
+        "share of the weights).",
+    )
 
     @field_validator("op_types")
     @classmethod

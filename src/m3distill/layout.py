@@ -47,6 +47,8 @@ STUDENT_RUN_FILE = "run.json"
 SPARSE_HEAD_FILE = "sparse_linear.pt"
 COLBERT_HEAD_FILE = "colbert_linear.pt"
 HEAD_FILES = (SPARSE_HEAD_FILE, COLBERT_HEAD_FILE)
+# Inside an M3 student: a sentence-transformers MultiVectorEncoder folder of its ColBERT output (m3distill.m3).
+MULTI_VECTOR_DIRNAME = "multi_vector"
 # A student with a trimmed vocabulary (m3distill.students.vocabulary): the teacher's id of each of its token ids.
 VOCABULARY_MAP_FILE = "m3distill_vocabulary.json"
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from m3distill.atomic import atomic_dir, atomic_path
 from m3distill.errors import M3DistillError
-from m3distill.layout import COLBERT_HEAD_FILE, HEAD_FILES, SPARSE_HEAD_FILE
+from m3distill.layout import COLBERT_HEAD_FILE, HEAD_FILES, MULTI_VECTOR_DIRNAME, SPARSE_HEAD_FILE
 from m3distill.m3_outputs import (  # noqa: F401 (the M3 vocabulary, importable from here as before)
     COLBERT,
     DENSE,
@@ -236,6 +236,42 @@ def encode_m3(model: SentenceTransformer, heads: M3Heads | None, texts: Sequence
                              convert_to_numpy=True)
         return M3Embeddings(dense=np.asarray(dense, dtype=np.float32))
     return M3Model(model, heads).encode(texts, batch_size=batch_size, show_progress=show_progress, desc=desc)
+
+
+def write_multi_vector_folder(folder: str | Path, heads: M3Heads) -> Path:
+    """Write ``folder/multi_vector``: the M3 model in ``folder``'s ColBERT output as a sentence-transformers
+    ``MultiVectorEncoder`` of its own native modules (no remote code), so that
+    ``MultiVectorEncoder(folder / "multi_vector").encode(texts)`` gives the vectors :func:`encode_m3` gives.
+
+    The modules: the Transformer; ``colbert_linear`` as a token-level ``Dense`` (bias, no activation); a
+    ``MultiVectorMask`` whose skip list holds the CLS token for queries and documents alike (bge-m3 scores every token
+    but the first, which is the CLS token); a token-level ``Normalize``. The encoder weights are a hard link to
+    ``folder``'s own file where the file system allows one (no second copy on disk), else a copy.
+    """
+    from sentence_transformers import MultiVectorEncoder
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.base.modules.dense import Dense
+    from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
+
+    folder = Path(folder)
+    transformer = Transformer(str(folder))
+    linear = heads.colbert_linear
+    dense = Dense(linear.in_features, linear.out_features, bias=True, activation_function=None,
+                  init_weight=linear.weight.detach().clone().cpu(), init_bias=linear.bias.detach().clone().cpu(),
+                  module_input_name="token_embeddings")
+    mask = MultiVectorMask(skiplist_words=[transformer.tokenizer.cls_token], skiplist_tasks=["query", "document"])
+    encoder = MultiVectorEncoder(modules=[transformer, dense, mask, Normalize(module_input_name="token_embeddings")],
+                                 device="cpu")
+    out = folder / MULTI_VECTOR_DIRNAME
+    encoder.save(str(out), create_model_card=False)
+    for weights in out.glob("*.safetensors"):
+        if (folder / weights.name).is_file():
+            weights.unlink()
+            try:
+                weights.hardlink_to(folder / weights.name)
+            except OSError:
+                shutil.copyfile(folder / weights.name, weights)
+    return out
 
 
 def attach_random_heads(folder: str | Path, *, seed: int = 0, colbert_dim: int | None = None) -> M3Heads:

@@ -352,15 +352,17 @@ def size_on_disk(name_or_path: str | Path) -> int | None:
     folder = local_model_folder(name_or_path)
     if folder is None:
         return None
-    total = 0
+    counted: dict[tuple[int, int], int] = {}  # by (device, inode): a hard-linked file (multi_vector/) counts once
     for directory in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
         relative = directory.relative_to(folder).parts
         if any(part.startswith(_SKIPPED_FOLDERS) or part.startswith(".") for part in relative):
             continue
         files = [p for p in directory.iterdir() if p.is_file()]
         weights = [p for p in files if p.suffix in _SAFE_WEIGHTS] or [p for p in files if p.suffix in _LEGACY_WEIGHTS]
-        total += sum(p.stat().st_size for p in weights)
-    return total
+        for path in weights:
+            stat = path.stat()
+            counted[(stat.st_dev, stat.st_ino)] = stat.st_size
+    return sum(counted.values())
 
 
 def device_description(device: str | torch.device) -> str:

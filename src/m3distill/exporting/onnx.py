@@ -256,7 +256,11 @@ def export_graph(model: SentenceTransformer, out_file: Path, *, opset: int, exte
 
 
 def quantize_int8(fp32: Path, int8: Path, settings: QuantizationConfig, *, external_data: bool = False) -> None:
-    """Dynamic int8 quantisation of the float32 graph ``fp32`` into ``int8`` (onnxruntime's ``quantize_dynamic``)."""
+    """Dynamic int8 quantisation of the float32 graph ``fp32`` into ``int8`` (onnxruntime's ``quantize_dynamic``).
+
+    An M3 student's head MatMuls (those fed by the last hidden state) stay float32 unless ``settings.heads``: they
+    are a small share of the weights, and the sparse weights pass through a ReLU whose threshold int8 noise moves.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet_exporter():
@@ -264,7 +268,22 @@ def quantize_int8(fp32: Path, int8: Path, settings: QuantizationConfig, *, exter
             fp32, int8, op_types_to_quantize=list(settings.op_types), per_channel=settings.per_channel,
             reduce_range=settings.reduce_range, weight_type=getattr(QuantType, _WEIGHT_TYPES[settings.weight_type]),
             use_external_data_format=external_data,
+            nodes_to_exclude=[] if settings.heads else head_nodes(fp32),
         )
+
+
+def head_nodes(graph_file: Path) -> list[str]:
+    """The names of the nodes downstream of the graph's ``last_hidden_state``: an M3 student's heads ([] for an
+    encoder alone)."""
+    import onnx
+
+    graph = onnx.load(str(graph_file), load_external_data=False).graph
+    reached, names = {GRAPH_OUTPUT}, []
+    for node in graph.node:  # ONNX nodes are in topological order
+        if reached.intersection(node.input):
+            reached.update(node.output)
+            names.append(node.name)
+    return names
 
 
 @contextlib.contextmanager

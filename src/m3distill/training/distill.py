@@ -67,6 +67,7 @@ from m3distill.m3 import (
     encode_m3,
     head_files_sha256,
     load_m3_heads,
+    write_multi_vector_folder,
 )
 from m3distill.metrics import row_cosines, sparse_alignment_metrics
 from m3distill.models import (
@@ -661,6 +662,7 @@ class _TrainingJob:
             model.save(str(tmp), create_model_card=False)
             if heads is not None:
                 heads.save(tmp)
+                write_multi_vector_folder(tmp, heads)  # the ColBERT output in sentence-transformers' own class
             if self.vocabulary is not None:
                 write_vocabulary_map(tmp, self.vocabulary)
             for kept in (LOGS_DIRNAME, CHECKPOINTS_DIRNAME if self.training.keep_checkpoints else None):

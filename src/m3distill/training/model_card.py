@@ -119,6 +119,11 @@ def export_section(record: dict[str, Any]) -> list[str]:
     if record.get("m3_heads") and record.get("outputs") == ["dense"]:
         lines += ["The ONNX files give the dense output only: the sparse and ColBERT outputs need the torch folder "
                   "and its head files (see *Outputs* above).", ""]
+    elif len(record.get("outputs") or []) > 1:
+        lines += ["Each graph returns bge-m3's three outputs from one run (token embeddings, sparse weights, ColBERT "
+                  "vectors); all three, as `m3distill.encode_m3` gives them for the torch student:", "", "```python",
+                  f"outputs = m3distill.onnx_encoder('path/to/this/folder', '{example}').encode_m3(['a question'])",
+                  "outputs.dense, outputs.sparse, outputs.colbert", "```", ""]
     return [*lines, EXPORT_SECTION_END]
 
 
