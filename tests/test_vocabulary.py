@@ -278,3 +278,15 @@ def test_the_report_shows_each_models_vocabulary_and_the_question_tokens_it_lack
     assert student.vocabulary["changed_token_share"] == pytest.approx(direct["changed_token_share"])
     markdown = (tmp_path / "report" / REPORT_MD_FILE).read_text(encoding="utf-8")
     assert "## Vocabulary" in markdown and f"{student.vocabulary['size']:,} of 250,002" in markdown
+
+
+def test_a_tokenizer_that_cannot_be_trimmed_is_one_clear_error():
+    from types import SimpleNamespace
+
+    from m3distill.errors import M3DistillError
+
+    bpe = SimpleNamespace(backend_tokenizer=SimpleNamespace(to_str=lambda: json.dumps({"model": {"type": "BPE"}})))
+    with pytest.raises(M3DistillError, match="WordPiece and Unigram.*students.vocabulary to full"):
+        choose_vocabulary(bpe, ["a text"], "corpus")
+    with pytest.raises(M3DistillError, match="fast tokenizer"):
+        choose_vocabulary(SimpleNamespace(), ["a text"], "corpus")

@@ -122,7 +122,8 @@ def choose_vocabulary(tokenizer, texts: Iterable[str], mode: str, *, budget: int
         budget: keep at most this many pieces besides the special and single-character ones (None: all).
 
     Raises:
-        ValueError: an unknown mode, a budget below 1, or a tokenizer other than WordPiece or Unigram.
+        ValueError: an unknown mode or a budget below 1.
+        M3DistillError: a tokenizer other than a fast WordPiece or Unigram one.
     """
     if mode not in VOCABULARY_MODES[1:]:
         raise ValueError(f"vocabulary mode must be one of {', '.join(VOCABULARY_MODES[1:])} to trim, got {mode!r}")
@@ -175,12 +176,13 @@ def _is_single_char(piece: str, spec: dict) -> bool:
 def _tokenizer_json(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError("vocabulary trimming needs a fast tokenizer (one with a tokenizer.json)")
+        raise M3DistillError("vocabulary trimming needs a fast tokenizer (one with a tokenizer.json); set "
+                             "students.vocabulary to full")
     spec = json.loads(backend.to_str())
     kind = spec.get("model", {}).get("type")
     if kind not in _SUPPORTED_MODELS:
-        raise ValueError(f"vocabulary trimming supports WordPiece and Unigram tokenizers; this one is {kind}: "
-                         "set students.vocabulary to full")
+        raise M3DistillError(f"vocabulary trimming supports WordPiece and Unigram tokenizers; this one is {kind}: "
+                             "set students.vocabulary to full")
     return spec
 
 
