@@ -216,3 +216,32 @@ def test_m3_overlap_compares_short_lists_over_the_longer_one():
     top_b = np.array([[4, 3, -1], [-1, -1, -1], [1, -1, -1]])
     assert top_k_overlap(top_a, top_b, 3, short_lists="longer") == pytest.approx((1 + 1 + 1 / 3) / 3)
     assert top_k_overlap(top_a, top_b, 3) == pytest.approx((2 / 3 + 0 + 1 / 3) / 3)
+
+
+def test_an_m3_students_onnx_exports_are_evaluated_on_every_output(m3_folders, small_dataset, tmp_path):
+    from m3distill import export_student
+    from m3distill.config import ExportConfig
+    from m3distill.layout import STUDENT_METADATA_FILE
+
+    student = tmp_path / "students" / "student-m3"
+    shutil.copytree(m3_folders["with_heads"], student)
+    (student / STUDENT_METADATA_FILE).write_text(json.dumps({"name": student.name}), encoding="utf-8")
+    export_student(student, ExportConfig(), show_progress=False)
+    report = evaluate_models(small_dataset, TeacherConfig(model=str(m3_folders["teacher"])), [student], CONFIG,
+                             tmp_path / "report", show_progress=False)
+    models = {model.name: model for model in report.models}
+    assert list(models) == ["teacher", "student-m3", "student-m3 (onnx)", "student-m3 (int8)"]
+    for name in ("student-m3 (onnx)", "student-m3 (int8)"):
+        for output in M3_RETRIEVAL_OUTPUTS:
+            assert all(0.0 <= models[name].metrics[metric] <= 1.0 for metric in _m3_metric_names(output))
+    pairs = {(pair.a, pair.b): pair.metrics for pair in report.pairs}
+    # The float32 graph returns the torch student's top-k on every output; int8 stays close to it.
+    fp32 = pairs[("student-m3", "student-m3 (onnx)")]
+    assert {metric: value for metric, value in fp32.items() if value < 0.99} == {}
+    assert len(fp32) == len(KS) * (1 + len(M3_RETRIEVAL_OUTPUTS))
+    int8 = pairs[("student-m3", "student-m3 (int8)")]
+    assert all(value > 0.5 for value in int8.values())
+    markdown = (tmp_path / "report" / REPORT_MD_FILE).read_text(encoding="utf-8")
+    serving = markdown[markdown.index("## Serving variants"):]
+    # One row per output and runtime in the serving section: sparse of the int8 export among them.
+    assert "Per output of bge-m3" in serving and "| sparse | student-m3 (int8) | ONNX int8 |" in serving

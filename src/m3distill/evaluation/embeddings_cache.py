@@ -50,19 +50,23 @@ class EmbeddingsCache:
 
         return self._cached(label, file, encode)
 
-    def variant(self, label: str, variant: Variant, texts: list[str]) -> M3Embeddings:
-        """A variant's (dense) embeddings of ``texts``, from the cache when this export already encoded exactly
-        these."""
+    def variant(self, label: str, variant: Variant, texts: list[str], *, m3: bool = True) -> M3Embeddings:
+        """A variant's embeddings of ``texts`` (all three outputs of an M3 student's export, unless ``m3`` is off),
+        from the cache when this export already encoded exactly these."""
+        m3 = m3 and variant.has_m3_outputs
         digest = hashlib.sha256()
         stat = Path(variant.encoder.file).stat()
         # The export record pins the files' contents; size and time also catch a file replaced behind its back.
         digest.update(f"{variant.variant}|{variant.export}|{stat.st_size}|{stat.st_mtime_ns}|"
                       f"{variant.encoder.max_seq_length}|{variant.encoder.dim}".encode())
         _digest_texts(digest, texts)
-        file = self.folder / f"{_file_label(label)}-{digest.hexdigest()[:16]}.npy"
+        file = self.folder / f"{_file_label(label)}-{digest.hexdigest()[:16]}{'.m3.npz' if m3 else '.npy'}"
 
         def encode() -> M3Embeddings:
             logger.info("%s: encoding %d texts with onnxruntime", label, len(texts))
+            if m3:
+                return variant.encode_m3(texts, batch_size=self.batch_size, label=label,
+                                         show_progress=self.show_progress)
             return M3Embeddings(dense=variant.encode(texts, batch_size=self.batch_size, label=label,
                                                      show_progress=self.show_progress))
 

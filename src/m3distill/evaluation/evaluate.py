@@ -343,7 +343,9 @@ def _encode(models: _Models, texts: list[str], cache: EmbeddingsCache,
             # The sparse and ColBERT outputs need the encoding; dense stays the provided one (the teacher cache's).
             found.dense = provided
         embeddings[label] = found
-    embeddings.update({label: cache.variant(label, variant, texts) for label, variant in models.variants.items()})
+    # An M3 student's export gives all three outputs only where the teacher's are searched (an M3 teacher).
+    m3 = models.heads.get(TEACHER_LABEL) is not None
+    embeddings.update({label: cache.variant(label, variant, texts, m3=m3) for label, variant in models.variants.items()})
     return {label: embeddings[label] for label in models.labels}
 
 
@@ -354,7 +356,7 @@ def _encode_real_questions(real: RealQuestionSet | None, models: _Models,
         return {}
     found = {label: cache.model(f"{label}-real-questions", model, None, real.texts).dense
              for label, model in models.torch.items()}
-    found.update({label: cache.variant(f"{label}-real-questions", variant, real.texts).dense
+    found.update({label: cache.variant(f"{label}-real-questions", variant, real.texts, m3=False).dense
                   for label, variant in models.variants.items()})
     return found
 

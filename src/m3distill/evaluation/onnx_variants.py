@@ -20,6 +20,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from m3distill.errors import M3DistillError
+from m3distill.m3_outputs import M3Embeddings
 from m3distill.report import ModelReport, variant_label
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,22 @@ class Variant:
             chunks.append(np.asarray(self.encoder.encode(texts[start:start + _ENCODE_CHUNK], batch_size=batch_size),
                                      dtype=np.float32))
         return np.concatenate(chunks) if chunks else np.zeros((0, self.encoder.dim), np.float32)
+
+    @property
+    def has_m3_outputs(self) -> bool:
+        """Whether the export returns bge-m3's sparse and ColBERT outputs too (an M3 student's, record format 2)."""
+        return len(getattr(self.encoder, "outputs", ("dense",))) > 1
+
+    def encode_m3(self, texts: list[str], *, batch_size: int, label: str, show_progress: bool) -> M3Embeddings:
+        """All the export's outputs of ``texts`` (dense, sparse, ColBERT), a progress step per chunk of texts."""
+        chunks = [self.encoder.encode_m3(texts[start:start + _ENCODE_CHUNK], batch_size=batch_size)
+                  for start in tqdm(range(0, len(texts), _ENCODE_CHUNK), desc=f"encode {label}", unit="chunk",
+                                    disable=not show_progress)]
+        if not chunks:
+            return M3Embeddings(dense=np.zeros((0, self.encoder.dim), np.float32), sparse=[], colbert=[])
+        return M3Embeddings(dense=np.concatenate([chunk.dense for chunk in chunks]),
+                            sparse=[weights for chunk in chunks for weights in chunk.sparse],
+                            colbert=[vectors for chunk in chunks for vectors in chunk.colbert])
 
     def describe(self, label: str, layers: int | None, metrics: dict[str, Any]) -> ModelReport:
         """The variant's entry in the report."""

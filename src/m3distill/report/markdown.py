@@ -181,7 +181,7 @@ def _m3_retrieval_sections(report: Report) -> list[str]:
              for model in report.models if mrr_metric(prefix) in model.metrics],
         )
         lines.append("")
-    # ONNX variants are dense by construction; the note is about students missing their head files.
+    # The note is about students missing their head files (an M3 student's exports carry what it carries).
     dense_only = [model.name for model in report.torch_models if _m3_outputs(report)
                   and mrr_metric(output_prefix(_m3_outputs(report)[0])) not in model.metrics]
     if dense_only:
@@ -313,6 +313,29 @@ def _vocabulary_section(report: Report) -> list[str]:
     ]
 
 
+def _serving_outputs_table(report: Report, students: list, k: int) -> list[str]:
+    """Per M3 output, each student and its exports: P@k against the teacher and against the torch student, MRR as a
+    share of the teacher's ([] for a dense-only teacher, or exports that carry the dense output alone)."""
+    teacher, rows = report.teacher, []
+    for output in _m3_outputs(report):
+        prefix = output_prefix(output)
+        teacher_mrr = teacher.metrics.get(mrr_metric(prefix))
+        for student in students:
+            for model in (student, *report.variants_of(student.name)):
+                if mrr_metric(prefix) not in model.metrics:
+                    continue
+                versus_self = 1.0 if model is student else report.pair_metric(model.name, student.name,
+                                                                              overlap_metric(prefix, k))
+                rows.append([output, model.name, variant_title(model.variant),
+                             _fraction(report.pair_metric(model.name, teacher.name, overlap_metric(prefix, k))),
+                             _fraction(versus_self), _share(model.metrics.get(mrr_metric(prefix)), teacher_mrr)])
+    if not any(row[2] != variant_title(None) for row in rows):
+        return []
+    return ["", "Per output of bge-m3 (exact search; an M3 student's export returns all three from one graph):", "",
+            *_table(["output", "model", "runtime", f"P@{k} vs teacher", f"P@{k} vs its torch self",
+                     f"MRR@{GROUND_TRUTH_CUTOFF} / teacher's"], rows)]
+
+
 def _serving_section(report: Report) -> list[str]:
     """Per student with ONNX variants: its torch self and each variant, with speed, size and fidelity side by side."""
     students = [model for model in report.torch_models if report.variants_of(model.name)]
@@ -350,6 +373,7 @@ def _serving_section(report: Report) -> list[str]:
          f"MRR@{GROUND_TRUTH_CUTOFF} / teacher's"],
         rows,
     )
+    lines += _serving_outputs_table(report, students, k)
     variants = [model for model in report.models if model.is_variant]
     devices = sorted({model.device or report.device.name for model in variants})
     other_device = any(device != report.device.name for device in devices)
