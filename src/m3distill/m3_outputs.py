@@ -4,10 +4,16 @@ side (:mod:`m3distill.m3`) and the onnxruntime side (:mod:`m3distill.onnx_servin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from m3distill.errors import M3DistillError
+from m3distill.layout import VOCABULARY_MAP_FILE
 
 # The output kinds of an M3 model, in FlagEmbedding's order; a dense-only model has the first alone.
 DENSE, SPARSE, COLBERT = "dense", "sparse", "colbert"
@@ -76,3 +82,22 @@ def hybrid_score(dense: float, sparse: float, colbert: float, weights: Sequence[
     orders the contexts of a question the same way.
     """
     return float((weights[0] * dense + weights[1] * sparse + weights[2] * colbert) / sum(weights))
+
+
+def read_vocabulary_map(folder: str | Path | None) -> dict[str, Any] | None:
+    """The vocabulary map of a student with a trimmed vocabulary (``m3distill_vocabulary.json``, written by
+    :mod:`m3distill.students.vocabulary`): its record, with ``teacher_ids`` (the teacher's id of each of the student's
+    token ids, through which its sparse weights are keyed as the teacher's) as an array; None for a model with its
+    teacher's vocabulary."""
+    if folder is None or not (Path(folder) / VOCABULARY_MAP_FILE).is_file():
+        return None
+    path = Path(folder) / VOCABULARY_MAP_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record["teacher_ids"] = np.asarray(record["teacher_ids"], dtype=np.int64)
+        if record["teacher_ids"].ndim != 1:
+            raise ValueError("teacher_ids is not a list of ids")
+        return record
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise M3DistillError(f"{path} is not a readable vocabulary map ({type(error).__name__}); copy the student "
+                             "folder again or retrain it") from error

@@ -41,8 +41,7 @@ import onnxruntime
 from tokenizers import Tokenizer
 
 from m3distill.errors import M3DistillError
-from m3distill.layout import VOCABULARY_MAP_FILE
-from m3distill.m3_outputs import UNUSED_SPECIAL_TOKENS, M3Embeddings, max_weight_per_id
+from m3distill.m3_outputs import UNUSED_SPECIAL_TOKENS, M3Embeddings, max_weight_per_id, read_vocabulary_map
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +252,8 @@ class OnnxEncoder:
         self._output = GRAPH_OUTPUT if GRAPH_OUTPUT in names else names[0]
         self.outputs = ("dense", "sparse", "colbert") if set(M3_GRAPH_OUTPUTS) <= set(names) else ("dense",)
         self._unused_ids = np.array(sorted(self._special_ids()), dtype=np.int64)
-        self._teacher_ids = _teacher_token_ids(self.model_dir)
+        trimmed = read_vocabulary_map(self.model_dir)  # a trimmed student: sparse ids mapped to the teacher's
+        self._teacher_ids = trimmed["teacher_ids"] if trimmed is not None else None
 
     def _special_ids(self) -> set[int]:
         """The ids FlagEmbedding leaves out of sparse weights (CLS, EOS, padding, unknown), as the tokenizer names
@@ -378,17 +378,6 @@ class OnnxEncoder:
 
     def __repr__(self) -> str:
         return f"OnnxEncoder({str(self.model_dir)!r}, {self.variant!r}, dim={self.dim})"
-
-
-def _teacher_token_ids(model_dir: Path) -> np.ndarray | None:
-    """A trimmed student's map from its token ids to the teacher's (m3distill.students.vocabulary), else None."""
-    record = _read_json(model_dir / VOCABULARY_MAP_FILE)
-    if record is None:
-        return None
-    try:
-        return np.asarray(record["teacher_ids"], dtype=np.int64)
-    except (KeyError, TypeError, ValueError) as error:
-        raise M3DistillError(f"{model_dir / VOCABULARY_MAP_FILE} is not a readable vocabulary map") from error
 
 
 def read_export_record(model_dir: str | Path) -> dict[str, Any] | None:

@@ -45,6 +45,7 @@ from sentence_transformers import SentenceTransformer
 from m3distill.atomic import write_json_atomic
 from m3distill.errors import M3DistillError
 from m3distill.layout import VOCABULARY_MAP_FILE
+from m3distill.m3_outputs import read_vocabulary_map as vocabulary_map
 from m3distill.models import transformer_backbone
 
 logger = logging.getLogger(__name__)
@@ -321,23 +322,6 @@ def write_vocabulary_map(folder: str | Path, choice: VocabularyChoice) -> None:
     """Write ``folder``'s :data:`~m3distill.layout.VOCABULARY_MAP_FILE`: the choice's record and the teacher's id
     of each of the student's token ids."""
     write_json_atomic(Path(folder) / VOCABULARY_MAP_FILE, {**choice.record(), "teacher_ids": list(choice.kept_ids)})
-
-
-def vocabulary_map(folder: str | Path | None) -> dict[str, Any] | None:
-    """The vocabulary map of the trimmed student in ``folder`` (its record and ``teacher_ids``); None for a model
-    with its teacher's vocabulary."""
-    if folder is None or not (Path(folder) / VOCABULARY_MAP_FILE).is_file():
-        return None
-    path = Path(folder) / VOCABULARY_MAP_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        record["teacher_ids"] = np.asarray(record["teacher_ids"], dtype=np.int64)
-        if record["teacher_ids"].ndim != 1:
-            raise ValueError("teacher_ids is not a list of ids")
-        return record
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise M3DistillError(f"{path} is not a readable vocabulary map ({type(error).__name__}); copy the student "
-                             "folder again or retrain it") from error
 
 
 def read_teacher_ids(folder: str | Path | None) -> np.ndarray | None:
