@@ -41,11 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from stand_in import BGE_M3_SHAPE, make_xlmr_stand_in  # noqa: E402
 
-
-def sample_texts(languages: tuple[str, ...] | None = None) -> list[str]:
-    domain = REPO / "data" / "sample" / "domain"
-    return [part for path in sorted(domain.glob("*/*.txt")) if languages is None or path.parent.name in languages
-            for part in path.read_text(encoding="utf-8").split("\n\n") if part.strip()]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from vocabulary import sample_texts  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,7 +127,8 @@ from m3distill.report import (
     write_report,
 )
 from m3distill.students.folder import learnt_test_contexts
-from m3distill.students.vocabulary import tokenization_changes, vocabulary_map
+from m3distill.m3_outputs import read_vocabulary_map
+from m3distill.students.vocabulary import tokenization_changes
 
 logger = logging.getLogger(__name__)
 
@@ -475,7 +476,7 @@ def _vocabulary(model: SentenceTransformer, source: str, teacher: SentenceTransf
         embeddings = count_embedding_parameters(model)
     except M3DistillError:
         return None
-    trimmed = vocabulary_map(source) if source != IN_MEMORY_SOURCE else None
+    trimmed = read_vocabulary_map(source) if source != IN_MEMORY_SOURCE else None
     teacher_ids = trimmed["teacher_ids"] if trimmed is not None else None
     record = {"mode": trimmed.get("mode", "trimmed") if trimmed else "full", "size": len(model.tokenizer),
               "teacher_size": len(teacher.tokenizer), "embedding_parameters": embeddings,

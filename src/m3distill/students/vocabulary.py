@@ -141,7 +141,7 @@ def choose_vocabulary(tokenizer, texts: Iterable[str], mode: str, *, budget: int
     scripts = {char_script(char) for char in letters} - {COMMON_SCRIPT}
     required = _special_ids(spec) | {
         token_id for token_id, piece in enumerate(pieces)
-        if len(_piece_text(piece)) <= 1 and piece_scripts(piece) <= scripts and _is_single_char(piece, spec)
+        if _is_single_char(piece, spec) and piece_scripts(piece) <= scripts
     }
     ranked = [token_id for token_id, _ in counts.most_common() if token_id not in required]
     if mode == "corpus+languages":
