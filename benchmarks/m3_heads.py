@@ -164,11 +164,14 @@ def _exports(student: Path, work: Path, max_seq_length: int | None) -> dict:
     from m3distill import export_student
     from m3distill.config import ExportConfig
     from m3distill.onnx_serving import OnnxEncoder
+    from m3distill.stages.export import export_status
 
     folder = work / "exports" / student.name
     if not folder.is_dir():
         shutil.copytree(student, folder, ignore=shutil.ignore_patterns("onnx", "checkpoint*"))
-    result = export_student(folder, ExportConfig(enabled=True), show_progress=False)
+    config = ExportConfig(enabled=True)
+    # An export made with other settings (an earlier m3distill's) is redone, as `m3distill export --force` would.
+    result = export_student(folder, config, force=export_status(folder, config).state == "stale", show_progress=False)
     print(result.line(), file=sys.stderr)
     for variant, entry in result.record["variants"].items():
         print(f"{variant} vs torch: {json.dumps(entry.get('m3_vs_torch'))}", file=sys.stderr)

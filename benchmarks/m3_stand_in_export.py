@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from m3distill import export_student  # noqa: E402
+from m3distill.stages.export import export_status  # noqa: E402
 from m3distill.config import ExportConfig  # noqa: E402
 from m3distill.layout import STUDENT_METADATA_FILE  # noqa: E402
 from m3distill.m3 import M3Heads, encode_m3, load_m3_heads  # noqa: E402
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             write_vocabulary_map(student_dir, choice)
         (student_dir / STUDENT_METADATA_FILE).write_text(json.dumps({"name": student_dir.name}), encoding="utf-8")
     started = time.perf_counter()
-    result = export_student(student_dir, ExportConfig(verify_texts=64), show_progress=False)
+    config = ExportConfig(verify_texts=64)
+    result = export_student(student_dir, config, force=export_status(student_dir, config).state == "stale",
+                            show_progress=False)
     print(f"{result.line()} ({time.perf_counter() - started:.0f} s)")
     for variant, entry in result.record["variants"].items():
         print(f"  {variant}: {entry['bytes'] / 1e6:.1f} MB, vs torch {json.dumps(entry.get('m3_vs_torch'))}")

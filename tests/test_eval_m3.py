@@ -88,6 +88,10 @@ def test_an_m3_teacher_is_evaluated_on_every_output_with_qdrant_edge(m3_folders,
     assert not any(metric.startswith(M3_RETRIEVAL_OUTPUTS) for metric in models["student-dense"].metrics)
     assert models["student-dense"].metrics[MEAN_COSINE] is not None
     assert sum("student-dense has no M3 head files" in message for message in caplog.messages) == 1
+    # Speed: models with heads are timed producing all three outputs at once; the dense-only student its one.
+    assert {name: model.metrics["speed_outputs"] for name, model in models.items()} == {
+        "teacher": "dense+sparse+colbert", "teacher-copy": "dense+sparse+colbert",
+        "student-m3": "dense+sparse+colbert", "student-dense": "dense"}
 
     # P@k for every pair of models that both have an output, for every k; dense for every pair.
     pairs = {(pair.a, pair.b): pair.metrics for pair in report.pairs}
@@ -245,3 +249,6 @@ def test_an_m3_students_onnx_exports_are_evaluated_on_every_output(m3_folders, s
     serving = markdown[markdown.index("## Serving variants"):]
     # One row per output and runtime in the serving section: sparse of the int8 export among them.
     assert "Per output of bge-m3" in serving and "| sparse | student-m3 (int8) | ONNX int8 |" in serving
+    assert all(model.metrics["speed_outputs"] == "dense+sparse+colbert" for model in report.models)
+    assert ("teacher, student-m3, student-m3 (onnx), student-m3 (int8) were timed producing dense, sparse and "
+            "ColBERT outputs at once") in markdown

@@ -107,6 +107,9 @@ def test_a_bert_student_exports_both_variants_and_the_encoder_matches_sentence_t
     # The export changes nothing the student's own fingerprints hash (the train stage still sees it as current).
     assert record["student"] == hash_model_files(exported_bert)
     assert record["variants"]["onnx"]["mean_cosine_vs_torch"] >= 0.9999
+    # Fused by default: what the record counts is in the graph, and the float32 graph still matches below.
+    assert record["graph_fusions"] == {"BiasGelu": 1, "LayerNormalization": 1, "SkipLayerNormalization": 2}
+    assert _op_types(exported_bert / ONNX_VARIANT_FILES["onnx"]) >= {"BiasGelu", "SkipLayerNormalization"}
 
     model = SentenceTransformer(str(exported_bert), device="cpu")
     encoder = m3distill.onnx_encoder(exported_bert)
@@ -124,6 +127,55 @@ def test_a_bert_student_exports_both_variants_and_the_encoder_matches_sentence_t
     assert recorded["quantization"] == ExportConfig().quantization.model_dump(mode="json")
     assert _agreement(int8, model, texts, 32).mean() > 0.95
     assert encoder.encode([]).shape == (0, 384)
+
+
+def _op_types(graph_file: Path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(graph_file), load_external_data=False).graph.node}
+
+
+def test_a_fused_graph_that_departs_from_the_student_is_replaced_by_the_plain_one(bert_student, tmp_path,
+                                                                                    monkeypatch, caplog):
+    import onnx
+    from onnx import numpy_helper
+
+    import m3distill.exporting.onnx as export_onnx
+
+    fuse = export_onnx.fuse_graph
+
+    def fuse_and_damage(graph_file: Path, **kwargs) -> dict[str, int]:
+        """Fuse as the export does, then replace the feed-forward weights with noise: a fusion gone wrong."""
+        fused = fuse(graph_file, **kwargs)
+        graph = onnx.load(str(graph_file))
+        for weight in graph.graph.initializer:
+            if list(weight.dims) == [384, 1536]:
+                noise = np.random.default_rng(0).normal(size=(384, 1536)).astype(np.float32)
+                weight.CopyFrom(numpy_helper.from_array(noise, weight.name))
+        onnx.save(graph, str(graph_file))
+        return fused
+
+    monkeypatch.setattr(export_onnx, "fuse_graph", fuse_and_damage)
+    folder = _copy(bert_student, tmp_path / "student-1L")
+    with caplog.at_level("WARNING", logger="m3distill.exporting.onnx"):
+        export_student(folder, ExportConfig(variants=["onnx"]), texts=_texts()[:12], show_progress=False)
+    assert "the fused graph departs from the torch student" in caplog.text
+    assert read_export_record(folder)["graph_fusions"] is None
+    assert "SkipLayerNormalization" not in _op_types(folder / ONNX_VARIANT_FILES["onnx"])
+    model = SentenceTransformer(str(folder), device="cpu")
+    assert _agreement(OnnxEncoder(folder), model, _texts(), 8).min() >= 0.9999
+
+
+def test_with_fusions_off_the_plain_graph_is_exported_and_an_earlier_fused_one_is_stale(exported_bert, tmp_path):
+    folder = _copy(exported_bert, tmp_path / "student-1L")
+    plain = ExportConfig(graph_fusions=False)
+    status = export_status(folder, plain)
+    assert status.state == "stale" and "export.graph_fusions" in status.reason
+    export_student(folder, plain, texts=_texts()[:12], show_progress=False, force=True)
+    assert read_export_record(folder)["graph_fusions"] is None and export_status(folder, plain).current
+    assert not _op_types(folder / ONNX_VARIANT_FILES["onnx"]) & {"BiasGelu", "SkipLayerNormalization"}
+    model = SentenceTransformer(str(folder), device="cpu")
+    assert _agreement(OnnxEncoder(folder), model, _texts(), 8).min() >= 0.9999
 
 
 def test_a_shorter_max_seq_length_truncates_as_sentence_transformers_does(exported_bert):

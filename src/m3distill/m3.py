@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -131,7 +130,11 @@ class M3Heads(nn.Module):
     def colbert_vectors(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """ColBERT vectors of every token but the first, padding zeroed, normalised: (batch, tokens - 1, dim)."""
         vectors = self.colbert_linear(hidden[:, 1:]) * attention_mask[:, 1:, None].to(hidden.dtype)
-        return F.normalize(vectors, dim=-1)
+        # F.normalize's arithmetic (x / max(|x|, 1e-12)) in operators whose traced form (Mul, ReduceSum, Sqrt, a
+        # broadcasting Div) onnxruntime's shape inference follows: F.normalize's Expand and ReduceL2 it cannot, and
+        # where it fails the exported graph stays unfused.
+        norms = (vectors * vectors).sum(dim=-1, keepdim=True).sqrt()
+        return vectors / norms.clamp_min(1e-12)
 
 
 def unused_token_ids(tokenizer) -> set[int]:

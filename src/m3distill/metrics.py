@@ -88,6 +88,8 @@ SIZE_ON_DISK = f"{SPEED_PREFIX}_size_on_disk_bytes"
 PEAK_MEMORY = f"{SPEED_PREFIX}_peak_memory_increase_bytes"
 MEMORY_MEASURE = f"{SPEED_PREFIX}_memory_measure"
 SECONDS_PER_RUN = f"{SPEED_PREFIX}_seconds_per_run"
+# What a timed pass produced: "dense", or "dense+sparse+colbert" for an M3 model timed on all three outputs at once.
+SPEED_OUTPUTS = f"{SPEED_PREFIX}_outputs"
 
 
 def speedup_limit(teacher_layers: int | None, student_layers: int | None) -> float | None:

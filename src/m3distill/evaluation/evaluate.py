@@ -76,6 +76,7 @@ from m3distill.evaluation.speed import (
     size_on_disk,
     speed_texts,
     timed_onnx_encoder,
+    timed_sentence_transformer,
 )
 from m3distill.layout import (
     EMBEDDINGS_CACHE_DIRNAME,
@@ -387,10 +388,14 @@ def _measure(models: _Models, embeddings: dict[str, M3Embeddings], real_embeddin
     embeddings.clear()  # the speed measurement wants the memory
     with _timed(timings, "speed"):
         measured.layers = models.layers()
+        # Under an M3 teacher every model that has the three outputs is timed producing all three at once.
+        m3 = models.heads.get(TEACHER_LABEL) is not None
         timed: dict[str, SentenceTransformer | TimedModel] = {
-            label: timed_onnx_encoder(models.variants[label].encoder,
+            label: timed_onnx_encoder(models.variants[label].encoder, all_outputs=m3,
                                       parameters=count_parameters(models.torch[models.variants[label].student]))
-            if label in models.variants else models.torch[label]
+            if label in models.variants else
+            timed_sentence_transformer(models.torch[label], heads=models.heads[label])
+            if models.heads.get(label) is not None else models.torch[label]
             for label in models.labels
         }
         measured.timed_texts = _measure_speed(timed, measured.layers, data, config, measured.metrics, show_progress)

@@ -62,9 +62,12 @@ from m3distill.metrics import (
     PEAK_MEMORY,
     MEMORY_MEASURE,
     SECONDS_PER_RUN,
+    SPEED_OUTPUTS,
     is_suspect_speedup,
     speedup_limit,
 )
+from m3distill.m3 import M3Heads, encode_m3
+from m3distill.m3_outputs import M3_OUTPUTS
 from m3distill.models import count_parameters, local_model_folder
 
 logger = logging.getLogger(__name__)
@@ -95,6 +98,7 @@ class TimedModel:
             models of the teacher's runtime.
         keeps_memory: its runtime keeps what a pass allocated for the next one (onnxruntime's CPU arena): its
             memory is measured on its first pass, before the warm-up, which would otherwise hide it.
+        outputs: what one pass produces: ``("dense",)``, or an M3 model's ``("dense", "sparse", "colbert")``.
     """
 
     encode: Callable[[list[str], int], object]
@@ -103,42 +107,59 @@ class TimedModel:
     weights_bytes: int | None
     runtime: str = TORCH_RUNTIME
     keeps_memory: bool = False
+    outputs: tuple[str, ...] = ("dense",)
 
 
 def timed_sentence_transformer(model: SentenceTransformer, *, max_tokens_per_batch: int | None = None,
-                               precision: str = "auto") -> TimedModel:
+                               precision: str = "auto", heads: M3Heads | None = None) -> TimedModel:
     """A sentence-transformers model to time, encoding as the teacher cache does
-    (:func:`m3distill.encoding.encode_texts`: fixed batches or a token budget, bf16 on a GPU with ``auto``)."""
+    (:func:`m3distill.encoding.encode_texts`: fixed batches or a token budget, bf16 on a GPU with ``auto``).
+
+    With ``heads`` (an M3 model's) a pass produces all three outputs at once, as :func:`m3distill.encode_m3` does
+    (fixed batches, the model's own precision); the heads' weights count in its parameters and bytes.
+    """
     from m3distill.encoding import encode_texts, resolve_precision
 
-    parameters = {id(p): p for p in model.parameters()}.values()
+    modules = [model] if heads is None else [model, heads]
+    parameters = {id(p): p for module in modules for p in module.parameters()}.values()
     plain = max_tokens_per_batch is None and resolve_precision(precision, model.device) == "fp32"
 
     def encode(texts: list[str], batch_size: int) -> None:
-        if plain:  # what encode_texts would do too, without its bookkeeping inside the timed turn
+        if heads is not None:
+            encode_m3(model, heads, texts, batch_size=batch_size)
+        elif plain:  # what encode_texts would do too, without its bookkeeping inside the timed turn
             model.encode(texts, batch_size=batch_size, show_progress_bar=False)
         else:
             encode_texts(model, texts, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
                          precision=precision)
 
-    return TimedModel(encode=encode, device=torch.device(model.device), parameters=count_parameters(model),
-                      weights_bytes=sum(p.numel() * p.element_size() for p in parameters))
+    return TimedModel(encode=encode, device=torch.device(model.device),
+                      parameters=sum(p.numel() for p in parameters) if heads is not None else count_parameters(model),
+                      weights_bytes=sum(p.numel() * p.element_size() for p in parameters),
+                      outputs=M3_OUTPUTS if heads is not None else ("dense",))
 
 
-def timed_onnx_encoder(encoder, *, parameters: int | None = None) -> TimedModel:
+def timed_onnx_encoder(encoder, *, parameters: int | None = None, all_outputs: bool = False) -> TimedModel:
     """An ONNX export on onnxruntime's CPU provider (an :class:`m3distill.onnx_serving.OnnxEncoder`) to time.
 
     Args:
         encoder: the loaded export; its ``weights_bytes`` are its weights.
         parameters: the parameter count of the model it was exported from (an export keeps every parameter, int8
             ones in a quarter of the bytes).
+        all_outputs: a pass produces every output the export has (``encode_m3``: an M3 student's three), not the
+            dense embeddings alone.
     """
+    outputs = tuple(encoder.outputs) if all_outputs else ("dense",)
 
     def encode(texts: list[str], batch_size: int) -> None:
-        encoder.encode(texts, batch_size=batch_size)
+        if len(outputs) > 1:
+            encoder.encode_m3(texts, batch_size=batch_size)
+        else:
+            encoder.encode(texts, batch_size=batch_size)
 
     return TimedModel(encode=encode, device=torch.device("cpu"), parameters=parameters,
-                      weights_bytes=int(encoder.weights_bytes), runtime=ONNX_RUNTIME, keeps_memory=True)
+                      weights_bytes=int(encoder.weights_bytes), runtime=ONNX_RUNTIME, keeps_memory=True,
+                      outputs=outputs)
 
 
 @dataclass(frozen=True)
@@ -291,6 +312,8 @@ def measure_speed(
         encoders = {label: _encoder(model, texts, config.batch_size) for label, model in timed.items()}
         throughput = interleaved_throughput(encoders, config.repeats, config.min_seconds_per_repeat,
                                             after_turn=bar.update)
+    for label, model in timed.items():
+        metrics[label][SPEED_OUTPUTS] = "+".join(model.outputs)
     runtimes = {label: model.runtime for label, model in timed.items()}
     devices = {label: model.device.type for label, model in timed.items()}
     for label, figures in speed_figures(throughput, teacher, layers, len(texts), runtimes=runtimes,

@@ -7,6 +7,11 @@ batch and sequence axes, and returns ``last_hidden_state``; pooling and normalis
 (:class:`m3distill.onnx_serving.OnnxEncoder`). It is traced on a batch that holds padding: on a batch without any,
 transformers skips the attention mask altogether and the trace would ignore it (a cosine of 0.989 instead of 1.0).
 
+With ``export.graph_fusions`` (the default) the encoder is traced with eager attention (the SDPA trace masks every
+attention score with a Where/IsNaN pass that took a fifth of the int8 graph's time on documentation passages) and
+the graph is then fused by onnxruntime's transformer optimizer (GELU, LayerNorm, skip-LayerNorm kernels). A fused
+graph that misses the tolerances below is replaced by the plain one, so fusing never costs fidelity.
+
 A student of an M3 teacher (bge-m3's sparse and ColBERT head files beside it) is exported with its heads: the same
 graph also returns ``sparse_weights`` and ``colbert_vectors`` (see :mod:`m3distill.m3`), and the float32 graph must
 match the torch student on all three: dense mean cosine and every ColBERT vector's cosine at least
@@ -109,18 +114,26 @@ def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts
     started = time.perf_counter()
     fp32 = out_dir / Path(ONNX_VARIANT_FILES["onnx"]).name
     external = _weights_bytes(model) > EXTERNAL_DATA_ABOVE_BYTES
-    graph_inputs = export_graph(model, fp32, opset=config.opset, external_data=external, heads=heads)
+    fusions: dict[str, int] | None = None
+    if config.graph_fusions:
+        graph_inputs = export_graph(model, fp32, opset=config.opset, external_data=external, heads=heads, fused=True)
+        fusions = _fused_or_none(model, fp32, external)
+    else:
+        graph_inputs = export_graph(model, fp32, opset=config.opset, external_data=external, heads=heads)
     step("verifying float32")
     encoder = OnnxEncoder(student_dir, "onnx", file=fp32, threads=threads)
-    mean, low = _agreement(encoder, texts, reference, config.batch_size)
-    if mean < config.min_cosine:
-        raise M3DistillError(
-            f"the ONNX export of {student_dir.name} gives a mean cosine of {mean:.6f} to the torch student (lowest "
-            f"{low:.6f}), below export.min_cosine {config.min_cosine}; nothing was written"
-        )
-    m3 = m3_agreement(encoder, texts, m3_reference, config.batch_size) if m3_reference is not None else None
-    if m3 is not None:
-        _check_m3_agreement(student_dir, m3, config.min_cosine)
+    try:
+        mean, low, m3 = _verified(student_dir, encoder, texts, reference, m3_reference, config)
+    except M3DistillError as error:
+        if not config.graph_fusions:
+            raise
+        logger.warning("%s: the fused graph departs from the torch student (%s); exporting the plain graph instead",
+                       student_dir.name, error)
+        _remove_graph(fp32, out_dir)
+        graph_inputs = export_graph(model, fp32, opset=config.opset, external_data=external, heads=heads)
+        fusions = None
+        encoder = OnnxEncoder(student_dir, "onnx", file=fp32, threads=threads)
+        mean, low, m3 = _verified(student_dir, encoder, texts, reference, m3_reference, config)
     built = {"onnx": BuiltVariant(_files_of(fp32, out_dir), mean, low, time.perf_counter() - started, m3)}
     logger.info("%s: float32 ONNX export, mean cosine %.7f (lowest %.7f) to the torch student", student_dir.name,
                 mean, low)
@@ -146,6 +159,8 @@ def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts
         "graph_outputs": [GRAPH_OUTPUT, SPARSE_OUTPUT, COLBERT_OUTPUT] if heads is not None else [GRAPH_OUTPUT],
         "opset": config.opset,
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        # None: the plain graph (fusions off, or the fused graph missed the tolerances); else fused operator counts.
+        "graph_fusions": fusions,
         "max_seq_length": spec.max_seq_length,
         "pooling": list(spec.pooling_modes),
         "normalize": spec.normalize,
@@ -153,6 +168,74 @@ def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts
         "external_data": external,
     }
     return built, facts
+
+
+def _verified(student_dir: Path, encoder: OnnxEncoder, texts: list[str], reference: np.ndarray,
+              m3_reference: M3Embeddings | None, config: ExportConfig) -> tuple[float, float, dict[str, float] | None]:
+    """The float32 graph's mean and lowest cosine to the torch student (and its M3 figures); raises
+    :class:`M3DistillError` when it misses the tolerances."""
+    mean, low = _agreement(encoder, texts, reference, config.batch_size)
+    if mean < config.min_cosine:
+        raise M3DistillError(
+            f"the ONNX export of {student_dir.name} gives a mean cosine of {mean:.6f} to the torch student (lowest "
+            f"{low:.6f}), below export.min_cosine {config.min_cosine}; nothing was written"
+        )
+    m3 = m3_agreement(encoder, texts, m3_reference, config.batch_size) if m3_reference is not None else None
+    if m3 is not None:
+        _check_m3_agreement(student_dir, m3, config.min_cosine)
+    return mean, low, m3
+
+
+def _fused_or_none(model: SentenceTransformer, graph_file: Path, external_data: bool) -> dict[str, int] | None:
+    """Fuse ``graph_file`` in place (:func:`fuse_graph`); None, the plain graph kept, when the optimizer fails."""
+    config = transformer_backbone(model).config
+    try:
+        return fuse_graph(graph_file, num_heads=int(getattr(config, "num_attention_heads", 0) or 0),
+                          hidden_size=int(getattr(config, "hidden_size", 0) or 0), external_data=external_data)
+    except Exception as error:  # noqa: BLE001 - the optimizer is best effort; the plain graph still serves
+        logger.warning("onnxruntime's transformer optimizer failed on %s (%s); the graph stays unfused",
+                       graph_file.name, error)
+        return None
+
+
+def fuse_graph(graph_file: Path, *, num_heads: int = 0, hidden_size: int = 0,
+               external_data: bool = False) -> dict[str, int]:
+    """Fuse an encoder graph in place with onnxruntime's transformer optimizer (``model_type="bert"``, its Python
+    fusions only; onnxruntime applies its own graph optimisations when it loads the file).
+
+    Args:
+        graph_file: the float32 ONNX file (with its external data beside it when ``external_data``).
+        num_heads: attention heads (0: the optimizer reads them from the graph).
+        hidden_size: hidden size (0: read from the graph).
+        external_data: keep the weights in a data file beside the graph, named as torch names it.
+
+    Returns the fused operators and their counts (those that occur).
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet_exporter():
+        optimized = optimize_model(str(graph_file), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                                   opt_level=0)
+    fused = {name: int(count) for name, count in optimized.get_fused_operator_statistics().items() if count}
+    staging = graph_file.parent / f".fusing-{graph_file.stem}"
+    staging.mkdir()
+    try:
+        # The data file is named after the graph file, as torch.onnx names it (<name>.data).
+        optimized.save_model_to_file(str(staging / graph_file.name), use_external_data_format=external_data,
+                                     all_tensors_to_one_file=True)
+        _remove_graph(graph_file, graph_file.parent)
+        for path in staging.iterdir():
+            path.rename(graph_file.parent / path.name)
+    finally:
+        for path in staging.iterdir():
+            path.unlink()
+        staging.rmdir()
+    return fused
+
+
+def _remove_graph(graph_file: Path, out_dir: Path) -> None:
+    for name in _files_of(graph_file, out_dir):
+        (out_dir / Path(name).name).unlink()
 
 
 def m3_agreement(encoder: OnnxEncoder, texts: list[str], reference: M3Embeddings,
@@ -229,10 +312,11 @@ class _M3Encoder(_Encoder):
 
 
 def export_graph(model: SentenceTransformer, out_file: Path, *, opset: int, external_data: bool = False,
-                 heads: M3Heads | None = None) -> list[str]:
+                 heads: M3Heads | None = None, fused: bool = False) -> list[str]:
     """Export ``model``'s encoder to ``out_file`` (weights in ``<name>.data`` beside it when ``external_data``);
     returns the graph's input names, those the model's tokenizer gives. With ``heads`` (an M3 student's) the graph
-    also returns the sparse weights and the ColBERT vectors."""
+    also returns the sparse weights and the ColBERT vectors. With ``fused`` the encoder is traced with eager
+    attention (a graph :func:`fuse_graph` then fuses; the model is left with its own attention afterwards)."""
     backbone = transformer_backbone(model)
     accepted = set(inspect.signature(backbone.forward).parameters)
     features = model.preprocess(list(_TRACE_TEXTS))
@@ -246,7 +330,7 @@ def export_graph(model: SentenceTransformer, out_file: Path, *, opset: int, exte
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     wrapper = (_Encoder(backbone, names) if heads is None else _M3Encoder(backbone, names, heads)).eval()
     outputs = [GRAPH_OUTPUT] if heads is None else [GRAPH_OUTPUT, SPARSE_OUTPUT, COLBERT_OUTPUT]
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), _quiet_exporter(), (_eager_attention(backbone) if fused else contextlib.nullcontext()):
         program = torch.onnx.export(
             wrapper, example, dynamo=True, input_names=names, output_names=outputs, opset_version=opset,
             dynamic_shapes={name: {0: batch, 1: sequence} for name in names}, verbose=False, optimize=True,
@@ -255,12 +339,32 @@ def export_graph(model: SentenceTransformer, out_file: Path, *, opset: int, exte
     return names
 
 
+@contextlib.contextmanager
+def _eager_attention(backbone: torch.nn.Module) -> Iterator[None]:
+    """The Hugging Face model with eager attention while it is traced (no change for models without the choice)."""
+    previous = getattr(getattr(backbone, "config", None), "_attn_implementation", None)
+    switch = getattr(backbone, "set_attn_implementation", None)
+    changed = False
+    if switch is not None and previous not in (None, "eager"):
+        try:
+            switch("eager")
+            changed = True
+        except (ValueError, ImportError, NotImplementedError) as error:
+            logger.info("keeping %s attention for the trace: %s", previous, error)
+    try:
+        yield
+    finally:
+        if changed:
+            switch(previous)
+
+
 def quantize_int8(fp32: Path, int8: Path, settings: QuantizationConfig, *, external_data: bool = False) -> None:
     """Dynamic int8 quantisation of the float32 graph ``fp32`` into ``int8`` (onnxruntime's ``quantize_dynamic``).
 
     An M3 student's head MatMuls (those fed by the last hidden state) stay float32 unless ``settings.heads``: they
     are a small share of the weights, and the sparse weights pass through a ReLU whose threshold int8 noise moves.
     """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet_exporter():
@@ -269,6 +373,8 @@ def quantize_int8(fp32: Path, int8: Path, settings: QuantizationConfig, *, exter
             reduce_range=settings.reduce_range, weight_type=getattr(QuantType, _WEIGHT_TYPES[settings.weight_type]),
             use_external_data_format=external_data,
             nodes_to_exclude=[] if settings.heads else head_nodes(fp32),
+            # Fused operators (onnxruntime's contrib domain) escape ONNX shape inference: their outputs are float.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
 
 

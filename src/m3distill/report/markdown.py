@@ -282,10 +282,21 @@ def _speed_section(report: Report) -> list[str]:
          f"is the increase over the loaded model while encoding, measured as {', '.join(memory_measures)}."
          + (" ONNX variants run on onnxruntime's CPU provider (see Serving variants); their memory is measured on "
             "their first pass, since onnxruntime keeps what a pass allocated."
-            if any(model.is_variant for model in report.models) else "")),
+            if any(model.is_variant for model in report.models) else "")
+         + _outputs_timed(report)),
         "",
     ]
     return lines
+
+
+def _outputs_timed(report: Report) -> str:
+    """A sentence naming the models timed on all three M3 outputs at once ("" when every model gave dense alone)."""
+    all_three = [model.name for model in report.models
+                 if "+" in str(model.metrics.get(metric_names.SPEED_OUTPUTS, ""))]
+    if not all_three:
+        return ""
+    return (f" {', '.join(all_three)} {'was' if len(all_three) == 1 else 'were'} timed producing dense, sparse and "
+            "ColBERT outputs at once (one forward pass per batch, heads and post-processing included).")
 
 
 def _vocabulary_section(report: Report) -> list[str]:

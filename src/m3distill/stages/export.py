@@ -39,7 +39,7 @@ class ExportStageResult:
 def export_fingerprint(student_dir: str | Path, config: ExportConfig) -> Fingerprint:
     """What an export of ``student_dir`` is made from: the student's model files (its config, tokenizer and
     weights; not its card, its heads nor ``onnx/`` itself) and the settings that shape the files."""
-    settings = settings_record(config, include={"variants", "opset", "quantization"})
+    settings = settings_record(config, include={"variants", "opset", "graph_fusions", "quantization"})
     if "int8" not in config.variants:
         settings.pop("quantization")
     return Fingerprint({"student" + CONTENTS: hash_model_files(student_dir), **flatten("export", settings)})
