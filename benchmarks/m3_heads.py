@@ -3,6 +3,7 @@
     python benchmarks/m3_heads.py                       # 300 steps per student, work folder in /tmp
     python benchmarks/m3_heads.py --max-steps 600 --work /tmp/m3-heads
     python benchmarks/m3_heads.py --serving --work /tmp/m3-heads   # + the trained student's ONNX fp32 / int8 exports
+    python benchmarks/m3_heads.py --serving --graphs fused,plain   # + the unfused graph beside the fused one
 
 On the bundled sample corpus with the M3 test teacher (the packaged all-MiniLM-L6-v2 plus seeded random bge-m3
 heads, :func:`m3distill.m3.make_m3_test_teacher`), it trains two 2-of-6-layer students at the same step budget,
@@ -70,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serving", action="store_true", help="also the ONNX exports of the trained student")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each model (--serving)")
     parser.add_argument("--speed-texts", type=int, default=256, help="texts timed per repeat (--serving)")
+    parser.add_argument("--graphs", default="fused", help="exported graphs (--serving): fused (export.graph_fusions, "
+                        "the default), plain (the unfused graph), or both: fused,plain")
     args = parser.parse_args(argv)
+    graphs = [name.strip() for name in args.graphs.split(",") if name.strip()]
+    if not graphs or set(graphs) - {"fused", "plain"}:
+        parser.error("--graphs takes fused, plain or both")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="m3distill-m3-heads-"))
     config = load_config(REPO / "configs" / "demo.yaml")
@@ -114,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 for label, folder in {"teacher": teacher_dir, **students}.items()}
     served = {}
     if args.serving:
-        served = _exports(students["+ head losses (default)"], work, config.training.max_seq_length)
+        for graph in graphs:
+            served.update(_exports(students["+ head losses (default)"], work, config.training.max_seq_length, graph))
         encoders.update(served)
     for label, encode in encoders.items():
         encoded = encode(texts, 64)
@@ -159,17 +166,18 @@ def _torch_encoder(folder: Path, max_seq_length: int | None):
     return lambda texts, batch_size: encode_m3(model, heads, texts, batch_size=batch_size)
 
 
-def _exports(student: Path, work: Path, max_seq_length: int | None) -> dict:
-    """The student's float32 and int8 exports (one graph: all three outputs) as encoders, by label."""
+def _exports(student: Path, work: Path, max_seq_length: int | None, graph: str) -> dict:
+    """The student's float32 and int8 exports (one graph: all three outputs) as encoders, by label; ``graph``:
+    ``fused`` (the default export) or ``plain`` (``export.graph_fusions: false``)."""
     from m3distill import export_student
     from m3distill.config import ExportConfig
     from m3distill.onnx_serving import OnnxEncoder
     from m3distill.stages.export import export_status
 
-    folder = work / "exports" / student.name
+    folder = work / "exports" / ("" if graph == "fused" else graph) / student.name
     if not folder.is_dir():
         shutil.copytree(student, folder, ignore=shutil.ignore_patterns("onnx", "checkpoint*"))
-    config = ExportConfig(enabled=True)
+    config = ExportConfig(enabled=True, graph_fusions=graph == "fused")
     # An export made with other settings (an earlier m3distill's) is redone, as `m3distill export --force` would.
     result = export_student(folder, config, force=export_status(folder, config).state == "stale", show_progress=False)
     print(result.line(), file=sys.stderr)
@@ -178,8 +186,8 @@ def _exports(student: Path, work: Path, max_seq_length: int | None) -> dict:
     encoders = {}
     for variant, title in (("onnx", "ONNX fp32"), ("int8", "ONNX int8")):
         encoder = OnnxEncoder(folder, variant, max_seq_length=max_seq_length)
-        encoders[f"student {title}"] = lambda texts, batch_size, encoder=encoder: encoder.encode_m3(
-            texts, batch_size=batch_size)
+        label = f"student {title}" + ("" if graph == "fused" else f" ({graph} graph)")
+        encoders[label] = lambda texts, batch_size, encoder=encoder: encoder.encode_m3(texts, batch_size=batch_size)
     return encoders
 
 
