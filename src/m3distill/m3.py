@@ -130,11 +130,12 @@ class M3Heads(nn.Module):
     def colbert_vectors(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """ColBERT vectors of every token but the first, padding zeroed, normalised: (batch, tokens - 1, dim)."""
         vectors = self.colbert_linear(hidden[:, 1:]) * attention_mask[:, 1:, None].to(hidden.dtype)
-        # F.normalize's arithmetic (x / max(|x|, 1e-12)) in operators whose traced form (Mul, ReduceSum, Sqrt, a
-        # broadcasting Div) onnxruntime's shape inference follows: F.normalize's Expand and ReduceL2 it cannot, and
-        # where it fails the exported graph stays unfused.
-        norms = (vectors * vectors).sum(dim=-1, keepdim=True).sqrt()
-        return vectors / norms.clamp_min(1e-12)
+        # F.normalize's arithmetic (x / max(|x|, 1e-12)) in operators whose traced form (Mul, ReduceSum, Clip, Sqrt,
+        # a broadcasting Div) onnxruntime's shape inference follows: F.normalize's Expand and ReduceL2 it cannot,
+        # and where it fails the exported graph stays unfused. Clamped before the root: padding rows are zero, and
+        # the root's gradient at zero would turn the ColBERT loss into NaN.
+        norms = (vectors * vectors).sum(dim=-1, keepdim=True).clamp_min(1e-24).sqrt()
+        return vectors / norms
 
 
 def unused_token_ids(tokenizer) -> set[int]:
