@@ -193,6 +193,12 @@ class _Models:
     sources: dict[str, str]
 
     @property
+    def m3_teacher(self) -> bool:
+        """Whether the teacher is an M3 model: then every model with the heads is searched and timed on all three
+        outputs, its exports included."""
+        return self.heads.get(TEACHER_LABEL) is not None
+
+    @property
     def variant_of(self) -> dict[str, str]:
         return {label: variant.student for label, variant in self.variants.items()}
 
@@ -345,9 +351,8 @@ def _encode(models: _Models, texts: list[str], cache: EmbeddingsCache,
             # The sparse and ColBERT outputs need the encoding; dense stays the provided one (the teacher cache's).
             found.dense = provided
         embeddings[label] = found
-    # An M3 student's export gives all three outputs only where the teacher's are searched (an M3 teacher).
-    m3 = models.heads.get(TEACHER_LABEL) is not None
-    embeddings.update({label: cache.variant(label, variant, texts, m3=m3) for label, variant in models.variants.items()})
+    embeddings.update({label: cache.variant(label, variant, texts, m3=models.m3_teacher)
+                       for label, variant in models.variants.items()})
     return {label: embeddings[label] for label in models.labels}
 
 
@@ -380,7 +385,7 @@ def _measure(models: _Models, embeddings: dict[str, M3Embeddings], real_embeddin
                 {label: real_embeddings[label] for label in models.labels},
                 {label: embeddings[label].dense[n_questions:] for label in models.labels}, inputs.real, config.k,
                 backend, measured.metrics, TEACHER_LABEL)
-    if models.heads.get(TEACHER_LABEL) is not None:
+    if models.m3_teacher:
         measured.outputs += list(M3_RETRIEVAL_OUTPUTS)
         with _timed(timings, "retrieval_m3"):
             _measure_m3_retrieval(embeddings, data, config, backend, measured.metrics, measured.pair_reports,
@@ -388,10 +393,8 @@ def _measure(models: _Models, embeddings: dict[str, M3Embeddings], real_embeddin
     embeddings.clear()  # the speed measurement wants the memory
     with _timed(timings, "speed"):
         measured.layers = models.layers()
-        # Under an M3 teacher every model that has the three outputs is timed producing all three at once.
-        m3 = models.heads.get(TEACHER_LABEL) is not None
         timed: dict[str, SentenceTransformer | TimedModel] = {
-            label: timed_onnx_encoder(models.variants[label].encoder, all_outputs=m3,
+            label: timed_onnx_encoder(models.variants[label].encoder, all_outputs=models.m3_teacher,
                                       parameters=count_parameters(models.torch[models.variants[label].student]))
             if label in models.variants else
             timed_sentence_transformer(models.torch[label], heads=models.heads[label])

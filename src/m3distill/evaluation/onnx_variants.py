@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,23 +51,19 @@ class Variant:
 
     def encode(self, texts: list[str], *, batch_size: int, label: str, show_progress: bool) -> np.ndarray:
         """Float32 embeddings of ``texts`` (a progress step per chunk of texts)."""
-        chunks = []
-        for start in tqdm(range(0, len(texts), _ENCODE_CHUNK), desc=f"encode {label}", unit="chunk",
-                          disable=not show_progress):
-            chunks.append(np.asarray(self.encoder.encode(texts[start:start + _ENCODE_CHUNK], batch_size=batch_size),
-                                     dtype=np.float32))
+        chunks = [np.asarray(self.encoder.encode(chunk, batch_size=batch_size), dtype=np.float32)
+                  for chunk in _chunks(texts, label, show_progress)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.encoder.dim), np.float32)
 
     @property
     def has_m3_outputs(self) -> bool:
         """Whether the export returns bge-m3's sparse and ColBERT outputs too (an M3 student's, record format 2)."""
-        return len(getattr(self.encoder, "outputs", ("dense",))) > 1
+        return len(self.encoder.outputs) > 1
 
     def encode_m3(self, texts: list[str], *, batch_size: int, label: str, show_progress: bool) -> M3Embeddings:
         """All the export's outputs of ``texts`` (dense, sparse, ColBERT), a progress step per chunk of texts."""
-        chunks = [self.encoder.encode_m3(texts[start:start + _ENCODE_CHUNK], batch_size=batch_size)
-                  for start in tqdm(range(0, len(texts), _ENCODE_CHUNK), desc=f"encode {label}", unit="chunk",
-                                    disable=not show_progress)]
+        chunks = [self.encoder.encode_m3(chunk, batch_size=batch_size)
+                  for chunk in _chunks(texts, label, show_progress)]
         if not chunks:
             return M3Embeddings(dense=np.zeros((0, self.encoder.dim), np.float32), sparse=[], colbert=[])
         return M3Embeddings(dense=np.concatenate([chunk.dense for chunk in chunks]),
@@ -148,3 +145,10 @@ def export_record_digest(student_dir: str | Path) -> str | None:
     if not record.is_file():
         return None
     return hashlib.sha256(record.read_bytes()).hexdigest()
+
+
+def _chunks(texts: list[str], label: str, show_progress: bool) -> Iterator[list[str]]:
+    """``texts`` in chunks of :data:`_ENCODE_CHUNK`, with a progress bar over them."""
+    for start in tqdm(range(0, len(texts), _ENCODE_CHUNK), desc=f"encode {label}", unit="chunk",
+                      disable=not show_progress):
+        yield texts[start:start + _ENCODE_CHUNK]

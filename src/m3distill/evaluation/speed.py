@@ -68,7 +68,7 @@ from m3distill.metrics import (
 )
 from m3distill.m3 import M3Heads, encode_m3
 from m3distill.m3_outputs import M3_OUTPUTS
-from m3distill.models import count_parameters, local_model_folder
+from m3distill.models import local_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def timed_sentence_transformer(model: SentenceTransformer, *, max_tokens_per_bat
                          precision=precision)
 
     return TimedModel(encode=encode, device=torch.device(model.device),
-                      parameters=sum(p.numel() for p in parameters) if heads is not None else count_parameters(model),
+                      parameters=sum(p.numel() for p in parameters),  # shared weights once, as count_parameters
                       weights_bytes=sum(p.numel() * p.element_size() for p in parameters),
                       outputs=M3_OUTPUTS if heads is not None else ("dense",))
 

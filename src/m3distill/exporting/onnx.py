@@ -114,12 +114,9 @@ def build_variants(student_dir: Path, out_dir: Path, config: ExportConfig, texts
     started = time.perf_counter()
     fp32 = out_dir / Path(ONNX_VARIANT_FILES["onnx"]).name
     external = _weights_bytes(model) > EXTERNAL_DATA_ABOVE_BYTES
-    fusions: dict[str, int] | None = None
-    if config.graph_fusions:
-        graph_inputs = export_graph(model, fp32, opset=config.opset, external_data=external, heads=heads, fused=True)
-        fusions = _fused_or_none(model, fp32, external)
-    else:
-        graph_inputs = export_graph(model, fp32, opset=config.opset, external_data=external, heads=heads)
+    graph_inputs = export_graph(model, fp32, opset=config.opset, external_data=external, heads=heads,
+                                fused=config.graph_fusions)
+    fusions = _fused_or_none(model, fp32, external) if config.graph_fusions else None
     step("verifying float32")
     encoder = OnnxEncoder(student_dir, "onnx", file=fp32, threads=threads)
     try:
