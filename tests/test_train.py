@@ -300,6 +300,65 @@ def test_students_learn_every_context_of_the_corpus_but_no_dev_or_test_question(
     assert distill.training_texts(dataset, questions_only) == dataset.texts(["train"], ["questions"])
 
 
+def test_context_share_repeats_every_context_equally_until_they_make_up_the_share():
+    texts = ["c1", "c2", "q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8"]
+    contexts = {"c1", "c2", "other"}
+    assert distill.context_repeats(texts, contexts, None).tolist() == list(range(10))  # unset: each text once
+    rows = distill.context_repeats(texts, contexts, 0.4)
+    epoch = [texts[row] for row in rows]
+    # 2 contexts against 8 questions: three copies each (6 of 14, 0.43), the fewest that reach 0.4.
+    assert sorted(epoch) == sorted(texts + ["c1", "c2"] * 2)
+    assert epoch[:10] == texts  # every text in its place first, the copies after
+    assert distill.context_repeats(texts, contexts, 0.1).tolist() == list(range(10))  # already above the share
+    assert distill.context_repeats(["q1", "q2"], contexts, 0.5).tolist() == [0, 1]  # no contexts to repeat
+    with pytest.raises(ValueError, match="context_share"):
+        TrainingConfig(context_share=1.0)
+
+
+@pytest.mark.slow
+def test_context_share_trains_on_the_repeated_contexts_and_records_it(small_dataset, tiny_cache, tmp_path,
+                                                                      tiny_xlmr_path):
+    dataset = load_synth_dataset(small_dataset)
+    distinct = distill.training_texts(dataset, TrainingConfig())
+    n_contexts = len(dataset.contexts)
+    training = TrainingConfig(max_steps=2, batch_size=8, max_dev_texts=20, context_share=0.9)
+    [result] = distil_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
+                              students=StudentsConfig(layers=[1]), training=training, out_dir=tmp_path,
+                              show_progress=False)
+    metadata = read_student_metadata(result.path)
+    copies = int(np.ceil(0.9 * (len(distinct) - n_contexts) / (0.1 * n_contexts)))
+    assert copies > 1
+    assert metadata["data"]["train_texts"] == len(distinct)
+    assert metadata["data"]["epoch_texts"] == len(distinct) + (copies - 1) * n_contexts
+    assert metadata["training"]["context_share"] == 0.9
+    # The setting is part of the student's identity once set; unset, it leaves earlier students current.
+    from m3distill.training.record import student_fingerprint
+    plan = {"n_layers": 1}
+    unset = student_fingerprint("d", {}, TrainingConfig(), plan)
+    assert "training.context_share" not in unset.parts
+    assert student_fingerprint("d", {}, TrainingConfig(context_share=0.5), plan).digest != unset.digest
+
+
+@pytest.mark.slow
+def test_frozen_token_embeddings_stay_the_teachers_while_the_layers_train(small_dataset, tiny_cache, tmp_path,
+                                                                          tiny_xlmr_path):
+    # No warm-up: every step moves the weights, so whichever checkpoint is kept has trained.
+    training = TrainingConfig(max_steps=3, batch_size=8, max_dev_texts=20, warmup_ratio=0.0,
+                              freeze_token_embeddings=True)
+    [result] = distil_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
+                              students=StudentsConfig(layers=[1]), training=training, out_dir=tmp_path,
+                              show_progress=False)
+    teacher = SentenceTransformer(str(tiny_xlmr_path)).state_dict()
+    student = SentenceTransformer(str(result.path)).state_dict()
+    [embeddings] = [name for name in student if name.endswith("word_embeddings.weight")]
+    assert torch.equal(student[embeddings], teacher[embeddings])
+    layer = [name for name in student if ".layer.0." in name and name.endswith("dense.weight")][0]
+    kept = layer.replace(".layer.0.", f".layer.{result.layers[0]}.")
+    assert student[layer].shape == teacher[kept].shape
+    assert not torch.equal(student[layer], teacher[kept])  # the layer the student kept did train
+    assert read_student_metadata(result.path)["training"]["freeze_token_embeddings"] is True
+
+
 def test_crops_asked_of_a_dataset_without_them_train_without_them_and_say_so(small_dataset, tiny_cache, tmp_path,
                                                                              caplog, tiny_xlmr_path):
     assert TrainingConfig().texts == ["contexts", "questions"]  # crops are off by default, in synth too

@@ -77,6 +77,7 @@ from m3distill.models import (
     local_model_folder,
     num_layers,
     process_device,
+    transformer_backbone,
 )
 from m3distill.students.build import build_student
 from m3distill.students.vocabulary import (
@@ -329,6 +330,7 @@ class _TrainingJob:
     fingerprint: dict[str, Any]
     train_texts: list[str]
     train_embeddings: np.ndarray
+    epoch_rows: np.ndarray  # rows of train_texts making one epoch (training.context_share repeats the contexts)
     dev: DevSet
     training: TrainingConfig
     search_settings: StudentsConfig
@@ -352,7 +354,9 @@ class _TrainingJob:
         train_texts = _checked_training_texts(dataset, training)
         dev = build_dev_set(dataset, cache, max_texts=training.max_dev_texts, corpus_size=training.dev_corpus_size,
                             seed=training.seed)
-        _schedule(training, len(train_texts))
+        epoch_rows = context_repeats(train_texts, set(dataset.texts(["train", "dev", "test"], ["contexts"])),
+                                     training.context_share)
+        _schedule(training, len(epoch_rows))
         resolve_precision(training.precision, teacher_model.device, bf16_on_cpu=True)
         vocabulary = None
         if search_settings.vocabulary != "full":  # trimmed before training, so the students learn their tokenization
@@ -362,6 +366,7 @@ class _TrainingJob:
             dataset=dataset, cache=cache, teacher_model=teacher_model, teacher_heads=teacher_heads,
             teacher_heads_sha256=head_files_sha256(teacher_folder) if teacher_heads is not None else None,
             fingerprint=fingerprint.to_dict(), train_texts=train_texts, train_embeddings=cache.get(train_texts),
+            epoch_rows=epoch_rows,
             dev=dev, training=training, search_settings=search_settings, show_progress=show_progress,
             vocabulary=vocabulary,
         )
@@ -416,6 +421,8 @@ class _TrainingJob:
         student.max_seq_length = self.training.max_seq_length or self.fingerprint["max_seq_length"]
         if self.training.dropout is not None:
             set_dropout(student, self.training.dropout)
+        if self.training.freeze_token_embeddings:
+            transformer_backbone(student).get_input_embeddings().requires_grad_(False)
         heads = copy.deepcopy(self.teacher_heads).to(student.device) if self.teacher_heads is not None else None
         if heads is not None:
             heads.requires_grad_(True)
@@ -434,7 +441,7 @@ class _TrainingJob:
             logger.info("%s: no checkpoint to resume from; training from the start", plan.name)
         elif last is not None:
             logger.info("%s: resuming from %s", plan.name, Path(last).name)
-        total_steps = _schedule(self.training, len(self.train_texts))[0]
+        total_steps = _schedule(self.training, len(self.epoch_rows))[0]
         seen = total_steps * self.training.batch_size * process_count()
         logger.info("%s: up to %d steps x %d texts = %d texts seen: each of the %d training texts about %.1f times; "
                     "computing in %s", plan.name, total_steps, self.training.batch_size, seen, len(self.train_texts),
@@ -484,9 +491,10 @@ class _TrainingJob:
         return LengthGroupedBatchSampler if self.training.group_by_length else "batch_sampler"
 
     def _train_dataset(self) -> Dataset:
-        dataset = _train_dataset(self.train_texts, self.train_embeddings)
+        texts = [self.train_texts[row] for row in self.epoch_rows]
+        dataset = _train_dataset(texts, self.train_embeddings[self.epoch_rows])
         if self.training.loss.in_batch_kl:
-            register_text_groups(self.train_texts, _text_groups(self.dataset, self.train_texts))
+            register_text_groups(texts, _text_groups(self.dataset, texts))
         return dataset
 
     def _top_k_score(self) -> Callable[[SentenceTransformer], float] | None:
@@ -552,7 +560,7 @@ class _TrainingJob:
 
     def _arguments(self, checkpoints: Path, device: torch.device) -> tuple[SentenceTransformerTrainingArguments, str]:
         training = self.training
-        total_steps, eval_steps, save_steps = _schedule(training, len(self.train_texts))
+        total_steps, eval_steps, save_steps = _schedule(training, len(self.epoch_rows))
         precision = resolve_precision(training.precision, device, bf16_on_cpu=True)
         metric = _best_metric_key(training.best_metric, has_top_k=len(self.dev.corpus) >= DEV_TOP_K)
         args = SentenceTransformerTrainingArguments(
@@ -611,6 +619,7 @@ class _TrainingJob:
                 "dataset": str(self.dataset.root),
                 "teacher_cache": str(self.cache.root),
                 "train_texts": len(self.train_texts),
+                "epoch_texts": len(self.epoch_rows),
                 "all_contexts": _learns_all_contexts(self.training),
                 "dev_texts": len(self.dev.texts),
                 "dev_pairs": len(self.dev.pairs),
@@ -636,6 +645,8 @@ class _TrainingJob:
             "weight_decay": training.weight_decay,
             "loss": settings_record(training.loss),
             "texts": list(training.texts),
+            "context_share": training.context_share,
+            "freeze_token_embeddings": training.freeze_token_embeddings,
             "early_stopping_patience": training.early_stopping_patience,
             "texts_seen": texts_seen,
             "passes_over_train_texts": round(texts_seen / len(self.train_texts), 2),
@@ -835,6 +846,27 @@ def _text_groups(dataset: SynthDataset, texts: list[str]) -> list[int]:
             context_of.setdefault(text, context_id)
     numbers: dict[str, int] = {}
     return [numbers.setdefault(context_of.get(text, f"\0{row}"), len(numbers)) for row, text in enumerate(texts)]
+
+
+def context_repeats(texts: list[str], contexts: set[str], share: float | None) -> np.ndarray:
+    """Rows of ``texts`` making one epoch: each text once, and the contexts among them repeated a whole number of
+    times until they make up at least ``share`` of the rows (``None``: each text once).
+
+    Repeating rather than dropping questions keeps every question; a whole number of copies keeps every context
+    equally often, so the epoch's passages stay balanced.
+    """
+    rows = np.arange(len(texts))
+    if share is None:
+        return rows
+    context_rows = np.array([row for row, text in enumerate(texts) if text in contexts], dtype=np.int64)
+    n_other = len(texts) - len(context_rows)
+    if not len(context_rows) or not n_other:
+        return rows
+    copies = max(1, math.ceil(share * n_other / ((1 - share) * len(context_rows))))
+    if copies > 1:
+        logger.info("training.context_share %g: each context %d times per epoch (%d of %d texts are contexts)",
+                    share, copies, copies * len(context_rows), copies * len(context_rows) + n_other)
+    return np.concatenate([rows, np.tile(context_rows, copies - 1)])
 
 
 def _train_dataset(texts: list[str], embeddings: np.ndarray) -> Dataset:

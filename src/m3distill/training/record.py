@@ -29,6 +29,20 @@ def cache_identity(cache_manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 # Settings that change where or how fast a student trains, not what it learns.
 _TRAINING_LOGISTICS = ("device", "keep_checkpoints", "save_total_limit", "save_steps", "dev_max_tokens_per_batch")
+# Settings added after students were first fingerprinted, with the value that leaves training as it was before
+# them: while they hold it, they stay out of the fingerprint, so students trained before them stay current.
+_ADDED_NEUTRAL = {"context_share": None, "freeze_token_embeddings": False}
+
+
+def neutral_added_settings(training: Any) -> set[str]:
+    """The settings of ``training`` added since the first fingerprints that hold the value that changes nothing."""
+    return {name for name, value in _ADDED_NEUTRAL.items() if getattr(training, name, value) == value}
+
+
+def training_identity(training: Any) -> dict[str, Any]:
+    """The training settings that decide what a student learns, as its fingerprint holds them: the logistics and
+    the neutral added settings (:func:`neutral_added_settings`) left out."""
+    return settings_record(training, exclude=set(_TRAINING_LOGISTICS) | neutral_added_settings(training))
 
 
 def student_fingerprint(dataset: str | None, cache_manifest: Mapping[str, Any], training: Any,
@@ -43,7 +57,7 @@ def student_fingerprint(dataset: str | None, cache_manifest: Mapping[str, Any], 
         teacher_heads: :func:`m3distill.m3.head_files_sha256` of an M3 teacher (``None`` for a dense-only one):
             its students are trained against those heads, which the cache does not cover.
     """
-    settings = settings_record(training, exclude=set(_TRAINING_LOGISTICS))
+    settings = training_identity(training)
     heads = {} if teacher_heads is None else {"teacher.heads" + CONTENTS: teacher_heads}
     return Fingerprint({
         "dataset" + CONTENTS: dataset,
