@@ -123,8 +123,6 @@ def ablations(default: TrainingConfig) -> dict[str, TrainingConfig]:
         rows["- top-k selection (spearman)"] = default.model_copy(update={"best_metric": "spearman"})
     if resolve_precision(default.precision, "cpu", bf16_on_cpu=True) == "bf16":  # auto on a CPU with native bf16
         rows["- bf16 on this CPU (fp32)"] = default.model_copy(update={"precision": "fp32"})
-    if not default.freeze_token_embeddings:
-        rows["+ frozen token embeddings"] = default.model_copy(update={"freeze_token_embeddings": True})
     for kind, name in (("crops", "+ crops"), ("general", "+ general text")):
         if kind not in default.texts:
             rows[name] = default.model_copy(update={"texts": [*default.texts, kind]})

@@ -339,26 +339,6 @@ def test_context_share_trains_on_the_repeated_contexts_and_records_it(small_data
     assert student_fingerprint("d", {}, TrainingConfig(context_share=0.5), plan).digest != unset.digest
 
 
-@pytest.mark.slow
-def test_frozen_token_embeddings_stay_the_teachers_while_the_layers_train(small_dataset, tiny_cache, tmp_path,
-                                                                          tiny_xlmr_path):
-    # No warm-up: every step moves the weights, so whichever checkpoint is kept has trained.
-    training = TrainingConfig(max_steps=3, batch_size=8, max_dev_texts=20, warmup_ratio=0.0,
-                              freeze_token_embeddings=True)
-    [result] = distil_students(small_dataset, tiny_cache, teacher=TeacherConfig(model=str(tiny_xlmr_path)),
-                              students=StudentsConfig(layers=[1]), training=training, out_dir=tmp_path,
-                              show_progress=False)
-    teacher = SentenceTransformer(str(tiny_xlmr_path)).state_dict()
-    student = SentenceTransformer(str(result.path)).state_dict()
-    [embeddings] = [name for name in student if name.endswith("word_embeddings.weight")]
-    assert torch.equal(student[embeddings], teacher[embeddings])
-    layer = [name for name in student if ".layer.0." in name and name.endswith("dense.weight")][0]
-    kept = layer.replace(".layer.0.", f".layer.{result.layers[0]}.")
-    assert student[layer].shape == teacher[kept].shape
-    assert not torch.equal(student[layer], teacher[kept])  # the layer the student kept did train
-    assert read_student_metadata(result.path)["training"]["freeze_token_embeddings"] is True
-
-
 def test_crops_asked_of_a_dataset_without_them_train_without_them_and_say_so(small_dataset, tiny_cache, tmp_path,
                                                                              caplog, tiny_xlmr_path):
     assert TrainingConfig().texts == ["contexts", "questions"]  # crops are off by default, in synth too

@@ -306,10 +306,6 @@ class TrainingConfig(_Section):
         "the corpus they will index, never the questions or crops of those splits, which stay unseen. false holds "
         "those contexts out too, as for documents indexed after training. Only with contexts in texts.",
     )
-    freeze_token_embeddings: bool = Field(
-        False, description="Keep the teacher's token embeddings as they are while the layers train (fewer weights "
-        "fitted to the corpus's own words).",
-    )
     context_share: float | None = Field(
         None, gt=0, lt=1, description="Share of each epoch's texts that are contexts: the contexts repeat within an "
         "epoch until they make up at least this share, so more questions per context (synth.questions_per_context) "

@@ -77,7 +77,6 @@ from m3distill.models import (
     local_model_folder,
     num_layers,
     process_device,
-    transformer_backbone,
 )
 from m3distill.students.build import build_student
 from m3distill.students.vocabulary import (
@@ -421,8 +420,6 @@ class _TrainingJob:
         student.max_seq_length = self.training.max_seq_length or self.fingerprint["max_seq_length"]
         if self.training.dropout is not None:
             set_dropout(student, self.training.dropout)
-        if self.training.freeze_token_embeddings:
-            transformer_backbone(student).get_input_embeddings().requires_grad_(False)
         heads = copy.deepcopy(self.teacher_heads).to(student.device) if self.teacher_heads is not None else None
         if heads is not None:
             heads.requires_grad_(True)
@@ -646,7 +643,6 @@ class _TrainingJob:
             "loss": settings_record(training.loss),
             "texts": list(training.texts),
             "context_share": training.context_share,
-            "freeze_token_embeddings": training.freeze_token_embeddings,
             "early_stopping_patience": training.early_stopping_patience,
             "texts_seen": texts_seen,
             "passes_over_train_texts": round(texts_seen / len(self.train_texts), 2),

@@ -31,7 +31,7 @@ def cache_identity(cache_manifest: Mapping[str, Any]) -> dict[str, Any]:
 _TRAINING_LOGISTICS = ("device", "keep_checkpoints", "save_total_limit", "save_steps", "dev_max_tokens_per_batch")
 # Settings added after students were first fingerprinted, with the value that leaves training as it was before
 # them: while they hold it, they stay out of the fingerprint, so students trained before them stay current.
-_ADDED_NEUTRAL = {"context_share": None, "freeze_token_embeddings": False}
+_ADDED_NEUTRAL = {"context_share": None}
 
 
 def neutral_added_settings(training: Any) -> set[str]:
