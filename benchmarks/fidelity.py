@@ -223,11 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         runs += [(name, args.ablation_layers, default_layers, training, default_synth)
                  for name, training in additions(default).items()]
     if "ceiling" in wanted and faq:
-        # Not a recipe: the test questions themselves as general text. How close 2 layers can come to the teacher
-        # on these questions once they are seen tells a capacity limit from a gap in what the students see.
-        runs.append(("ceiling: the test questions seen (diagnostic)", args.ablation_layers, default_layers,
-                     default.model_copy(update={"texts": [*default.texts, "general"]}),
-                     {"general": str(work / "faq" / "test-questions-as-general.jsonl"), "general_ratio": 1.0}))
+        # Not recipes: the test questions themselves as general text. How close 2 layers come to the teacher on
+        # these questions once they are seen tells a capacity limit from a gap in what the students see; with half
+        # of them seen (every other question of each set, as a query log would give), the other half shows how far
+        # real questions of the same documents carry. The default row is printed beside them on that other half.
+        with_general = default.model_copy(update={"texts": [*default.texts, "general"]})
+        runs += [("default", args.ablation_layers, default_layers, default, default_synth),
+                 ("ceiling: the test questions seen (diagnostic)", args.ablation_layers, default_layers, with_general,
+                  {"general": str(work / "faq" / "test-questions-as-general.jsonl"), "general_ratio": 1.0}),
+                 ("ceiling: half the test questions seen (diagnostic)", args.ablation_layers, default_layers,
+                  with_general,
+                  {"general": str(work / "faq" / "test-questions-half-as-general.jsonl"), "general_ratio": 1.0})]
     if args.only:
         runs = [run for run in runs if any(word in run[0] for word in args.only.split(","))]
     vocabulary = {"vocabulary": args.vocabulary, "vocabulary_budget": args.vocabulary_budget}
@@ -262,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{folder.name}/{n_layers}"
         if key in measured and is_trained_student(folder / measured[key]["student"]):
             row = measured[key]
+            if faq and "real_odd_half" not in row:  # measured before that figure existed: measured again
+                row = {**row, **bench.measure(folder / row["student"])}
+                _save_row(measured_file, key, row)
         else:
             students = StudentsConfig(layers=[n_layers], strategy=strategy, **vocabulary)
             dataset_dir, cache_dir = bench.prepare(synth) if faq else (dataset_dir, cache_dir)
@@ -270,12 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"recipe": name, "layers": n_layers, "kept": list(result.layers), "steps": result.global_step,
                    "minutes": result.train_seconds / 60, "student": result.path.name,
                    **(bench.measure(result.path) if faq else evaluation.measure(result.path))}
-            # Re-read before writing: another fidelity.py on the same work folder may have added rows meanwhile.
-            measured = json.loads(measured_file.read_text()) if measured_file.is_file() else {}
-            measured[key] = row
-            partial = measured_file.with_name(f"{measured_file.name}.{os.getpid()}.tmp")
-            partial.write_text(json.dumps(measured, indent=1))
-            partial.replace(measured_file)
+            _save_row(measured_file, key, row)
         results.append({**row, "seed": seed})
         print(json.dumps(results[-1]), flush=True)
 
@@ -295,6 +299,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {first['recipe']} | {first['layers']}L {first['kept']} | {first['steps']} | {' | '.join(cells)} | "
               f"{np.mean([row['minutes'] for row in group]):.1f} |")
     return 0
+
+
+def _save_row(measured_file: Path, key: str, row: dict) -> None:
+    # Re-read before writing: another fidelity.py on the same work folder may have added rows meanwhile.
+    measured = json.loads(measured_file.read_text()) if measured_file.is_file() else {}
+    measured[key] = row
+    partial = measured_file.with_name(f"{measured_file.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(measured, indent=1))
+    partial.replace(measured_file)
 
 
 def print_faq_tables(results: list[dict], seeds: list[int], bench: FaqBenchmark, budget: int, batch_size: int, *,
@@ -325,6 +338,17 @@ def print_faq_tables(results: list[dict], seeds: list[int], bench: FaqBenchmark,
         for group in groups:
             first = group[0]
             cells = [_cell([row["real"][name]["p@10"] for row in group]) for name in (*names, "mean")]
+            print(f"| {first['recipe']} | {first['layers']}L {first['kept']} | {' | '.join(cells)} |")
+    halves = [group for group in groups if "real_odd_half" in group[0]]
+    if any("half the test questions" in group[0]["recipe"] for group in halves):
+        print(f"\nthe half of the real questions the 'half seen' ceiling never trained on "
+              f"({halves[0][0]['real_odd_half']['questions']} questions; every other one of each set)\n")
+        print("| recipe | student | P@10 | P@50 | P@10 query-side | MRR@10 / teacher's | cos questions |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for group in halves:
+            first = group[0]
+            cells = [_cell([row["real_odd_half"][key] for row in group], share=key.endswith("share"))
+                     for key in ("p@10", "p@50", "query_side_p@10", "mrr_share", "cos_questions")]
             print(f"| {first['recipe']} | {first['layers']}L {first['kept']} | {' | '.join(cells)} |")
 
 
@@ -439,6 +463,10 @@ class FaqBenchmark:
         self.real = RealQuestionSearch(self.questions_file, dataset_dir, self.cache_dir, config.teacher, work,
                                        batch_size=config.evaluation.batch_size)
         self.real.n_questions = len(self.real.questions)
+        half = faq / "test-questions-half-as-general.jsonl"  # the --rows ceiling diagnostic only
+        if not half.is_file():
+            half.write_text("".join(json.dumps({"text": text}) + "\n" for text in self.real.even_half_texts()),
+                            encoding="utf-8")
         self.pseudo = {"sentences": self._pseudo_questions(PREVIOUS_DEFAULT_SYNTH)}
         if "sentence" not in defaults.query_shapes:
             self.pseudo["queries"] = self._pseudo_questions({})
@@ -470,7 +498,9 @@ class FaqBenchmark:
         encode = lambda texts: student.encode(texts, batch_size=self.config.evaluation.batch_size,  # noqa: E731
                                               convert_to_numpy=True, show_progress_bar=False)
         contexts = encode(self.real.contexts)
-        figures = {"real": self.real.measure(encode(self.real.questions), contexts), "pseudo": {}}
+        questions = encode(self.real.questions)
+        figures = {"real": self.real.measure(questions, contexts), "pseudo": {},
+                   "real_odd_half": self.real.measure(questions, contexts, only=self.real.odd_half())["mean"]}
         for kind, pseudo in self.pseudo.items():
             q = encode(pseudo["texts"])
             figures["pseudo"][kind] = {

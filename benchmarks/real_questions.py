@@ -57,26 +57,44 @@ class RealQuestionSearch:
         self.teacher_top = top_k_rows(self.teacher_q, self.teacher_c)
         self.teacher_gt = self._ground_truth(self.teacher_top)
 
-    def _ground_truth(self, top: np.ndarray) -> dict[str, tuple[float, float]]:
+    def _set_rows(self, name: str, only: np.ndarray | None = None) -> np.ndarray:
+        return np.array([i for i, s in enumerate(self.sets) if s == name and (only is None or only[i])])
+
+    def _ground_truth(self, top: np.ndarray, only: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
         figures = {}
         for name in self.set_names:
-            rows = [i for i, s in enumerate(self.sets) if s == name]
+            rows = self._set_rows(name, only)
             gt = ground_truth_metrics(top[rows], [self.relevant[i] for i in rows], [10], "exact")
             figures[name] = (gt[mrr_metric("exact")], gt[recall_metric("exact", 10)])
         return figures
 
-    def measure(self, student_q: np.ndarray, student_c: np.ndarray) -> dict[str, dict[str, float]]:
+    def odd_half(self) -> np.ndarray:
+        """Every other question of each set, from its second (``True``), the half the ``ceiling`` rows of
+        benchmarks/fidelity.py never train on; the other half is :meth:`even_half_texts`."""
+        odd = np.zeros(len(self.questions), dtype=bool)
+        for name in self.set_names:
+            odd[self._set_rows(name)[1::2]] = True
+        return odd
+
+    def even_half_texts(self) -> list[str]:
+        odd = self.odd_half()
+        return [text for text, is_odd in zip(self.questions, odd) if not is_odd]
+
+    def measure(self, student_q: np.ndarray, student_c: np.ndarray,
+                only: np.ndarray | None = None) -> dict[str, dict[str, float]]:
         """Figures per set, and their unweighted mean under ``"mean"``, from the student's embeddings of the
-        questions and of every context (in :attr:`contexts` order)."""
+        questions and of every context (in :attr:`contexts` order); ``only`` (a mask over the questions) scores
+        those questions alone."""
         top = top_k_rows(student_q, student_c)
         query_side = top_k_rows(student_q, self.teacher_c)
-        gt = self._ground_truth(top)
+        gt = self._ground_truth(top, only)
+        teacher_gt = self.teacher_gt if only is None else self._ground_truth(self.teacher_top, only)
         cos_q = row_cosines(student_q, self.teacher_q)
         cos_c = row_cosines(student_c, self.teacher_c)
         per_set = {}
         for name in self.set_names:
-            rows = np.array([i for i, s in enumerate(self.sets) if s == name])
-            teacher_mrr, teacher_recall = self.teacher_gt[name]
+            rows = self._set_rows(name, only)
+            teacher_mrr, teacher_recall = teacher_gt[name]
             per_set[name] = {
                 "questions": len(rows),
                 "p@10": top_k_overlap(top[rows], self.teacher_top[rows], 10),
@@ -90,7 +108,7 @@ class RealQuestionSearch:
             }
         per_set["mean"] = {key: float(np.mean([per_set[name][key] for name in self.set_names]))
                            for key in (*FIGURES, "teacher_mrr", "teacher_recall")}
-        per_set["mean"]["questions"] = len(self.questions)
+        per_set["mean"]["questions"] = len(self.questions) if only is None else int(np.sum(only))
         return per_set
 
 
