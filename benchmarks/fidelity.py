@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                   {"general": str(work / "faq" / "test-questions-half-as-general.jsonl"), "general_ratio": 1.0})]
     if args.only:
         runs = [run for run in runs if any(word in run[0] for word in args.only.split(","))]
+    runs = list({(run[0], run[1]): run for run in runs}.values())  # --rows default,ceiling: the default row once
     vocabulary = {"vocabulary": args.vocabulary, "vocabulary_budget": args.vocabulary_budget}
     if args.vocabulary != "full":
         trimmed = f" (vocabulary {args.vocabulary}{f' {args.vocabulary_budget}' if args.vocabulary_budget else ''})"
