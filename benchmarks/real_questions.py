@@ -69,8 +69,8 @@ class RealQuestionSearch:
         return figures
 
     def odd_half(self) -> np.ndarray:
-        """Every other question of each set, from its second (``True``), the half the ``ceiling`` rows of
-        benchmarks/fidelity.py never train on; the other half is :meth:`even_half_texts`."""
+        """Every other question of each set, from its second (``True``): the half that benchmarks/fidelity.py's
+        half-seen ceiling row never trains on; it trains on the other half, :meth:`even_half_texts`."""
         odd = np.zeros(len(self.questions), dtype=bool)
         for name in self.set_names:
             odd[self._set_rows(name)[1::2]] = True
