@@ -353,8 +353,7 @@ class _TrainingJob:
         train_texts = _checked_training_texts(dataset, training)
         dev = build_dev_set(dataset, cache, max_texts=training.max_dev_texts, corpus_size=training.dev_corpus_size,
                             seed=training.seed)
-        epoch_rows = context_repeats(train_texts, set(dataset.texts(["train", "dev", "test"], ["contexts"])),
-                                     training.context_share)
+        epoch_rows = context_repeats(train_texts, set(dataset.contexts["text"]), training.context_share)
         _schedule(training, len(epoch_rows))
         resolve_precision(training.precision, teacher_model.device, bf16_on_cpu=True)
         vocabulary = None
@@ -858,7 +857,7 @@ def context_repeats(texts: list[str], contexts: set[str], share: float | None) -
     n_other = len(texts) - len(context_rows)
     if not len(context_rows) or not n_other:
         return rows
-    copies = max(1, math.ceil(share * n_other / ((1 - share) * len(context_rows))))
+    copies = math.ceil(share * n_other / ((1 - share) * len(context_rows)))  # at least 1: share and n_other > 0
     if copies > 1:
         logger.info("training.context_share %g: each context %d times per epoch (%d of %d texts are contexts)",
                     share, copies, copies * len(context_rows), copies * len(context_rows) + n_other)
