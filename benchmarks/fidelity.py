@@ -219,12 +219,6 @@ def main(argv: list[str] | None = None) -> int:
             runs.append((f"+ queries per context ({many}), contexts kept at 0.4 (context_share)",
                          args.ablation_layers, default_layers, default.model_copy(update={"context_share": 0.4}),
                          {"questions_per_context": many}))
-            # Teacher-side augmentation: a third query per context with easy-data-augmentation noise, the contexts
-            # kept at their default share as above so that the passages lose no steps to it.
-            runs.append(("+ perturbed texts (3 per context, contexts kept at 0.4)", args.ablation_layers,
-                         default_layers, default.model_copy(update={"context_share": 0.4}),
-                         {"query_shapes": [*SynthConfig().query_shapes, "perturbed"],
-                          "questions_per_context": SynthConfig().questions_per_context + 1}))
     if "additions" in wanted:
         runs += [(name, args.ablation_layers, default_layers, training, default_synth)
                  for name, training in additions(default).items()]

@@ -147,22 +147,3 @@ def test_terms_and_headings_of_other_scripts():
     assert [term.text for term in terms("dpkgはパッケージを管理します", "ja")][:2] == ["dpkg", "パッケージ"]
     assert heading_lines("Overview\nText that follows the heading.\nMore text.") == ["Overview"]
     assert heading_lines("A sentence that ends with a period.\nMore text.") == []
-
-
-def test_perturbed_queries_are_noisy_variants_of_the_other_shapes():
-    contexts = _contexts(TOOLS)
-    languages = ["en"] * len(contexts)
-    frame_words = {comparable(word) for frames in TEMPLATES["en"] for frame in frames for word in frame.split()}
-    plain = PseudoQueryGenerator(8, seed=4, query_shapes=["question", "keywords", "heading"]).generate(
-        contexts, languages=languages, show_progress=False).questions
-    noisy = PseudoQueryGenerator(4, seed=4, query_shapes=["perturbed"]).generate(
-        contexts, languages=languages, show_progress=False).questions
-    assert noisy == PseudoQueryGenerator(4, seed=4, query_shapes=["perturbed"]).generate(
-        contexts, languages=languages, show_progress=False).questions
-    for context, texts, clean in zip(contexts, noisy, plain):
-        assert len(texts) >= 2, (context.doc_id, texts)
-        for text in texts:
-            assert text not in clean, text
-            # Every word comes from the context or a question frame: noise made of the query's own material.
-            for word in text.split():
-                assert comparable(word) in comparable(context.text) or comparable(word) in frame_words, (word, text)

@@ -100,14 +100,13 @@ class SynthConfig(_Section):
     overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive contexts of a document.")
     generator: Literal["pseudo", "llm"] = Field("pseudo", description="Question generator.")
     questions_per_context: int = Field(2, ge=1, description="Questions generated per context.")
-    query_shapes: list[Literal["question", "keywords", "heading", "span", "sentence", "perturbed"]] = Field(
+    query_shapes: list[Literal["question", "keywords", "heading", "span", "sentence"]] = Field(
         default_factory=lambda: ["question", "keywords", "heading"],
         description="What the offline (pseudo) generator writes for each context, taken in turn: question "
         "(an interrogative on one of the context's key phrases, in its language), keywords (2-6 of its salient "
         "terms), heading (a heading or title line of its document, else a key phrase), span (2-8 consecutive words "
         "of the context), sentence (a sentence or long word span copied from the context, the inverse-cloze mode "
-        "of earlier versions), perturbed (a question, keyword query or heading with words dropped, swapped or "
-        "inserted: teacher-side augmentation).",
+        "of earlier versions).",
     )
     llm: LLMConfig = Field(default_factory=LLMConfig)
     splits: SplitConfig = Field(default_factory=SplitConfig)

@@ -12,10 +12,7 @@ shape drawn per context, so every shape is equally common):
 - ``span``: a short run of 2-8 consecutive words of the context (8-24 characters in scripts without spaces), the
   random short spans of the literature on unseen inputs;
 - ``sentence``: a sentence or word span copied from the context (the inverse-cloze pseudo-queries of m3distill
-  before 0.2, which are pieces of their context rather than queries);
-- ``perturbed``: a question, keyword query or heading of the context with easy-data-augmentation noise (words
-  dropped, two words swapped, a word of the context inserted): teacher-side augmentation, since the teacher embeds
-  the noisy text itself, so the student meets inputs off the generated forms with exact targets.
+  before 0.2, which are pieces of their context rather than queries).
 
 Key phrases and salient terms come from corpus statistics (:mod:`m3distill.data.questions.key_phrases`), so the
 texts depend on the whole corpus; the random choices depend only on the seed and the context id, so a rerun gives
@@ -48,7 +45,7 @@ PSEUDO_NOTE = (
     "pseudo-queries ({shapes}) written offline from each context's own words, not real questions; use --generator "
     "llm for questions written by a language model, and evaluation.real_questions to measure on people's questions"
 )
-QUERY_SHAPES = ("question", "keywords", "heading", "span", "sentence", "perturbed")
+QUERY_SHAPES = ("question", "keywords", "heading", "span", "sentence")
 _SPAN_WORDS = (2, 8)
 _SPAN_CHARS = (8, 24)
 # Candidates drawn per wanted text: shapes that find nothing (no heading, no key phrase) leave room to the others.
@@ -69,11 +66,6 @@ _MIN_QUERY_CHARS = 16
 _MIN_SENTENCE_WORDS = 3
 _MIN_SENTENCE_CHARS = 8
 _EXTRA_SPAN_TRIES = 4
-# The perturbed shape: each word dropped with this probability, two words swapped and one word of the context
-# inserted each with this one (Wei and Zou's easy data augmentation, without synonyms).
-_DROP_WORD = 0.15
-_SWAP_WORDS = 0.5
-_INSERT_WORD = 0.5
 
 
 class PseudoQueryGenerator:
@@ -158,13 +150,6 @@ class PseudoQueryGenerator:
                 text = rng.choice(headings) if headings else (phrases[0] if phrases else None)
             elif shape == "span":
                 text = _short_span(context.text, rng)
-            elif shape == "perturbed":
-                base = rng.choice((
-                    lambda: _question(phrases, action_phrases(context.text, language), language, rng),
-                    lambda: _keywords(about.terms[:_TOP_TERMS], rng),
-                    lambda: rng.choice(headings) if headings else None,
-                ))()
-                text = _perturbed(base, context.text, rng) if base else None
             else:
                 text = next(sentences, None)
             if text:
@@ -229,22 +214,6 @@ def _short_span(text: str, rng: random.Random) -> str | None:
     length = rng.randint(low, min(high, len(words)))
     start = rng.randrange(len(words) - length + 1)
     return " ".join(words[start : start + length])
-
-
-def _perturbed(text: str, context: str, rng: random.Random) -> str | None:
-    """Easy data augmentation of a query: words dropped, two swapped, one of the context inserted (never the same
-    text back; None for scripts without spaces and one-word queries)."""
-    words = text.split()
-    if len(words) < 2 or written_without_spaces(text):
-        return None
-    kept = [word for word in words if rng.random() >= _DROP_WORD] or [rng.choice(words)]
-    if len(kept) >= 2 and rng.random() < _SWAP_WORDS:
-        first, second = rng.sample(range(len(kept)), 2)
-        kept[first], kept[second] = kept[second], kept[first]
-    if rng.random() < _INSERT_WORD:
-        kept.insert(rng.randrange(len(kept) + 1), rng.choice(context.split()))
-    noisy = " ".join(kept)
-    return noisy if noisy != text else None
 
 
 def _keywords(terms: list[str], rng: random.Random) -> str | None:
